@@ -1,0 +1,110 @@
+"""``optforge`` command line: ``run`` the optimize flow, list recent ``runs``.
+
+Imports of Prefect, MLflow and torch happen inside the commands, after the embedded defaults are
+put in the environment, so ``optforge --help`` is instant and nothing is configured at import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+EXIT_CONFIG, EXIT_FAILED = 2, 1
+
+
+def _embedded_defaults() -> None:
+    """Laptop defaults; any variable the user set wins (that is how a team points at its servers)."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # the network is closed; avoid its error
+    os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(Path(".optforge/prefect-results").resolve()))
+    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+
+
+def _fmt(v: float, digits: int = 2) -> str:
+    return f"{v:,.{digits}f}"
+
+
+def format_summary(summary: dict) -> str:
+    """The run's variants as an aligned text table, plus the registration outcome."""
+    header = ("variant", "accuracy %", "p50 b1 ms", "p95 b1 ms", "thr b64 /s", "size MB", "params", "speed-up b1")
+    rows = [
+        (
+            v["variant"], _fmt(v["accuracy"]), _fmt(v["latency_ms_p50_b1"], 3), _fmt(v["latency_ms_p95_b1"], 3),
+            _fmt(v["throughput_sps_b64"], 0), _fmt(v["size_mb"], 3), f"{int(v['params']):,}", f"{v['speedup_b1']:.2f}x",
+        )
+        for v in summary["variants"]
+    ]
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    reg = summary["registration"]
+    outcome = (
+        f"registered {reg['model_name']} version {reg['version']} ({reg['reason']})"
+        if reg["version"] else f"nothing registered: {reg['reason']}"
+    )
+    stages = ", ".join(f"{s['stage']} " + ("cached" if s["cached"] else f"{s['seconds']}s") for s in summary["stages"])
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows), "", outcome,
+                      f"stages: {stages}", f"MLflow parent run: {summary['parent_run_id']}"])
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    _embedded_defaults()
+    from flows.optimize import optimize
+    from flows.params import ConfigError
+
+    try:
+        summary = optimize(config_path=args.config, overrides=args.set, force=args.force)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except Exception as exc:  # the flow already marked its MLflow run FAILED with this error as a tag
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print("\n" + format_summary(summary))
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    import mlflow
+
+    from tasks.tracking import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri())
+    if mlflow.get_experiment_by_name(args.experiment) is None:
+        print(f"error: no MLflow experiment named '{args.experiment}' at {tracking_uri()}", file=sys.stderr)
+        return EXIT_FAILED
+    runs = mlflow.search_runs(
+        experiment_names=[args.experiment], filter_string="tags.`optforge.pipeline` = 'optimize'",
+        order_by=["attributes.start_time DESC"], max_results=args.last, output_format="list",
+    )
+    print(f"{'run id':32}  {'started (UTC)':19}  {'status':8}  {'registered':18}  error")
+    for run in runs:
+        tags = run.data.tags
+        started = mlflow.utils.time.conv_longdate_to_str(run.info.start_time) if run.info.start_time else "-"
+        print(f"{run.info.run_id:32}  {started[:19]:19}  {run.info.status:8}  "
+              f"{tags.get('optforge.registered', '-'):18}  {tags.get('optforge.error', '')[:80]}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="optforge", description="Optimize a PyTorch model as a tracked Prefect flow.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the optimize flow")
+    run.add_argument("--config", help="YAML config (default: the built-in defaults, as in configs/default.yaml)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.epochs=3")
+    run.add_argument("--force", action="store_true", help="re-run every stage instead of reusing cached ones")
+    run.set_defaults(func=cmd_run)
+    runs = sub.add_parser("runs", help="list recent pipeline runs from MLflow")
+    runs.add_argument("--experiment", default="optforge")
+    runs.add_argument("--last", type=int, default=10)
+    runs.set_defaults(func=cmd_runs)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""The optimize flow: prepare data -> train -> export ONNX -> quantize -> benchmark -> register.
+
+Wiring only. The flow's MLflow run is the parent; each stage logs a nested child run. Stages are
+cached on (config, input content, code version), so a re-run after a completed or crashed run
+skips the stages that finished; ``force`` re-runs them all.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import yaml
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+from flows.params import load_config, peek_experiment
+from tasks.benchmark import benchmark
+from tasks.data import prepare_data
+from tasks.export import export
+from tasks.quantize import quantize
+from tasks.refs import file_sha256
+from tasks.register import register
+from tasks.tracking import configure, error_tags, flatten
+from tasks.train import train
+
+BASELINE = "pytorch_fp32"
+
+
+class StageRunner:
+    """Calls stage tasks, records on the parent run which ran and which came from the cache."""
+
+    def __init__(self, force: bool, parent_run_id: str):
+        self.force, self.parent_run_id = force, parent_run_id
+        self.stages: list[dict[str, Any]] = []
+
+    def __call__(self, stage_task, **kwargs):
+        logger = get_run_logger()
+        start = time.perf_counter()
+        state = stage_task.with_options(refresh_cache=self.force)(**kwargs, parent_run_id=self.parent_run_id, return_state=True)
+        result = state.result()
+        cached = state.name == "Cached"
+        if cached and not _outputs_exist(result):
+            # The cache record outlived the files it points to (workdir deleted): recompute.
+            state = stage_task.with_options(refresh_cache=True)(**kwargs, parent_run_id=self.parent_run_id, return_state=True)
+            result, cached = state.result(), False
+        seconds = time.perf_counter() - start
+        name = stage_task.name
+        run_ids = [r.run_id for r in (result if isinstance(result, list) else [result]) if getattr(r, "run_id", None)]
+        mlflow.set_tags({f"optforge.stage.{name}.cached": str(cached).lower(),
+                         f"optforge.stage.{name}.run_id": ",".join(run_ids)})
+        mlflow.log_metric(f"stage_seconds_{name}", seconds)
+        self.stages.append({"stage": name, "cached": cached, "seconds": round(seconds, 2), "run_ids": run_ids})
+        logger.info("stage %-13s %s in %.1f s", name, "cached" if cached else "done", seconds)
+        return result
+
+
+def _outputs_exist(result) -> bool:
+    items = result if isinstance(result, list) else [result]
+    return all(Path(r.path).exists() for r in items if hasattr(r, "path"))
+
+
+def _tag_prefect_run(parent_run_id: str) -> None:
+    """Put the MLflow run id on the Prefect flow run (the reverse link is an MLflow tag)."""
+    from prefect.client.orchestration import get_client
+
+    run_id = flow_run.get_id()
+    if not run_id:
+        return
+    with get_client(sync_client=True) as client:
+        current = client.read_flow_run(run_id)
+        client.update_flow_run(run_id, tags=sorted(set(current.tags) | {f"mlflow_run_id:{parent_run_id}"}))
+
+
+@flow(name="optimize")
+def optimize(config_path: str | None = None, overrides: list[str] | None = None, force: bool = False) -> dict:
+    """Run the whole pipeline once; return a summary (variants, metrics, registration, stage timings)."""
+    logger = get_run_logger()
+    configure(peek_experiment(config_path, overrides))
+    tags = {"optforge.pipeline": "optimize", "prefect.flow_run_id": str(flow_run.get_id() or ""),
+            "optforge.config_path": str(config_path or "<defaults>")}
+    with mlflow.start_run(run_name=f"optimize-{flow_run.get_name() or 'local'}", tags=tags) as parent:
+        try:
+            summary = _pipeline(config_path, overrides, force, parent.info.run_id)
+        except BaseException as exc:
+            mlflow.set_tags(error_tags(exc))
+            logger.error("pipeline failed: %s", exc)
+            raise
+        mlflow.log_text(json.dumps(summary, indent=2), "summary.json")
+    return summary
+
+
+def _pipeline(config_path, overrides, force: bool, parent_run_id: str) -> dict:
+    _tag_prefect_run(parent_run_id)
+    cfg = load_config(config_path, overrides)
+    mlflow.log_params(flatten(cfg.to_dict()))
+    mlflow.log_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), "config.yaml")
+    workdir = str(Path(cfg.tracking.workdir).resolve())
+    stage = StageRunner(force, parent_run_id)
+
+    source = Path(cfg.data.source)
+    source_sha = file_sha256(source) if cfg.data.source != "digits" and source.is_file() else None
+    data = stage(prepare_data, cfg=cfg.data, source_sha256=source_sha, workdir=workdir)
+    mlflow.set_tag("optforge.data_fingerprint", data.sha256)
+    model = stage(train, cfg=cfg.train, model_cfg=cfg.model, data=data, workdir=workdir)
+    onnx_fp32 = stage(export, cfg=cfg.export, model=model, data=data, workdir=workdir)
+    onnx_int8 = stage(quantize, cfg=cfg.quantize, onnx_model=onnx_fp32, workdir=workdir)
+    variants = [model, onnx_fp32, onnx_int8]
+    results = stage(benchmark, cfg=cfg.benchmark, variants=variants, data=data)
+    registration = stage(register, cfg=cfg.register, results=results, variants=variants, data=data)
+
+    base = next(r.metrics for r in results if r.name == BASELINE)
+    table = [
+        {"variant": r.name, **r.metrics, "speedup_b1": base["latency_ms_p50_b1"] / r.metrics["latency_ms_p50_b1"]}
+        for r in results
+    ]
+    mlflow.set_tags({"optforge.registered": registration.variant or "none", "optforge.register_reason": registration.reason})
+    return {
+        "parent_run_id": parent_run_id, "experiment": cfg.tracking.experiment, "data_fingerprint": data.sha256,
+        "variants": table, "stages": stage.stages,
+        "registration": {"variant": registration.variant, "model_name": registration.model_name,
+                         "version": registration.version, "reason": registration.reason},
+    }

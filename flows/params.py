@@ -1,0 +1,124 @@
+"""The pipeline's one typed config: a nested config per stage, loaded from YAML plus ``--set`` overrides.
+
+``configs/default.yaml`` spells out the defaults below (a test keeps the two equal). Errors name the
+field: ``config error: train.lr: Input should be greater than 0 (got -0.1)``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError
+
+from tasks.techniques.benchmark import BenchmarkConfig
+from tasks.techniques.config import TechniqueConfig
+from tasks.techniques.data import DataConfig
+from tasks.techniques.models import ModelConfig
+from tasks.techniques.onnx_export import ExportConfig
+from tasks.techniques.quantization import DynamicQuantConfig
+from tasks.techniques.selection import RegisterConfig
+from tasks.techniques.training import TrainConfig
+
+
+class ConfigError(ValueError):
+    """A config file, override or value that cannot be used; the message names the field or file."""
+
+
+class TrackingConfig(TechniqueConfig):
+    """Where results go (the tracking server itself comes from MLFLOW_TRACKING_URI)."""
+
+    experiment: str = Field("optforge", min_length=1, description="MLflow experiment of the pipeline runs")
+    workdir: str = Field(".optforge", description="local folder for stage outputs, Ray results and cache records")
+
+
+# The stage is called "register" everywhere; pydantic warns that the name shadows ABCMeta.register,
+# which nothing here uses on a config instance.
+warnings.filterwarnings("ignore", message='Field name "register" in "PipelineConfig"', category=UserWarning)
+
+
+class PipelineConfig(TechniqueConfig):
+    """Everything one ``optforge run`` does."""
+
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="experiment and work folder")
+    data: DataConfig = Field(default_factory=DataConfig, description="dataset and split")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="the FP32 model to train")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Ray Train data-parallel training")
+    export: ExportConfig = Field(default_factory=ExportConfig, description="ONNX export and parity check")
+    quantize: DynamicQuantConfig = Field(default_factory=DynamicQuantConfig, description="ONNX Runtime dynamic INT8")
+    benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig, description="latency/throughput settings")
+    register: RegisterConfig = Field(default_factory=RegisterConfig, description="selection gate and registry name")
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``KEY=VALUE`` overrides (dotted keys; values parsed as YAML, so ``3`` is an int)."""
+    raw = _copy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.epochs=3")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {key}: cannot parse value {text!r} ({exc})") from exc
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {key}: '{part}' is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def _copy(d: Any) -> Any:
+    return {k: _copy(v) for k, v in d.items()} if isinstance(d, dict) else d
+
+
+def validate(raw: dict[str, Any]) -> PipelineConfig:
+    """Validate a raw dict; pydantic's errors become one ``ConfigError`` naming each bad field."""
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            field = ".".join(str(p) for p in err["loc"])
+            if err["type"] == "extra_forbidden":
+                lines.append(f"{field}: unknown key")
+            else:
+                lines.append(f"{field}: {err['msg']} (got {err.get('input')!r})")
+        raise ConfigError("config error: " + "; ".join(lines)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Defaults, then the YAML file (if any), then the overrides, validated."""
+    raw = read_yaml(path) if path else {}
+    return validate(apply_overrides(raw, list(overrides or [])))
+
+
+def peek_experiment(path: str | Path | None, overrides: list[str] | None) -> str:
+    """The experiment name, read leniently so that even a broken config's failure is recorded there."""
+    try:
+        raw = apply_overrides(read_yaml(path) if path else {}, list(overrides or []))
+        name = raw.get("tracking", {}).get("experiment")
+        return name if isinstance(name, str) and name else TrackingConfig().experiment
+    except Exception:
+        return TrackingConfig().experiment

@@ -1,0 +1,69 @@
+"""Cache keys for stages: (stage, stage config, input content hashes, code version).
+
+A stage re-runs when its config, any input's content or optforge's code changes; otherwise Prefect
+returns the persisted result of the earlier run, so re-running a completed or crashed pipeline
+skips what already finished. The MLflow parent run id is deliberately not part of the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+# Parameters that identify *this* pipeline run rather than the stage's work.
+NOT_IN_KEY = frozenset({"parent_run_id"})
+
+
+@lru_cache(maxsize=1)
+def code_version() -> str:
+    """Hash of optforge's ``tasks`` package sources: editing a technique invalidates cached stages."""
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(f.relative_to(root).as_posix().encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if dataclasses.is_dataclass(value):
+        # Refs are keyed by content, not by the run that made them.
+        return {k: _jsonable(v) for k, v in dataclasses.asdict(value).items() if k != "run_id"}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def stage_key(stage: str, parameters: dict[str, Any]) -> str:
+    payload = {k: _jsonable(v) for k, v in parameters.items() if k not in NOT_IN_KEY}
+    blob = json.dumps({"stage": stage, "params": payload, "code": code_version()}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def cache_key_fn(context, parameters: dict[str, Any]) -> str:
+    """Prefect ``cache_key_fn``: the task's name plus ``stage_key``."""
+    return f"optforge-{context.task.name}-{stage_key(context.task.name, parameters)}"
+
+
+def stage_dir(workdir: str | Path, stage: str, parameters: dict[str, Any]) -> Path:
+    """Content-addressed output folder of a stage: the same inputs always land in the same place."""
+    return Path(workdir).resolve() / stage / stage_key(stage, parameters)[:16]
+
+
+def stage_task(name: str, **options):
+    """``@task`` with optforge's caching: key by ``cache_key_fn``, results persisted to disk."""
+    from prefect import task
+
+    return task(name=name, cache_key_fn=cache_key_fn, persist_result=True, **options)

@@ -1,0 +1,20 @@
+"""Prefect task: ONNX Runtime dynamic INT8 quantization of the exported model."""
+
+from __future__ import annotations
+
+import mlflow
+
+from tasks.caching import stage_dir, stage_task
+from tasks.refs import ModelRef, file_sha256
+from tasks.techniques.quantization import DynamicQuantConfig, quantize_dynamic_int8
+from tasks.tracking import child_run
+
+
+@stage_task("quantize")
+def quantize(cfg: DynamicQuantConfig, onnx_model: ModelRef, workdir: str, parent_run_id: str | None) -> ModelRef:
+    """Quantize weights to INT8 (activations quantized on the fly) as variant "onnx_int8_dynamic"."""
+    out = stage_dir(workdir, "quantize", {"quantize": cfg, "model": onnx_model})
+    with child_run(parent_run_id, "quantize", params={"quantize": cfg.to_dict()}, tags={"optforge.source_run": onnx_model.run_id or ""}) as run:
+        path = quantize_dynamic_int8(onnx_model.path, out / "model_int8.onnx", cfg)
+        mlflow.log_artifact(str(path), "onnx")
+    return ModelRef("onnx_int8_dynamic", "onnx", str(path), file_sha256(path), run.info.run_id)

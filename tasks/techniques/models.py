@@ -1,0 +1,166 @@
+"""The model zoo and user models by import path.
+
+Every model maps float32 features (N, F) to logits (N, C). Models are rebuilt from a small JSON spec
+plus a ``state_dict`` loaded with ``weights_only=True``: nothing is unpickled, so a checkpoint from
+elsewhere cannot run code. A user factory is the one place user code runs, by the user's own choice
+(its import path is in their config).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+
+from tasks.techniques.config import TechniqueConfig
+
+ZOO = ("mlp", "cnn")
+
+
+class ModelConfig(TechniqueConfig):
+    """Which model to build; shapes come from the data."""
+
+    arch: str = Field("mlp", description="'mlp', 'cnn' (needs image data), or a user factory 'package.module:function'")
+    hidden: tuple[int, ...] = Field((512, 512), description="MLP hidden layer widths")
+    channels: tuple[int, ...] = Field((32, 64), description="CNN conv channels, one 3x3 conv block each")
+    dropout: float = Field(0.1, ge=0, lt=1, description="dropout before each hidden Linear's activation output")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments for a user factory")
+
+    @field_validator("arch")
+    @classmethod
+    def _arch_known(cls, v: str) -> str:
+        if v not in ZOO and ":" not in v:
+            raise ValueError(f"expected one of {list(ZOO)} or an import path 'package.module:factory', got '{v}'")
+        return v
+
+    @field_validator("hidden", "channels")
+    @classmethod
+    def _positive(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v or any(w < 1 for w in v):
+            raise ValueError(f"expected a non-empty list of positive widths, got {list(v)}")
+        return v
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild a model's architecture (saved next to its weights)."""
+
+    config: dict[str, Any]
+    num_features: int
+    num_classes: int
+    image_shape: tuple[int, int, int] | None = None
+
+
+class MLP(nn.Module):
+    """Plain MLP: Linear -> ReLU -> Dropout per hidden layer, then a Linear head."""
+
+    def __init__(self, num_features: int, num_classes: int, hidden=(512, 512), dropout: float = 0.1):
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = num_features
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU(), nn.Dropout(dropout)]
+            width = h
+        layers.append(nn.Linear(width, num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class SmallCNN(nn.Module):
+    """Conv(3x3) -> BN -> ReLU blocks, max-pool after each while the map is >= 4 px, global pool, head.
+
+    Takes flat input and reshapes to ``image_shape`` so that data, export and benchmark code treat
+    every model alike.
+    """
+
+    def __init__(self, image_shape, num_classes: int, channels=(32, 64), dropout: float = 0.1):
+        super().__init__()
+        self.image_shape = tuple(image_shape)
+        c, h, _ = self.image_shape
+        blocks: list[nn.Module] = []
+        for out in channels:
+            blocks += [nn.Conv2d(c, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU()]
+            if h >= 4:
+                blocks.append(nn.MaxPool2d(2))
+                h //= 2
+            c = out
+        self.features = nn.Sequential(*blocks)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(c, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x.reshape(-1, *self.image_shape)))
+
+
+def build_model(spec: ModelSpec) -> nn.Module:
+    """Build the (untrained) model a spec describes. Explicit dispatch: zoo names, else import path."""
+    cfg = ModelConfig.from_dict(spec.config)
+    if cfg.arch == "mlp":
+        return MLP(spec.num_features, spec.num_classes, cfg.hidden, cfg.dropout)
+    if cfg.arch == "cnn":
+        if spec.image_shape is None:
+            raise ValueError("model.arch: 'cnn' needs image data; set data.image_shape (C, H, W) for this dataset")
+        return SmallCNN(spec.image_shape, spec.num_classes, cfg.channels, cfg.dropout)
+    return _from_factory(cfg.arch, spec, cfg.kwargs)
+
+
+def _from_factory(path: str, spec: ModelSpec, kwargs: dict[str, Any]) -> nn.Module:
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"model.arch: cannot import module '{module_name}' of '{path}' ({exc})") from exc
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ValueError(f"model.arch: module '{module_name}' has no callable '{attr}' (from '{path}')")
+    model = factory(num_features=spec.num_features, num_classes=spec.num_classes, **kwargs)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model.arch: factory '{path}' returned {type(model).__name__}, expected a torch.nn.Module")
+    return model
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def save_model(model: nn.Module, spec: ModelSpec, folder: str | Path) -> Path:
+    """Write ``model.pt`` (state_dict) and ``model.json`` (spec) into ``folder``; each file atomically."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _atomic(folder / "model.json", lambda p: Path(p).write_text(json.dumps(asdict(spec), indent=2)))
+    _atomic(folder / "model.pt", lambda p: torch.save(model.state_dict(), p))
+    return folder
+
+
+def load_model(folder: str | Path) -> tuple[nn.Module, ModelSpec]:
+    """Rebuild from ``model.json`` and load ``model.pt`` with ``weights_only=True``; eval mode."""
+    folder = Path(folder)
+    for name in ("model.json", "model.pt"):
+        if not (folder / name).exists():
+            raise FileNotFoundError(f"model folder {folder} lacks {name}")
+    raw = json.loads((folder / "model.json").read_text())
+    shape = tuple(raw["image_shape"]) if raw.get("image_shape") else None
+    spec = ModelSpec(raw["config"], int(raw["num_features"]), int(raw["num_classes"]), shape)
+    model = build_model(spec)
+    model.load_state_dict(torch.load(folder / "model.pt", map_location="cpu", weights_only=True))
+    return model.eval(), spec
+
+
+def _atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

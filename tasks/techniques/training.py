@@ -1,0 +1,202 @@
+"""Training primitives: optimizers, LR schedule, mixed precision, gradient accumulation, early stopping.
+
+Plain PyTorch, no Ray: the Ray Train worker loop (``tasks/train_worker.py``) wires these together
+per worker, and tests drive them directly on a toy model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+from torch import nn
+
+from tasks.techniques.config import TechniqueConfig
+
+
+class TrainConfig(TechniqueConfig):
+    """Ray Train data-parallel training of the teacher model."""
+
+    epochs: int = Field(30, ge=1, description="maximum epochs (early stopping may end sooner)")
+    batch_size: int = Field(64, ge=1, description="micro-batch per worker; global batch = this x workers x accumulation")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate (after warm-up)")
+    weight_decay: float = Field(1e-4, ge=0, description="decoupled weight decay (AdamW, LAMB) or L2 (SGD, LARS)")
+    optimizer: Literal["sgd", "adamw", "lamb", "lars"] = Field("adamw", description="lamb/lars: large-batch optimizers")
+    momentum: float = Field(0.9, ge=0, lt=1, description="momentum of SGD and LARS")
+    scheduler: Literal["cosine", "constant"] = Field("cosine", description="LR schedule after linear warm-up")
+    warmup_epochs: float = Field(1.0, ge=0, description="epochs of linear LR warm-up")
+    grad_accum_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    amp: bool = Field(False, description="mixed precision: bf16 autocast on CPU, fp16 + GradScaler on CUDA")
+    patience: int = Field(5, ge=0, description="epochs without val-accuracy gain before stopping; 0 disables")
+    min_delta: float = Field(0.0, ge=0, description="val-accuracy gain (points) that counts as improvement")
+    num_workers: int = Field(2, ge=1, description="Ray Train data-parallel workers")
+    use_gpu: bool = Field(False, description="one GPU per worker (needs CUDA on the Ray nodes)")
+    threads_per_worker: int = Field(1, ge=1, description="torch intra-op threads in each worker")
+    max_failures: int = Field(2, ge=0, description="worker failures Ray Train recovers from (from the last checkpoint)")
+    seed: int = Field(0, description="seed of weight init and data order")
+    storage_path: str | None = Field(None, description="Ray Train storage (shared on a cluster); default <workdir>/ray")
+
+
+# Explicit dispatch: optimizer name -> builder(params, cfg). LAMB and LARS come from the maintained
+# pytorch-optimizer library rather than being written here.
+def _sgd(params, cfg: TrainConfig):
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def _adamw(params, cfg: TrainConfig):
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _lamb(params, cfg: TrainConfig):
+    from pytorch_optimizer import Lamb
+
+    return Lamb(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _lars(params, cfg: TrainConfig):
+    from pytorch_optimizer import LARS
+
+    return LARS(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+OPTIMIZERS: dict[str, Callable] = {"sgd": _sgd, "adamw": _adamw, "lamb": _lamb, "lars": _lars}
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return OPTIMIZERS[cfg.optimizer](model.parameters(), cfg)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    """Per-optimizer-step schedule: linear warm-up, then cosine decay to 0 or constant."""
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    total = max(1, cfg.epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.scheduler == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+@dataclass
+class Precision:
+    """How forward passes run: autocast dtype (None = fp32) and a GradScaler for fp16."""
+
+    device_type: str
+    dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler | None
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+
+
+def precision_for(device: torch.device, amp: bool) -> Precision:
+    """bf16 autocast on CPU (no scaler needed: bf16 has fp32's range); fp16 + GradScaler on CUDA."""
+    if not amp:
+        return Precision(device.type, None, None)
+    if device.type == "cuda":
+        return Precision("cuda", torch.float16, torch.amp.GradScaler("cuda"))
+    return Precision(device.type, torch.bfloat16, None)
+
+
+def train_epoch(
+    model: nn.Module,
+    batches,
+    opt: torch.optim.Optimizer,
+    sched,
+    precision: Precision,
+    accum_steps: int,
+    no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
+    """One pass over ``batches`` with gradient accumulation; returns loss, accuracy (%), samples.
+
+    ``no_sync`` (DDP's ``model.no_sync``) skips the gradient all-reduce on micro-batches that do not
+    end an accumulation window: with 4 accumulation steps only every 4th backward talks to peers.
+    The loss is divided by ``accum_steps`` so the accumulated gradient equals the mean gradient.
+    """
+    model.train()
+    loss_fn = nn.CrossEntropyLoss()
+    total_loss, correct, seen = 0.0, 0, 0
+    batches = list(batches)
+    opt.zero_grad(set_to_none=True)
+    for i, (xb, yb) in enumerate(batches):
+        xb, yb = xb.to(device), yb.to(device)
+        last_in_window = (i + 1) % accum_steps == 0 or i + 1 == len(batches)
+        sync = contextlib.nullcontext() if (last_in_window or no_sync is None) else no_sync()
+        with sync:
+            with precision.autocast():
+                logits = model(xb)
+                loss = loss_fn(logits.float(), yb)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"loss became {loss.item()} at micro-batch {i}; hint: lower train.lr or disable train.amp"
+                )
+            scaled = loss / accum_steps
+            (precision.scaler.scale(scaled) if precision.scaler else scaled).backward()
+        if last_in_window:
+            if precision.scaler:
+                precision.scaler.step(opt)
+                precision.scaler.update()
+            else:
+                opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+        total_loss += loss.item() * len(yb)
+        correct += (logits.argmax(1) == yb).sum().item()
+        seen += len(yb)
+    return {"loss": total_loss / max(1, seen), "accuracy": 100.0 * correct / max(1, seen), "samples": float(seen)}
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, X: np.ndarray, y: np.ndarray, batch_size: int = 512, device="cpu") -> dict[str, float]:
+    """Mean cross-entropy and accuracy (%) over the whole of (X, y)."""
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for start in range(0, len(X), batch_size):
+        xb = torch.as_tensor(X[start : start + batch_size], device=device)
+        yb = torch.as_tensor(y[start : start + batch_size], device=device)
+        logits = model(xb).float()
+        loss_sum += nn.functional.cross_entropy(logits, yb, reduction="sum").item()
+        correct += (logits.argmax(1) == yb).sum().item()
+    return {"loss": loss_sum / len(X), "accuracy": 100.0 * correct / len(X)}
+
+
+@dataclass
+class EarlyStopping:
+    """Stop after ``patience`` epochs without a val-accuracy gain of more than ``min_delta`` points."""
+
+    patience: int
+    min_delta: float = 0.0
+    best: float = -math.inf
+    best_epoch: int = -1
+    bad_epochs: int = 0
+
+    def update(self, value: float, epoch: int) -> bool:
+        """Record an epoch's score; return True when it is a new best."""
+        if value > self.best + self.min_delta:
+            self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience > 0 and self.bad_epochs >= self.patience
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.best_epoch, self.bad_epochs = state["best"], state["best_epoch"], state["bad_epochs"]

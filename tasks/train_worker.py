@@ -1,0 +1,201 @@
+"""Ray Train data-parallel training: the per-worker loop and the driver that launches it.
+
+The loop reads the data split by path (not through Ray's object store) so that workers on other
+nodes only need shared storage, checkpoints every epoch through ``ray.train.report`` so that a
+worker failure or a crashed driver resumes from the last epoch, and logs per-epoch metrics to MLflow
+from rank 0 only.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from tasks.techniques.data import load_splits
+from tasks.techniques.models import ModelSpec, build_model, save_model
+from tasks.techniques.training import (
+    EarlyStopping,
+    TrainConfig,
+    evaluate,
+    make_optimizer,
+    make_scheduler,
+    precision_for,
+    train_epoch,
+)
+
+CKPT_FILE = "train_state.pt"
+
+
+def _mlflow_logger(config: dict):
+    """Rank 0's per-epoch logger into the train stage's MLflow run (None when not tracking)."""
+    if not config.get("mlflow_run_id"):
+        return None
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=config["mlflow_tracking_uri"])
+
+    def log(metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        client.log_batch(config["mlflow_run_id"], metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    return log
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Runs in every Ray Train worker. ``config``: train (dict), spec (dict), data_path, mlflow ids."""
+    cfg = TrainConfig.from_dict(config["train"])
+    torch.set_num_threads(cfg.threads_per_worker)
+    torch.manual_seed(cfg.seed)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+
+    splits = load_splits(config["data_path"])
+    spec = ModelSpec(**config["spec"])
+    base = build_model(spec)
+    model = ray.train.torch.prepare_model(base)  # DDP when world > 1, moved to the worker's device
+    dataset = TensorDataset(torch.as_tensor(splits.X_train), torch.as_tensor(splits.y_train))
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler)
+    steps_per_epoch = -(-len(loader) // cfg.grad_accum_steps)
+
+    opt = make_optimizer(model, cfg)
+    sched = make_scheduler(opt, cfg, steps_per_epoch)
+    precision = precision_for(device, cfg.amp)
+    stopper = EarlyStopping(cfg.patience, cfg.min_delta)
+    best_state = copy.deepcopy(base.state_dict())
+    start_epoch, done = 0, False
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / CKPT_FILE, map_location=device, weights_only=True)
+        base.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        if precision.scaler and state.get("scaler"):
+            precision.scaler.load_state_dict(state["scaler"])
+        stopper.load_state_dict(state["early_stopping"])
+        best_state = state["best_model"]
+        start_epoch, done = state["epoch"] + 1, state["done"]
+
+    log = _mlflow_logger(config) if rank == 0 else None
+    no_sync = model.no_sync if world > 1 else None
+    epoch = start_epoch - 1
+    for epoch in range(start_epoch, 0 if done else cfg.epochs):
+        sampler.set_epoch(epoch)
+        t0 = time.perf_counter()
+        stats = train_epoch(model, loader, opt, sched, precision, cfg.grad_accum_steps, no_sync, device)
+        seconds = time.perf_counter() - t0
+        # Every rank evaluates the full validation set with identical weights, so all ranks reach the
+        # same early-stopping decision without another collective.
+        val = evaluate(base, splits.X_val, splits.y_val, device=device)
+        if stopper.update(val["accuracy"], epoch):
+            best_state = copy.deepcopy(base.state_dict())
+        metrics = {
+            "train_loss": stats["loss"], "train_accuracy": stats["accuracy"], "val_loss": val["loss"],
+            "val_accuracy": val["accuracy"], "samples_per_s": stats["samples"] * world / seconds,
+            "lr": sched.get_last_lr()[0], "epoch": epoch,
+        }
+        stop = stopper.should_stop or epoch + 1 == cfg.epochs
+        state = {
+            "model": base.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "scaler": precision.scaler.state_dict() if precision.scaler else None,
+            "early_stopping": stopper.state_dict(), "best_model": best_state, "epoch": epoch, "done": stop,
+        }
+        _report(metrics, state, rank, spec, best_state if stop else None)
+        if log:
+            log({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+        if stop:
+            break
+    if done:  # resumed after the final checkpoint: report it again so the result carries it
+        _report({"epoch": epoch, "resumed_done": 1}, state, rank, spec, best_state)
+
+
+def _report(metrics: dict, state: dict, rank: int, spec: ModelSpec, final_model: dict | None) -> None:
+    """All ranks report; rank 0 attaches the checkpoint (training state, plus the best model at the end)."""
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        torch.save(state, Path(d) / CKPT_FILE)
+        if final_model is not None:
+            model = build_model(spec)
+            model.load_state_dict(final_model)
+            save_model(model, spec, Path(d) / "model")
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def ensure_ray() -> None:
+    """Join ``RAY_ADDRESS``'s cluster when set, else start a local Ray (once per process)."""
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS") or None
+    ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+
+
+def latest_checkpoint(storage: Path, name: str) -> ray.train.Checkpoint | None:
+    """The newest checkpoint a previous (crashed) run of the same name left in ``storage``.
+
+    Ray Train v2 restores such a run by itself (from ``checkpoint_manager_snapshot.json`` under the
+    same name and storage path); we look only to record whether this run resumes.
+    """
+    folder = storage / name
+    found = sorted(folder.glob("checkpoint_*/" + CKPT_FILE), key=lambda p: p.stat().st_mtime)
+    return ray.train.Checkpoint.from_directory(str(found[-1].parent)) if found else None
+
+
+def run_training(
+    cfg: TrainConfig, spec: ModelSpec, data_path: str, storage: Path, name: str, out_dir: Path,
+    mlflow_tracking_uri: str | None = None, mlflow_run_id: str | None = None,
+) -> dict:
+    """Launch the TorchTrainer; copy the best model into ``out_dir``; return the last metrics.
+
+    ``name`` is derived from the cache key, so re-running the same stage after a crash finds the
+    crashed run's checkpoints and resumes from the newest.
+    """
+    ensure_ray()
+    from ray.train.torch import TorchTrainer
+
+    resumed = latest_checkpoint(storage, name) is not None
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "train": cfg.to_dict(), "spec": asdict(spec), "data_path": data_path,
+            "mlflow_tracking_uri": mlflow_tracking_uri, "mlflow_run_id": mlflow_run_id,
+        },
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=str(storage),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+        ),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    with result.checkpoint.as_directory() as d:
+        src = Path(d) / "model"
+        if not src.exists():
+            raise RuntimeError("training ended without a final model checkpoint")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for f in ("model.pt", "model.json"):
+            (out_dir / f).write_bytes((src / f).read_bytes())
+        state = torch.load(Path(d) / CKPT_FILE, map_location="cpu", weights_only=True)
+    return {
+        "best_val_accuracy": state["early_stopping"]["best"], "best_epoch": state["early_stopping"]["best_epoch"],
+        "epochs_run": state["epoch"] + 1, "resumed": resumed,
+        "metrics": json.loads(json.dumps(result.metrics or {}, default=float)),
+    }

@@ -1,0 +1,57 @@
+"""Bad input through the CLI: a message naming the field or file, a non-zero exit, a FAILED MLflow
+run with the error recorded, and nothing registered."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from flows.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _csv_without_label(tmp_path):
+    path = tmp_path / "nolabel.csv"
+    pd.DataFrame({"a": [0.1, 0.2, 0.3, 0.4], "b": [1, 0, 1, 0]}).to_csv(path, index=False)
+    return ["--set", f"data.source={path}"]
+
+
+CASES = {
+    "unknown key": (lambda tmp: ["--set", "train.epochz=3"], "train.epochz: unknown key"),
+    "negative lr": (lambda tmp: ["--set", "train.lr=-0.1"], "train.lr: Input should be greater than 0"),
+    "missing data file": (lambda tmp: ["--set", f"data.source={tmp / 'nope.npz'}"], "data.source: file not found"),
+    "bad model path": (lambda tmp: ["--set", "model.arch=no_such_pkg.models:make"], "model.arch: cannot import module 'no_such_pkg.models'"),
+    "csv without label": (_csv_without_label, "data.label_column: column 'label' not in"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_fails_clearly(case, tiny_config, mlflow_store, tmp_path, capsys):
+    make_args, message = CASES[case]
+    rc = main(["run", "--config", str(tiny_config), *make_args(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc != 0
+    assert message in err
+    client = MlflowClient(mlflow_store)
+    exp = client.get_experiment_by_name("optforge-test")
+    (run,) = client.search_runs([exp.experiment_id], "tags.`optforge.pipeline` = 'optimize'")
+    assert run.info.status == "FAILED"
+    assert message in run.data.tags["optforge.error"]
+    assert client.search_registered_models() == []
+    assert main(["runs", "--experiment", "optforge-test"]) == 0
+    assert "FAILED" in capsys.readouterr().out
+
+
+def test_cli_process_exit_code(tiny_config, tmp_path):
+    """The installed console script exits non-zero (2 for config errors) in a real process."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'cli.db'}"}
+    exe = Path(sys.executable).with_name("optforge")
+    proc = subprocess.run([str(exe), "run", "--config", str(tiny_config), "--set", "train.epochz=3"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=180)
+    assert proc.returncode == 2
+    assert "train.epochz: unknown key" in proc.stderr

@@ -1,0 +1,51 @@
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.params import ConfigError, PipelineConfig, apply_overrides, load_config, validate
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_default_yaml_matches_the_defaults():
+    assert load_config(ROOT / "configs" / "default.yaml") == PipelineConfig()
+
+
+def test_config_round_trips_through_json_and_yaml():
+    cfg = load_config(None, ["train.optimizer=lamb", "model.hidden=[64, 32]", "data.image_shape=[1, 8, 8]"])
+    assert PipelineConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert PipelineConfig.from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict()))) == cfg
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, ["train.epochs=3", "train.lr=0.05", "register.model_name=m"])
+    assert cfg.train.epochs == 3 and cfg.train.lr == 0.05 and cfg.register.model_name == "m"
+    assert apply_overrides({"train": {"epochs": 1}}, ["train.epochs=2"]) == {"train": {"epochs": 2}}
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.epochz=3"], "train.epochz: unknown key"),
+        (["trian.epochs=3"], "trian: unknown key"),
+        (["train.lr=-0.1"], "train.lr: Input should be greater than 0 (got -0.1)"),
+        (["train.optimizer=adam9"], "train.optimizer"),
+        (["train.epochs"], "expected KEY=VALUE"),
+        (["train.epochs.x=1"], "'epochs' is a value, not a section"),
+    ],
+)
+def test_bad_config_names_the_field(overrides, message):
+    raw = {"train": {"epochs": 2}}
+    with pytest.raises(ConfigError) as err:
+        validate(apply_overrides(raw, overrides))
+    assert message in str(err.value)
+
+
+def test_missing_or_broken_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("train: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")

@@ -1,0 +1,97 @@
+"""Each stage's task body against a real MLflow SQLite store (Ray-free; training is covered end to end)."""
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from tasks.benchmark import benchmark
+from tasks.data import prepare_data
+from tasks.export import export
+from tasks.quantize import quantize
+from tasks.refs import ModelRef, file_sha256
+from tasks.register import register
+from tasks.techniques.benchmark import BenchmarkConfig
+from tasks.techniques.data import DataConfig, load_splits
+from tasks.techniques.models import ModelConfig, ModelSpec, build_model, save_model
+from tasks.techniques.onnx_export import ExportConfig
+from tasks.techniques.quantization import DynamicQuantConfig
+from tasks.techniques.selection import RegisterConfig
+from tasks.techniques.training import TrainConfig, evaluate, make_optimizer, make_scheduler, precision_for, train_epoch
+from tasks.tracking import configure
+
+FAST_BENCH = BenchmarkConfig(warmup=2, iters_b1=20, iters_batch=2)
+
+
+@pytest.fixture
+def pipeline(mlflow_store, tmp_path):
+    """An active parent run, the digits split, and a quickly trained small MLP saved as a model folder."""
+    configure("stages")
+    with mlflow.start_run(run_name="parent") as parent:
+        data = prepare_data.fn(DataConfig(), None, str(tmp_path / "work"), parent.info.run_id)
+        splits = load_splits(data.path)
+        spec = ModelSpec(ModelConfig(hidden=(32,)).to_dict(), data.num_features, data.num_classes, data.image_shape)
+        torch.manual_seed(0)
+        model = build_model(spec)
+        cfg = TrainConfig(lr=3e-3)
+        batches = [(torch.as_tensor(splits.X_train[i : i + 64]), torch.as_tensor(splits.y_train[i : i + 64]))
+                   for i in range(0, len(splits.y_train), 64)]
+        opt = make_optimizer(model, cfg)
+        sched = make_scheduler(opt, cfg, len(batches))
+        for _ in range(5):
+            train_epoch(model, batches, opt, sched, precision_for(torch.device("cpu"), False), 1)
+        assert evaluate(model, splits.X_val, splits.y_val)["accuracy"] > 85
+        folder = save_model(model, spec, tmp_path / "model")
+        ref = ModelRef("pytorch_fp32", "torch", str(folder), file_sha256(folder))
+        yield parent.info.run_id, data, ref, tmp_path / "work"
+
+
+def _child(client, parent_id, stage):
+    runs = client.search_runs([mlflow.get_experiment_by_name("stages").experiment_id],
+                              f"tags.mlflow.parentRunId = '{parent_id}' and tags.`optforge.stage` = '{stage}'")
+    return runs
+
+
+def test_stages_log_child_runs_and_register(pipeline, mlflow_store):
+    parent_id, data, torch_ref, work = pipeline
+    client = MlflowClient(mlflow_store)
+    (data_run,) = _child(client, parent_id, "prepare_data")
+    assert data_run.data.tags["optforge.data_fingerprint"] == data.sha256
+    assert {d.dataset.digest for d in data_run.inputs.dataset_inputs} == {data.sha256}
+    assert data_run.data.params["data.source"] == "digits"
+
+    onnx_ref = export.fn(ExportConfig(), torch_ref, data, str(work), parent_id)
+    int8_ref = quantize.fn(DynamicQuantConfig(), onnx_ref, str(work), parent_id)
+    results = benchmark.fn(FAST_BENCH, [torch_ref, onnx_ref, int8_ref], data, parent_id)
+    reg = register.fn(RegisterConfig(model_name="stages-model", max_accuracy_drop=5.0), results,
+                      [torch_ref, onnx_ref, int8_ref], data, parent_id)
+
+    (export_run,) = _child(client, parent_id, "export_onnx")
+    assert export_run.data.metrics["parity_max_abs_diff"] < 1e-4
+    assert [a.path for a in client.list_artifacts(export_run.info.run_id, "onnx")] == ["onnx/model.onnx"]
+    bench_runs = _child(client, parent_id, "benchmark")
+    assert sorted(r.info.run_name for r in bench_runs) == ["onnx_fp32", "onnx_int8_dynamic", "pytorch_fp32"]
+    assert all(r.data.metrics["accuracy"] > 80 for r in bench_runs)
+    assert reg.version == "1" and reg.variant in {"pytorch_fp32", "onnx_fp32", "onnx_int8_dynamic"}
+    version = client.get_model_version("stages-model", "1")
+    assert version.tags["variant"] == reg.variant and version.tags["data_fingerprint"] == data.sha256
+    loaded = mlflow.pyfunc.load_model("models:/stages-model/1")
+    out = loaded.predict(load_splits(data.path).X_test[:3])
+    assert np.asarray(out["logits"] if isinstance(out, dict) else out).shape == (3, 10)  # ONNX flavor: dict by output
+
+
+def test_register_nothing_when_no_variant_passes(pipeline, mlflow_store):
+    parent_id, data, torch_ref, _ = pipeline
+    results = benchmark.fn(FAST_BENCH, [torch_ref], data, parent_id)
+    reg = register.fn(RegisterConfig(model_name="never", min_accuracy=100.0), results, [torch_ref], data, parent_id)
+    assert reg.version is None and "no variant reaches 100.00%" in reg.reason
+    assert MlflowClient(mlflow_store).search_registered_models() == []
+
+
+def test_failed_parity_marks_the_stage_failed(pipeline, mlflow_store):
+    parent_id, data, torch_ref, work = pipeline
+    with pytest.raises(ValueError, match="export.parity_atol"):
+        export.fn(ExportConfig(parity_atol=1e-12), torch_ref, data, str(work), parent_id)
+    (run,) = _child(MlflowClient(mlflow_store), parent_id, "export_onnx")
+    assert run.info.status == "FAILED" and "parity_atol" in run.data.tags["optforge.error"]
