@@ -17,6 +17,8 @@ import yaml
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
+from flows.chains import chain_variants
+from flows.engines import engine_variants
 from flows.params import load_config, peek_experiment
 from tasks.benchmark import benchmark
 from tasks.data import prepare_data
@@ -109,6 +111,8 @@ def _pipeline(config_path, overrides, force: bool, parent_run_id: str) -> dict:
     onnx_fp32 = stage(export, cfg=cfg.export, model=model, data=data, workdir=workdir)
     onnx_int8 = stage(quantize, cfg=cfg.quantize, onnx_model=onnx_fp32, workdir=workdir)
     variants = [model, onnx_fp32, onnx_int8]
+    variants += engine_variants(cfg.engines, onnx_fp32, model, data, workdir, stage)
+    variants += chain_variants(cfg.compress, model, data, workdir, stage, cfg.export, cfg.quantize)
     results = stage(benchmark, cfg=cfg.benchmark, variants=variants, data=data)
     registration = stage(register, cfg=cfg.register, results=results, variants=variants, data=data)
 

@@ -13,6 +13,8 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError
 
+from flows.chains import CompressConfig
+from flows.engines import EnginesConfig
 from tasks.techniques.benchmark import BenchmarkConfig
 from tasks.techniques.config import TechniqueConfig
 from tasks.techniques.data import DataConfig
@@ -48,6 +50,8 @@ class PipelineConfig(TechniqueConfig):
     train: TrainConfig = Field(default_factory=TrainConfig, description="Ray Train data-parallel training")
     export: ExportConfig = Field(default_factory=ExportConfig, description="ONNX export and parity check")
     quantize: DynamicQuantConfig = Field(default_factory=DynamicQuantConfig, description="ONNX Runtime dynamic INT8")
+    engines: EnginesConfig = Field(default_factory=EnginesConfig, description="static INT8, FP16, TensorRT variants")
+    compress: CompressConfig = Field(default_factory=CompressConfig, description="distill/prune/factorize chains")
     benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig, description="latency/throughput settings")
     register: RegisterConfig = Field(default_factory=RegisterConfig, description="selection gate and registry name")
 

@@ -46,11 +46,14 @@ def benchmark(cfg: BenchmarkConfig, variants: list[ModelRef], data: DataRef, par
     splits = load_splits(data.path)
     results = []
     for ref in variants:
-        tags = {"optforge.variant": ref.name, "optforge.format": ref.format, "optforge.source_run": ref.run_id or ""}
+        tags = {"optforge.variant": ref.name, "optforge.format": ref.format, "optforge.source_run": ref.run_id or "",
+                **{f"optforge.{k}": str(v) for k, v in ref.info.get("lineage", {}).items()}}
         params = {"benchmark": cfg.to_dict(), "cpu_model": cpu_model()}
         with child_run(parent_run_id, "benchmark", run_name=ref.name, params=params, tags=tags) as run:
             predict, size, n_params = LOADERS[ref.format](ref, cfg)
             metrics = measure(predict, splits.X_test, splits.y_test, cfg) | {"size_mb": size, "params": float(n_params)}
+            if "flops" in ref.info:  # forward FLOPs per sample, counted on the PyTorch model the variant came from
+                metrics["flops"] = float(ref.info["flops"])
             mlflow.log_metrics(metrics)
         results.append(VariantResult(ref.name, metrics, run.info.run_id))
     return results
