@@ -19,6 +19,11 @@ def _embedded_defaults() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # the network is closed; avoid its error
     os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(Path(".optforge/prefect-results").resolve()))
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+    # MLflow's HTTP client retries 7 times with doubling back-off (minutes of silence when a server is
+    # down). 3 retries, 1-2-4 s apart, 10 s timeout; the stage tasks' own retries come on top.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
 def _fmt(v: float, digits: int = 2) -> str:
@@ -50,7 +55,7 @@ def format_summary(summary: dict) -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     _embedded_defaults()
     from flows.optimize import optimize
-    from flows.params import ConfigError
+    from flows.params import ConfigError, peek_tracking
 
     try:
         summary = optimize(config_path=args.config, overrides=args.set, force=args.force)
@@ -59,6 +64,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     except Exception as exc:  # the flow already marked its MLflow run FAILED with this error as a tag
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        workdir = Path(peek_tracking(args.config, args.set).workdir).resolve()
+        if workdir.exists():
+            print(f"outputs of the stages that finished are kept under {workdir}; re-running the same "
+                  "command reuses them", file=sys.stderr)
         return EXIT_FAILED
     print("\n" + format_summary(summary))
     return 0

@@ -19,14 +19,14 @@ from prefect.runtime import flow_run
 
 from flows.chains import chain_variants
 from flows.engines import engine_variants
-from flows.params import load_config, peek_experiment
+from flows.params import load_config, peek_tracking
 from tasks.benchmark import benchmark
 from tasks.data import prepare_data
 from tasks.export import export
 from tasks.quantize import quantize
 from tasks.refs import file_sha256
 from tasks.register import register
-from tasks.tracking import configure, error_tags, flatten
+from tasks.tracking import close_dead_runs, configure, error_tags, flatten, process_tags
 from tasks.train import train
 
 BASELINE = "pytorch_fp32"
@@ -81,10 +81,14 @@ def _tag_prefect_run(parent_run_id: str) -> None:
 def optimize(config_path: str | None = None, overrides: list[str] | None = None, force: bool = False) -> dict:
     """Run the whole pipeline once; return a summary (variants, metrics, registration, stage timings)."""
     logger = get_run_logger()
-    configure(peek_experiment(config_path, overrides))
+    experiment_id = configure(peek_tracking(config_path, overrides).experiment)
     tags = {"optforge.pipeline": "optimize", "prefect.flow_run_id": str(flow_run.get_id() or ""),
-            "optforge.config_path": str(config_path or "<defaults>")}
+            "optforge.config_path": str(config_path or "<defaults>"), **process_tags()}
     with mlflow.start_run(run_name=f"optimize-{flow_run.get_name() or 'local'}", tags=tags) as parent:
+        closed = close_dead_runs(experiment_id, parent.info.run_id)
+        if closed:
+            mlflow.set_tag("optforge.closed_dead_runs", ",".join(closed))
+            logger.warning("marked %d run(s) of killed processes KILLED: %s", len(closed), ", ".join(closed))
         try:
             summary = _pipeline(config_path, overrides, force, parent.info.run_id)
         except BaseException as exc:

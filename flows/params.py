@@ -118,11 +118,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return validate(apply_overrides(raw, list(overrides or [])))
 
 
-def peek_experiment(path: str | Path | None, overrides: list[str] | None) -> str:
-    """The experiment name, read leniently so that even a broken config's failure is recorded there."""
+def peek_tracking(path: str | Path | None, overrides: list[str] | None) -> TrackingConfig:
+    """The tracking section, read leniently, so that even a broken config's failure is recorded
+    in its experiment and the CLI can say where stage outputs were kept."""
     try:
         raw = apply_overrides(read_yaml(path) if path else {}, list(overrides or []))
-        name = raw.get("tracking", {}).get("experiment")
-        return name if isinstance(name, str) and name else TrackingConfig().experiment
+        return TrackingConfig.model_validate(raw.get("tracking") or {})
     except Exception:
-        return TrackingConfig().experiment
+        return TrackingConfig()

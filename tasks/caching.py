@@ -62,8 +62,17 @@ def stage_dir(workdir: str | Path, stage: str, parameters: dict[str, Any]) -> Pa
     return Path(workdir).resolve() / stage / stage_key(stage, parameters)[:16]
 
 
+# Two retries, 2 s then 10 s apart: long enough for a tracking server restart or a network blip,
+# short enough that a real outage still fails the run within a minute.
+RETRY_DELAYS_S = [2, 10]
+
+
 def stage_task(name: str, **options):
-    """``@task`` with optforge's caching: key by ``cache_key_fn``, results persisted to disk."""
+    """``@task`` with optforge's caching (key by ``cache_key_fn``, results persisted to disk) and
+    retries for transient failures only (``tasks.retrying.retry_transient``)."""
     from prefect import task
 
-    return task(name=name, cache_key_fn=cache_key_fn, persist_result=True, **options)
+    from tasks.retrying import retry_transient
+
+    defaults = {"retries": len(RETRY_DELAYS_S), "retry_delay_seconds": RETRY_DELAYS_S, "retry_condition_fn": retry_transient}
+    return task(name=name, cache_key_fn=cache_key_fn, persist_result=True, **(defaults | options))

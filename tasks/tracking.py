@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -59,3 +60,47 @@ def child_run(parent_run_id: str | None, stage: str, run_name: str | None = None
         except BaseException as exc:
             mlflow.set_tags(error_tags(exc))
             raise
+
+
+def _process_start(pid: int) -> str | None:
+    """Start time of ``pid`` in clock ticks since boot (Linux), to tell a live run from a reused pid."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def process_tags() -> dict[str, str]:
+    """Who runs this pipeline: lets a later run recognise this one as dead if it is killed."""
+    pid = os.getpid()
+    return {"optforge.host": socket.gethostname(), "optforge.pid": str(pid), "optforge.pid_start": _process_start(pid) or ""}
+
+
+def close_dead_runs(experiment_id: str, current_run_id: str) -> list[str]:
+    """Mark pipeline runs left RUNNING by a killed process on this host KILLED, children included.
+
+    A SIGKILL-ed run never ends its MLflow runs. A run is dead when its recorded process (same host)
+    no longer exists or is another process that reused the pid. Runs of other hosts are left alone:
+    from here they cannot be told apart from live ones.
+    """
+    client = mlflow.MlflowClient()
+    host = socket.gethostname()
+    running = client.search_runs(
+        [experiment_id], "attributes.status = 'RUNNING' and tags.`optforge.pipeline` = 'optimize'", max_results=200
+    )
+    closed = []
+    for run in running:
+        tags = run.data.tags
+        if run.info.run_id == current_run_id or tags.get("optforge.host") != host or not tags.get("optforge.pid"):
+            continue
+        start = _process_start(int(tags["optforge.pid"]))
+        if start is not None and start == tags.get("optforge.pid_start"):
+            continue  # still alive: a concurrent run, not a dead one
+        children = client.search_runs(
+            [experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}' and attributes.status = 'RUNNING'"
+        )
+        for r in [*children, run]:
+            client.set_tag(r.info.run_id, "optforge.closed_by", current_run_id)
+            client.set_terminated(r.info.run_id, status="KILLED")
+        closed.append(run.info.run_id)
+    return closed

@@ -35,6 +35,7 @@ from tasks.techniques.training import (
 )
 
 CKPT_FILE = "train_state.pt"
+ERROR_FILE = "error.json"
 
 
 def _mlflow_logger(config: dict):
@@ -79,9 +80,13 @@ def train_loop_per_worker(config: dict) -> None:
     start_epoch, done = 0, False
 
     checkpoint = ray.train.get_checkpoint()
+    state = None
     if checkpoint:
         with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / CKPT_FILE, map_location=device, weights_only=True)
+            # An error checkpoint (see _report_error) holds no training state: start afresh.
+            if (Path(d) / CKPT_FILE).exists():
+                state = torch.load(Path(d) / CKPT_FILE, map_location=device, weights_only=True)
+    if state:
         base.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -97,7 +102,13 @@ def train_loop_per_worker(config: dict) -> None:
     for epoch in range(start_epoch, 0 if done else cfg.epochs):
         sampler.set_epoch(epoch)
         t0 = time.perf_counter()
-        stats = train_epoch(model, loader, opt, sched, precision, cfg.grad_accum_steps, no_sync, device)
+        try:
+            stats = train_epoch(model, loader, opt, sched, precision, cfg.grad_accum_steps, no_sync, device)
+        except FloatingPointError as exc:
+            # Deterministic: every rank raises at the same step (see train_epoch). Report instead of
+            # raising, so Ray Train's failure handling does not restart a run that would fail again.
+            _report_error(f"epoch {epoch}: {exc}", rank)
+            return
         seconds = time.perf_counter() - t0
         # Every rank evaluates the full validation set with identical weights, so all ranks reach the
         # same early-stopping decision without another collective.
@@ -136,6 +147,17 @@ def _report(metrics: dict, state: dict, rank: int, spec: ModelSpec, final_model:
             model.load_state_dict(final_model)
             save_model(model, spec, Path(d) / "model")
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def _report_error(message: str, rank: int) -> None:
+    """End training with an error the driver re-raises. Ray Train v2 exposes the metrics of the last
+    *checkpoint*, not the last report, so the message travels in a checkpoint of its own."""
+    if rank != 0:
+        ray.train.report({"error": message})
+        return
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / ERROR_FILE).write_text(json.dumps({"error": message}))
+        ray.train.report({"error": message}, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
 def ensure_ray() -> None:
@@ -191,6 +213,8 @@ def run_training(
     if result.error:
         raise result.error
     with result.checkpoint.as_directory() as d:
+        if (Path(d) / ERROR_FILE).exists():
+            raise FloatingPointError(f"training stopped: {json.loads((Path(d) / ERROR_FILE).read_text())['error']}")
         src = Path(d) / "model"
         if not src.exists():
             raise RuntimeError("training ended without a final model checkpoint")

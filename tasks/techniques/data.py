@@ -24,6 +24,7 @@ class DataConfig(TechniqueConfig):
 
     source: str = Field("digits", description="'digits' (ships with scikit-learn) or a path to .npz, .csv or .parquet")
     label_column: str = Field("label", description="label column of a CSV/Parquet file; every other column is a feature")
+    num_classes: int | None = Field(None, ge=2, description="number of classes; labels must be < it (default: max label + 1)")
     image_shape: tuple[int, int, int] | None = Field(
         None, description="(C, H, W) of flattened images, for CNNs; digits sets (1, 8, 8) itself"
     )
@@ -64,6 +65,8 @@ def load_arrays(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, tuple[int, int
         X, y = _read_file(Path(cfg.source), cfg.label_column)
         image_shape = cfg.image_shape
     X, y = validate_arrays(X, y, origin=cfg.source)
+    if cfg.num_classes is not None and y.max() >= cfg.num_classes:
+        raise ValueError(f"data.num_classes: labels must be in 0..{cfg.num_classes - 1}, found {int(y.max())} in {cfg.source}")
     if image_shape is not None and int(np.prod(image_shape)) != X.shape[1]:
         raise ValueError(
             f"data.image_shape: {list(image_shape)} holds {int(np.prod(image_shape))} values "
@@ -149,7 +152,8 @@ def split(X: np.ndarray, y: np.ndarray, image_shape, cfg: DataConfig) -> Splits:
         std = X[train].std(axis=0)
         std[std < 1e-6] = 1.0  # constant columns (digits' border pixels) stay put instead of dividing by zero
         X = ((X - mean) / std).astype(np.float32)
-    return Splits(X[train], y[train], X[val], y[val], X[test], y[test], int(y.max()) + 1, image_shape)
+    num_classes = cfg.num_classes or int(y.max()) + 1
+    return Splits(X[train], y[train], X[val], y[val], X[test], y[test], num_classes, image_shape)
 
 
 def fingerprint(splits: Splits) -> str:

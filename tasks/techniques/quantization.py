@@ -20,25 +20,50 @@ class DynamicQuantConfig(TechniqueConfig):
     """ONNX Runtime ``quantize_dynamic`` settings."""
 
     weight_type: Literal["qint8", "quint8"] = Field("qint8", description="INT8 weight type (qint8: signed, symmetric)")
-    per_channel: bool = Field(False, description="one scale per output channel instead of per tensor")
-    preprocess: bool = Field(True, description="run ORT's pre-processing (shape inference + graph optimization) first")
+    per_channel: bool = Field(False, description="one scale per output channel instead of one per tensor")
+    preprocess: bool = Field(True, description="run ORT's pre-processing (symbolic shape inference + optimization)")
 
 
 def quantize_dynamic_int8(src: str | Path, dst: str | Path, cfg: DynamicQuantConfig) -> Path:
-    """Quantize ``src`` into ``dst``; ``dst`` appears only when complete (temp file + rename)."""
+    """Quantize the ONNX model ``src`` to dynamic INT8 in ``dst``.
+
+    MatMul/Gemm weights become INT8 initializers and the graph gains ``DynamicQuantizeLinear`` +
+    ``MatMulInteger`` nodes. ORT recommends its pre-processing (``quant_pre_process``: symbolic shape
+    inference, then ORT's basic graph optimizations) so the quantizer sees complete shapes and fused ops.
+    Models from ``export_onnx`` quantize with or without it (stale weight ``value_info`` is stripped
+    there), which is why it is a switch and not a requirement.
+
+    ``dst`` is written atomically: everything goes to a temp folder beside it and is renamed into place
+    only when complete, so a crash never leaves a half-written model.
+
+    Args:
+        src: fp32 ONNX model.
+        dst: destination .onnx file; parent folders are created.
+        cfg: quantization settings.
+
+    Returns:
+        ``dst`` as a ``Path``.
+
+    Raises:
+        FileNotFoundError: ``src`` does not exist.
+        ValueError: ``src`` is not an ONNX model, or quantization fails (names ``src``).
+    """
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     src, dst = Path(src), Path(dst)
     load_onnx(src)  # clear error naming the file when it is missing or not ONNX
     dst.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
+    weight_type = QuantType.QInt8 if cfg.weight_type == "qint8" else QuantType.QUInt8
+    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".quantize-") as tmp:
         model_in = src
-        if cfg.preprocess:
-            model_in = Path(tmp) / "preprocessed.onnx"
-            quant_pre_process(str(src), str(model_in), skip_symbolic_shape=False)
-        out = Path(tmp) / "quantized.onnx"
-        weight_type = QuantType.QInt8 if cfg.weight_type == "qint8" else QuantType.QUInt8
-        quantize_dynamic(str(model_in), str(out), weight_type=weight_type, per_channel=cfg.per_channel)
-        os.replace(out, dst)
+        try:
+            if cfg.preprocess:
+                model_in = Path(tmp) / "preprocessed.onnx"
+                quant_pre_process(str(src), str(model_in), skip_symbolic_shape=False)
+            out = Path(tmp) / "quantized.onnx"
+            quantize_dynamic(str(model_in), str(out), weight_type=weight_type, per_channel=cfg.per_channel)
+        except Exception as exc:
+            raise ValueError(f"dynamic INT8 quantization of {src} failed: {type(exc).__name__}: {exc}") from exc
+        os.replace(out, dst)  # same folder, so the rename is atomic
     return dst

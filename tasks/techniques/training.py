@@ -125,6 +125,10 @@ def train_epoch(
     ``no_sync`` (DDP's ``model.no_sync``) skips the gradient all-reduce on micro-batches that do not
     end an accumulation window: with 4 accumulation steps only every 4th backward talks to peers.
     The loss is divided by ``accum_steps`` so the accumulated gradient equals the mean gradient.
+
+    Non-finite values are checked on the *synchronised* gradients at the end of each window: a NaN
+    on any worker spreads to every worker through the all-reduce, so all workers raise at the same
+    step instead of one raising while its peers wait forever in the next collective.
     """
     model.train()
     loss_fn = nn.CrossEntropyLoss()
@@ -139,13 +143,15 @@ def train_epoch(
             with precision.autocast():
                 logits = model(xb)
                 loss = loss_fn(logits.float(), yb)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"loss became {loss.item()} at micro-batch {i}; hint: lower train.lr or disable train.amp"
-                )
             scaled = loss / accum_steps
             (precision.scaler.scale(scaled) if precision.scaler else scaled).backward()
         if last_in_window:
+            # fp16's GradScaler expects occasional inf gradients and skips those steps itself.
+            if precision.scaler is None and not _grads_finite(model):
+                raise FloatingPointError(
+                    f"loss became non-finite (last micro-batch loss {loss.item():.4g}) at step {i}; "
+                    "hint: lower train.lr, raise train.warmup_epochs, or check the data for extreme values"
+                )
             if precision.scaler:
                 precision.scaler.step(opt)
                 precision.scaler.update()
@@ -157,6 +163,11 @@ def train_epoch(
         correct += (logits.argmax(1) == yb).sum().item()
         seen += len(yb)
     return {"loss": total_loss / max(1, seen), "accuracy": 100.0 * correct / max(1, seen), "samples": float(seen)}
+
+
+def _grads_finite(model: nn.Module) -> bool:
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
 
 
 @torch.inference_mode()

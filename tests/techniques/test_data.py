@@ -68,6 +68,12 @@ def test_csv_without_label_column(tmp_path):
         load_arrays(DataConfig(source=str(tmp_path / "d.csv")))
 
 
+def test_labels_beyond_num_classes(tmp_path):
+    np.savez(tmp_path / "d.npz", X=np.ones((4, 2)), y=np.array([0, 1, 2, 3]))
+    with pytest.raises(ValueError, match=r"data.num_classes: labels must be in 0..2, found 3"):
+        load_arrays(DataConfig(source=str(tmp_path / "d.npz"), num_classes=3))
+
+
 def test_image_shape_must_match_features():
     with pytest.raises(ValueError, match="data.image_shape"):
         load_arrays(DataConfig(image_shape=(1, 4, 4)))
