@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
@@ -21,7 +22,24 @@ def _csv_without_label(tmp_path):
     return ["--set", f"data.source={path}"]
 
 
+def _npz(tmp_path, name, **arrays):
+    path = tmp_path / f"{name}.npz"
+    if arrays:
+        np.savez(path, **arrays)
+    else:
+        path.write_bytes(b"PK\x03\x04 truncated zip")
+    return ["--set", f"data.source={path}"]
+
+
 CASES = {
+    "corrupt npz": (lambda tmp: _npz(tmp, "corrupt"), "is not a readable .npz file"),
+    "nan features": (lambda tmp: _npz(tmp, "nan", X=np.array([[np.nan, 1.0]] * 20), y=np.arange(20) % 2), "NaN or infinite"),
+    "length mismatch": (lambda tmp: _npz(tmp, "len", X=np.ones((20, 2)), y=np.zeros(19, dtype=int)), "X has 20 rows but y has 19"),
+    "labels out of range": (lambda tmp: [*_npz(tmp, "lab", X=np.ones((20, 2)), y=np.arange(20) % 4), "--set", "data.num_classes=3"],
+                            "data.num_classes: labels must be in 0..2, found 3"),
+    "empty dataset": (lambda tmp: _npz(tmp, "empty", X=np.ones((0, 2)), y=np.zeros(0, dtype=int)), "the dataset is empty"),
+    "nan loss": (lambda tmp: ["--set", "train.lr=1e12", "--set", "train.optimizer=sgd", "--set", "train.warmup_epochs=0"],
+                 "training stopped: epoch 0: loss became non-finite"),
     "unknown key": (lambda tmp: ["--set", "train.epochz=3"], "train.epochz: unknown key"),
     "negative lr": (lambda tmp: ["--set", "train.lr=-0.1"], "train.lr: Input should be greater than 0"),
     "missing data file": (lambda tmp: ["--set", f"data.source={tmp / 'nope.npz'}"], "data.source: file not found"),

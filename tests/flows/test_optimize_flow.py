@@ -18,7 +18,12 @@ def _runs(client, exp_id, filter_string=""):
     return client.search_runs([exp_id], filter_string=filter_string, max_results=1000)
 
 
-def test_pipeline_tracks_registers_and_reuses_cache(tiny_config, mlflow_store):
+SECRET = "s3cr3t-value-that-must-never-be-logged"
+
+
+def test_pipeline_tracks_registers_and_reuses_cache(tiny_config, mlflow_store, monkeypatch):
+    for var in ("AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+        monkeypatch.setenv(var, SECRET)
     first = optimize(config_path=str(tiny_config))
     client = MlflowClient(mlflow_store)
     exp = client.get_experiment_by_name("optforge-test")
@@ -49,6 +54,11 @@ def test_pipeline_tracks_registers_and_reuses_cache(tiny_config, mlflow_store):
     logits = np.asarray(out["logits"] if isinstance(out, dict) else out)  # the ONNX flavor returns {output: array}
     assert logits.shape == (50, 10)
     assert (logits.argmax(1) == splits.y_test[:50]).mean() > 0.8
+
+    # Credentials come from the environment and never land in params or tags of any run.
+    for run in _runs(client, exp.experiment_id):
+        logged = {**run.data.params, **run.data.tags}
+        assert not [k for k, v in logged.items() if SECRET in str(v)], run.info.run_name
 
     # Second identical run: every stage comes from the cache, no new training run, no new version.
     second = optimize(config_path=str(tiny_config))
