@@ -27,7 +27,7 @@ def _embedded_defaults() -> None:
 
 
 def _fmt(v: float, digits: int = 2) -> str:
-    return f"{v:,.{digits}f}"
+    return "-" if v != v else f"{v:,.{digits}f}"  # NaN: a skipped variant (e.g. TensorRT without CUDA)
 
 
 def format_summary(summary: dict) -> str:
@@ -36,20 +36,24 @@ def format_summary(summary: dict) -> str:
     rows = [
         (
             v["variant"], _fmt(v["accuracy"]), _fmt(v["latency_ms_p50_b1"], 3), _fmt(v["latency_ms_p95_b1"], 3),
-            _fmt(v["throughput_sps_b64"], 0), _fmt(v["size_mb"], 3), f"{int(v['params']):,}", f"{v['speedup_b1']:.2f}x",
+            _fmt(v["throughput_sps_b64"], 0), _fmt(v["size_mb"], 3), f"{int(v['params']):,}" if v["params"] == v["params"] else "-",
+            "-" if v["speedup_b1"] != v["speedup_b1"] else f"{v['speedup_b1']:.2f}x",
         )
         for v in summary["variants"]
     ]
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     line = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
     reg = summary["registration"]
+    alias = f" as '{reg['alias']}'" if reg.get("alias") else ""
     outcome = (
-        f"registered {reg['model_name']} version {reg['version']} ({reg['reason']})"
+        f"registered {reg['model_name']} version {reg['version']}{alias} ({reg['reason']})"
         if reg["version"] else f"nothing registered: {reg['reason']}"
     )
     stages = ", ".join(f"{s['stage']} " + ("cached" if s["cached"] else f"{s['seconds']}s") for s in summary["stages"])
-    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows), "", outcome,
-                      f"stages: {stages}", f"MLflow parent run: {summary['parent_run_id']}"])
+    skipped = [f"{v['variant']}: skipped ({v['skipped']})" for v in summary["variants"] if v.get("skipped")]
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows), *skipped, "", outcome,
+                      f"stages: {stages}", f"MLflow parent run: {summary['parent_run_id']}",
+                      *([f"report: {summary['report']}"] if summary.get("report") else [])])
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -107,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--experiment", default="optforge")
     runs.add_argument("--last", type=int, default=10)
     runs.set_defaults(func=cmd_runs)
+    from flows.bench import add_parser as add_bench_parser
+    from flows.inspect_cmds import add_parsers
+
+    add_parsers(sub)  # report RUN_ID, compare
+    add_bench_parser(sub)
     return parser
 
 

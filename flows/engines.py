@@ -1,19 +1,73 @@
-"""Inference-engine variants built from the FP32 ONNX model (static INT8, FP16, TensorRT).
+"""Inference-engine variants built from the FP32 ONNX model (static INT8, FP16, TensorRT, PyTorch GPU).
 
-Owned by issue 4's work; the optimize flow calls ``engine_variants`` after export and quantize.
+The optimize flow calls ``engine_variants`` after export and quantize; every stage goes through the
+flow's StageRunner, so it is cached, tagged and timed like the others.
 """
 
 from __future__ import annotations
 
+import logging
+
+from pydantic import Field
+
 from tasks.refs import DataRef, ModelRef
 from tasks.techniques.config import TechniqueConfig
+from tasks.techniques.fp16 import Fp16Config
+from tasks.techniques.static_quant import StaticQuantConfig
+from tasks.techniques.tensorrt_engine import TensorRTConfig, environment
+from tasks.techniques.torch_gpu import TorchGpuConfig, cuda_unavailable_reason, gpu_variants
+
+log = logging.getLogger(__name__)
 
 
 class EnginesConfig(TechniqueConfig):
-    """Settings of the engine variants (one nested config per engine)."""
+    """Settings of the engine variants (one nested config per engine, each with ``enabled``)."""
+
+    static_int8: StaticQuantConfig = Field(default_factory=StaticQuantConfig, description="ONNX Runtime static INT8 (QDQ)")
+    fp16: Fp16Config = Field(default_factory=Fp16Config, description="FP16 ONNX, for GPU runtimes")
+    tensorrt: TensorRTConfig = Field(default_factory=TensorRTConfig, description="TensorRT FP16/INT8 engines (needs CUDA)")
+    torch_gpu: TorchGpuConfig = Field(default_factory=TorchGpuConfig, description="PyTorch FP16/BF16/compile on CUDA")
 
 
 def engine_variants(cfg: EnginesConfig, onnx_fp32: ModelRef, baseline: ModelRef, data: DataRef, workdir: str,
                     stage) -> list[ModelRef]:
-    """Run the engine stages through ``stage`` (the flow's StageRunner); return their variants."""
-    return []
+    """Run the engine stages through ``stage`` (the flow's StageRunner); return their variants.
+
+    TensorRT variants come back as format "skipped" where CUDA or tensorrt is missing, so the
+    summary shows why they are absent. PyTorch GPU variants need no build step: without CUDA they
+    are left out and the reason is a tag on the pipeline run.
+    """
+    # The task shells import Prefect and MLflow; flows.params imports this module for EnginesConfig alone.
+    from tasks.fp16 import convert_to_fp16
+    from tasks.quantize_static import quantize_static
+    from tasks.tensorrt import build_engines
+
+    variants: list[ModelRef] = []
+    if cfg.static_int8.enabled:
+        variants.append(stage(quantize_static, cfg=cfg.static_int8, onnx_model=onnx_fp32, data=data, workdir=workdir))
+    if cfg.fp16.enabled:
+        variants.append(stage(convert_to_fp16, cfg=cfg.fp16, onnx_model=onnx_fp32, workdir=workdir))
+    if cfg.tensorrt.enabled and cfg.tensorrt.precisions:
+        variants += stage(build_engines, cfg=cfg.tensorrt, quant_cfg=cfg.static_int8, fp16_cfg=cfg.fp16,
+                          onnx_model=onnx_fp32, data=data, workdir=workdir, environment=environment())
+    if cfg.torch_gpu.enabled:
+        variants += torch_gpu_variants(cfg.torch_gpu, baseline)
+    return variants
+
+
+def torch_gpu_variants(cfg: TorchGpuConfig, baseline: ModelRef) -> list[ModelRef]:
+    """References to the baseline's weights, run on CUDA by the benchmark; none (reason tagged) without CUDA."""
+    reason = cuda_unavailable_reason()
+    if reason:
+        import mlflow
+
+        log.info("PyTorch GPU variants skipped: %s", reason)
+        if mlflow.active_run():
+            mlflow.set_tag("optforge.torch_gpu.skipped", reason)
+        return []
+    return [
+        ModelRef(v.name, "torch_cuda", baseline.path, baseline.sha256, baseline.run_id,
+                 {"dtype": v.dtype, "compiled": v.compiled, "compile_mode": cfg.compile_mode,
+                  "lineage": {"parent_variant": baseline.name, "technique": v.name.removeprefix("pytorch_")}})
+        for v in gpu_variants(cfg)
+    ]

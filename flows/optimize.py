@@ -19,13 +19,14 @@ from prefect.runtime import flow_run
 
 from flows.chains import chain_variants
 from flows.engines import engine_variants
-from flows.params import load_config, peek_tracking
+from flows.params import PipelineConfig, load_config, peek_tracking
 from tasks.benchmark import benchmark
 from tasks.data import prepare_data
 from tasks.export import export
 from tasks.quantize import quantize
-from tasks.refs import file_sha256
-from tasks.register import register
+from tasks.refs import DataRef, ModelRef, file_sha256
+from tasks.register import hash_config, register
+from tasks.report import report
 from tasks.tracking import close_dead_runs, configure, error_tags, flatten, process_tags
 from tasks.train import train
 
@@ -99,14 +100,11 @@ def optimize(config_path: str | None = None, overrides: list[str] | None = None,
     return summary
 
 
-def _pipeline(config_path, overrides, force: bool, parent_run_id: str) -> dict:
-    _tag_prefect_run(parent_run_id)
-    cfg = load_config(config_path, overrides)
-    mlflow.log_params(flatten(cfg.to_dict()))
-    mlflow.log_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), "config.yaml")
-    workdir = str(Path(cfg.tracking.workdir).resolve())
-    stage = StageRunner(force, parent_run_id)
+def build_variants(cfg: PipelineConfig, workdir: str, stage: StageRunner) -> tuple[DataRef, list[ModelRef]]:
+    """Every variant-producing stage, in order: data, the FP32 baseline, its ONNX forms, engines, chains.
 
+    Shared by ``optimize`` and ``optforge bench``; same configs give the same cache entries.
+    """
     source = Path(cfg.data.source)
     source_sha = file_sha256(source) if cfg.data.source != "digits" and source.is_file() else None
     data = stage(prepare_data, cfg=cfg.data, source_sha256=source_sha, workdir=workdir)
@@ -117,18 +115,40 @@ def _pipeline(config_path, overrides, force: bool, parent_run_id: str) -> dict:
     variants = [model, onnx_fp32, onnx_int8]
     variants += engine_variants(cfg.engines, onnx_fp32, model, data, workdir, stage)
     variants += chain_variants(cfg.compress, model, data, workdir, stage, cfg.export, cfg.quantize)
+    return data, variants
+
+
+def _pipeline(config_path, overrides, force: bool, parent_run_id: str) -> dict:
+    _tag_prefect_run(parent_run_id)
+    cfg = load_config(config_path, overrides)
+    mlflow.log_params(flatten(cfg.to_dict()))
+    config_hash = hash_config(cfg.to_dict())
+    mlflow.set_tag("optforge.config_hash", config_hash)
+    mlflow.log_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), "config.yaml")
+    workdir = str(Path(cfg.tracking.workdir).resolve())
+    stage = StageRunner(force, parent_run_id)
+
+    data, variants = build_variants(cfg, workdir, stage)
     results = stage(benchmark, cfg=cfg.benchmark, variants=variants, data=data)
-    registration = stage(register, cfg=cfg.register, results=results, variants=variants, data=data)
+    registration = stage(register, cfg=cfg.register, results=results, variants=variants, data=data,
+                         config_hash=config_hash)
 
     base = next(r.metrics for r in results if r.name == BASELINE)
+    skipped = {v.name: v.info["skip_reason"] for v in variants if v.format == "skipped"}
     table = [
-        {"variant": r.name, **r.metrics, "speedup_b1": base["latency_ms_p50_b1"] / r.metrics["latency_ms_p50_b1"]}
+        {"variant": r.name, **r.metrics, "speedup_b1": base["latency_ms_p50_b1"] / r.metrics["latency_ms_p50_b1"],
+         **({"skipped": skipped[r.name]} if r.name in skipped else {})}
         for r in results
     ]
     mlflow.set_tags({"optforge.registered": registration.variant or "none", "optforge.register_reason": registration.reason})
+    # Not cached on purpose: every run gets its own report, built from what MLflow recorded.
+    report_ref = report(cfg=cfg.register, results=results, variants=variants, registration=registration,
+                        workdir=workdir, parent_run_id=parent_run_id)
     return {
         "parent_run_id": parent_run_id, "experiment": cfg.tracking.experiment, "data_fingerprint": data.sha256,
         "variants": table, "stages": stage.stages,
         "registration": {"variant": registration.variant, "model_name": registration.model_name,
-                         "version": registration.version, "reason": registration.reason},
+                         "version": registration.version, "reason": registration.reason,
+                         "alias": getattr(registration, "alias", None)},
+        "report": report_ref.html,
     }

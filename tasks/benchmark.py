@@ -1,43 +1,105 @@
 """Prefect task: measure every variant the same way, one MLflow child run per variant.
 
 Each variant's run carries the same metric names (``accuracy``, ``latency_ms_p50_b1``, ...), so the
-MLflow UI compares variants column by column.
+MLflow UI compares variants column by column. ONNX variants also record the ONNX Runtime session
+settings they ran with and the graph ONNX Runtime optimized. A variant that could not be built here
+(format "skipped", e.g. TensorRT without a GPU) gets a run with its reason and NaN timings, so it
+shows in the summary table without ever passing the registration gate.
 """
 
 from __future__ import annotations
 
+import math
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
+import torch
 
 from tasks.caching import stage_task
 from tasks.refs import DataRef, ModelRef, VariantResult
 from tasks.techniques.benchmark import (
     BenchmarkConfig,
+    Predictor,
     count_params_onnx,
     count_params_torch,
     cpu_model,
     measure,
-    ort_predictor,
     size_mb,
     torch_predictor,
 )
 from tasks.techniques.data import load_splits
 from tasks.techniques.models import load_model
+from tasks.techniques.ort_session import session_predictor, session_settings, tuned_session
 from tasks.tracking import child_run
 
+SKIPPED = "skipped"  # format of a variant that could not be built on this machine (see tasks/tensorrt.py)
+TIMED = ("accuracy", "latency_ms_p50_b1", "latency_ms_p95_b1", "throughput_sps_b64", "size_mb")
 
-def _torch(ref: ModelRef, cfg: BenchmarkConfig):
+
+@dataclass
+class Loaded:
+    """A variant ready to time: its predictor, size, params, runtime settings and files worth keeping."""
+
+    predict: Predictor
+    size_mb: float
+    params: int
+    settings: dict = field(default_factory=dict)
+    artifacts: list[Path] = field(default_factory=list)
+
+
+def _torch(ref: ModelRef, cfg: BenchmarkConfig, scratch: Path) -> Loaded:
     model, _ = load_model(ref.path)
-    return torch_predictor(model, cfg.threads), size_mb(Path(ref.path) / "model.pt"), count_params_torch(model)
+    settings = {"torch": torch.__version__, "intra_op_threads": cfg.threads}
+    return Loaded(torch_predictor(model, cfg.threads), size_mb(Path(ref.path) / "model.pt"), count_params_torch(model), settings)
 
 
-def _onnx(ref: ModelRef, cfg: BenchmarkConfig):
-    return ort_predictor(ref.path, cfg), size_mb(ref.path), count_params_onnx(ref.path)
+def _onnx(ref: ModelRef, cfg: BenchmarkConfig, scratch: Path) -> Loaded:
+    """ONNX Runtime CPU session; its real settings, and the graph it optimized (a record of this CPU:
+    at level "all" it may use CPU-specific layouts, so it is not a portable model)."""
+    optimized = scratch / f"{ref.name}_ort_{cfg.graph_optimization}.onnx"
+    session = tuned_session(ref.path, cfg.threads, cfg.graph_optimization, optimized_model_path=optimized)
+    artifacts = [optimized] if optimized.exists() else []
+    return Loaded(session_predictor(session), size_mb(ref.path), count_params_onnx(ref.path), session_settings(session), artifacts)
+
+
+def _tensorrt(ref: ModelRef, cfg: BenchmarkConfig, scratch: Path) -> Loaded:
+    from tasks.techniques.tensorrt_engine import EngineRunner
+
+    settings = {k: str(v) for k, v in ref.info.get("build", {}).items()}
+    return Loaded(EngineRunner(ref.path), size_mb(ref.path), count_params_onnx(ref.info["source_onnx"]), settings)
+
+
+def _torch_cuda(ref: ModelRef, cfg: BenchmarkConfig, scratch: Path) -> Loaded:
+    from tasks.techniques.torch_gpu import device_predictor
+
+    model, _ = load_model(ref.path)
+    info = ref.info
+    predict = device_predictor(model, "cuda", info["dtype"], info["compiled"], info.get("compile_mode", "default"))
+    settings = {"torch": torch.__version__, "device": torch.cuda.get_device_name(), "dtype": info["dtype"],
+                "compiled": info["compiled"]}
+    return Loaded(predict, size_mb(Path(ref.path) / "model.pt"), count_params_torch(model), settings)
 
 
 # Explicit dispatch on the artifact format.
-LOADERS = {"torch": _torch, "onnx": _onnx}
+LOADERS = {"torch": _torch, "onnx": _onnx, "tensorrt": _tensorrt, "torch_cuda": _torch_cuda}
+
+
+def load_variant(ref: ModelRef, cfg: BenchmarkConfig, scratch: Path) -> Loaded:
+    """The variant's ``Loaded`` by its format; ``scratch`` receives files the caller may keep."""
+    if ref.format not in LOADERS:
+        raise ValueError(f"variant {ref.name}: no benchmark loader for format '{ref.format}' (known: {sorted(LOADERS)})")
+    return LOADERS[ref.format](ref, cfg, scratch)
+
+
+def _skipped(ref: ModelRef) -> dict[str, float]:
+    """NaN timings (never better than anything, and MLflow shows "not measured") and the params of the
+    network it would have run, under the same metric names as every other variant."""
+    mlflow.set_tag("optforge.skipped", ref.info.get("skip_reason", "unknown"))
+    source = ref.info.get("source_onnx")
+    params = float(count_params_onnx(source)) if source and Path(source).exists() else math.nan
+    return {name: math.nan for name in TIMED} | {"params": params}
 
 
 @stage_task("benchmark")
@@ -50,10 +112,19 @@ def benchmark(cfg: BenchmarkConfig, variants: list[ModelRef], data: DataRef, par
                 **{f"optforge.{k}": str(v) for k, v in ref.info.get("lineage", {}).items()}}
         params = {"benchmark": cfg.to_dict(), "cpu_model": cpu_model()}
         with child_run(parent_run_id, "benchmark", run_name=ref.name, params=params, tags=tags) as run:
-            predict, size, n_params = LOADERS[ref.format](ref, cfg)
-            metrics = measure(predict, splits.X_test, splits.y_test, cfg) | {"size_mb": size, "params": float(n_params)}
-            if "flops" in ref.info:  # forward FLOPs per sample, counted on the PyTorch model the variant came from
-                metrics["flops"] = float(ref.info["flops"])
-            mlflow.log_metrics(metrics)
+            if ref.format == SKIPPED:
+                metrics = _skipped(ref)
+                mlflow.log_metrics(metrics)
+            else:
+                with tempfile.TemporaryDirectory() as scratch:
+                    loaded = load_variant(ref, cfg, Path(scratch))
+                    mlflow.log_params({f"runtime.{k}": v for k, v in loaded.settings.items()})
+                    for path in loaded.artifacts:
+                        mlflow.log_artifact(str(path), "runtime")
+                metrics = measure(loaded.predict, splits.X_test, splits.y_test, cfg)
+                metrics |= {"size_mb": loaded.size_mb, "params": float(loaded.params)}
+                if "flops" in ref.info:  # forward FLOPs per sample, counted on the PyTorch model the variant came from
+                    metrics["flops"] = float(ref.info["flops"])
+                mlflow.log_metrics(metrics)
         results.append(VariantResult(ref.name, metrics, run.info.run_id))
     return results

@@ -1,57 +1,231 @@
-"""Prefect task: log the selected variant as an MLflow model and register it."""
+"""Prefect task: select a variant, register it, and give it the ``champion`` or ``challenger`` alias.
+
+The rules live in ``tasks.techniques.selection``; this shell does the registry I/O. The version
+holding ``champion`` is loaded through pyfunc and scored on *this* run's test split, so the accuracy
+gate compares both models on the same data; its ranking metric (latency, size, ...) is the one
+recorded in its model-version tags by the benchmark that measured it (same metric names, same
+``benchmark`` settings; the ``cpu_model`` tag says where it was timed). Timings are not re-measured
+because a pyfunc wrapper's overhead differs from the benchmark's and would favour neither fairly.
+
+The decision is written to the register run as ``selection.json``, so ``optforge report`` shows what
+was decided then, even after the rules in the code change.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import get_args
+
 import mlflow
 import numpy as np
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
 from tasks.caching import stage_task
 from tasks.refs import DataRef, ModelRef, Registration, VariantResult
-from tasks.techniques.benchmark import BenchmarkConfig, ort_predictor, torch_predictor
-from tasks.techniques.data import load_splits
+from tasks.techniques.benchmark import BenchmarkConfig, cpu_model, ort_predictor, torch_predictor
+from tasks.techniques.data import Splits, load_splits
 from tasks.techniques.models import load_model
-from tasks.techniques.selection import RegisterConfig, select_variant
+from tasks.techniques.selection import (
+    CHAMPION,
+    Incumbent,
+    RankMetric,
+    RegisterConfig,
+    decide_promotion,
+    select_variant,
+)
 from tasks.tracking import child_run
 
+# Run by MLflow on load (a "model from code"); see that file for why ONNX is not logged with mlflow.onnx.
+ONNX_PYFUNC = Path(__file__).with_name("onnx_pyfunc.py")
+METRIC_TAGS = frozenset(get_args(RankMetric))
+SELECTION_FILE = "selection.json"
+# How the three base variants came to be; other variants say it in ModelRef.info["chain"].
+BASE_CHAINS = {
+    "pytorch_fp32": "train",
+    "onnx_fp32": "train>export_onnx",
+    "onnx_int8_dynamic": "train>export_onnx>quantize",
+}
 
-def _log_torch(ref: ModelRef, example: np.ndarray, registered_name: str | None):
+
+@dataclass(frozen=True)
+class RegistryOutcome(Registration):
+    """A ``Registration`` plus the alias it got and the champion it was compared with."""
+
+    alias: str | None = None  # "champion" or "challenger"
+    compared_with: str | None = None  # the version that held "champion" when this one was registered
+    decision: str = ""  # why the alias went where it did
+
+
+def hash_config(config: dict) -> str:
+    """16 hex chars of the sha256 of the pipeline config's canonical JSON (the flow passes it to ``register``)."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def chain_of(ref: ModelRef) -> str:
+    """How the variant was made, e.g. ``train>export_onnx>quantize``, from its lineage where it has one."""
+    lineage = ref.info.get("lineage", {})
+    if lineage.get("chain"):  # compression chains spell it out
+        return str(lineage["chain"])
+    if lineage.get("parent_variant") and lineage.get("technique"):  # engines: one technique on a parent variant
+        parent = lineage["parent_variant"]
+        return f"{BASE_CHAINS.get(parent, parent)}>{lineage['technique']}"
+    return BASE_CHAINS.get(ref.name, ref.name)
+
+
+def _log_torch(ref: ModelRef, example: np.ndarray, registered_name: str):
     model, _ = load_model(ref.path)
     signature = infer_signature(example, torch_predictor(model, 1)(example))
-    return mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=example,
-                                    registered_model_name=registered_name)
+    return mlflow.pytorch.log_model(
+        model, name="model", signature=signature, input_example=example, registered_model_name=registered_name
+    )
 
 
-def _log_onnx(ref: ModelRef, example: np.ndarray, registered_name: str | None):
-    import onnx
+def _log_onnx(ref: ModelRef, example: np.ndarray, registered_name: str):
+    import onnxruntime
 
     signature = infer_signature(example, ort_predictor(ref.path, BenchmarkConfig())(example))
-    return mlflow.onnx.log_model(onnx.load(ref.path), name="model", signature=signature, input_example=example,
-                                 registered_model_name=registered_name)
+    # Explicit requirements: inferring them would load the model in a subprocess (seconds) to learn the same.
+    requirements = [f"onnxruntime=={onnxruntime.__version__}", f"numpy=={np.__version__}"]
+    return mlflow.pyfunc.log_model(
+        name="model",
+        python_model=str(ONNX_PYFUNC),
+        artifacts={"onnx_model": ref.path},
+        signature=signature,
+        input_example=example,
+        pip_requirements=requirements,
+        registered_model_name=registered_name,
+    )
 
 
 LOGGERS = {"torch": _log_torch, "onnx": _log_onnx}
 
 
+def predict_logits(model_uri: str, X: np.ndarray) -> np.ndarray:
+    """Logits of a registered model of any flavor (older ONNX-flavor versions return {output: array})."""
+    out = mlflow.pyfunc.load_model(model_uri).predict(X)
+    return np.asarray(next(iter(out.values())) if isinstance(out, dict) else out)
+
+
+def current_champion(client: MlflowClient, name: str, splits: Splits) -> Incumbent | None:
+    """The version holding ``champion``, scored on ``splits``' test data; None when no version holds it."""
+    try:
+        version = client.get_registered_model(name).aliases.get(CHAMPION)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    if version is None:
+        return None
+    tags = client.get_model_version(name, str(version)).tags
+    metrics = {}
+    for key in METRIC_TAGS & set(tags):
+        try:
+            metrics[key] = float(tags[key])
+        except ValueError:
+            pass
+    try:
+        logits = predict_logits(f"models:/{name}/{version}", splits.X_test)
+        accuracy = 100.0 * float((logits.argmax(1) == splits.y_test).mean())
+    except Exception as exc:  # noqa: BLE001 - wrong input width, deleted artifacts, missing library: keep the champion
+        return Incumbent(str(version), None, metrics, f"{type(exc).__name__}: {exc}"[:300])
+    return Incumbent(str(version), accuracy, metrics)
+
+
 @stage_task("register")
-def register(cfg: RegisterConfig, results: list[VariantResult], variants: list[ModelRef], data: DataRef,
-             parent_run_id: str | None) -> Registration:
-    """Register the fastest variant within the accuracy gate, or record why none qualifies."""
+def register(
+    cfg: RegisterConfig,
+    results: list[VariantResult],
+    variants: list[ModelRef],
+    data: DataRef,
+    parent_run_id: str | None,
+    config_hash: str | None = None,
+) -> RegistryOutcome:
+    """Register the selected variant and set its alias, or record why nothing is registered.
+
+    Args:
+        config_hash: hash of the whole pipeline config (``hash_config(cfg.to_dict())``), put in the version's tags.
+    """
     with child_run(parent_run_id, "register", params={"register": cfg.to_dict()}) as run:
-        selection = select_variant({r.name: r.metrics for r in results}, cfg)
-        mlflow.set_tags({"optforge.selection": selection.reason, "optforge.passing": ",".join(selection.passing)})
+        run_id = run.info.run_id
+        formats = {v.name: v.format for v in variants}
+        selection = select_variant({r.name: r.metrics for r in results}, cfg, formats)
+        mlflow.set_tags(
+            {"optforge.selection": selection.reason[:5000], "optforge.passing": ",".join(selection.passing)}
+        )
         if selection.chosen is None or not cfg.enabled:
             reason = selection.reason if selection.chosen is None else f"register.enabled is false ({selection.reason})"
-            return Registration(None, None, None, reason, run.info.run_id)
-        ref = next(v for v in variants if v.name == selection.chosen)
-        chosen = next(r for r in results if r.name == selection.chosen)
-        example = load_splits(data.path).X_test[:4]
-        info = LOGGERS[ref.format](ref, example, cfg.model_name)
-        mlflow.log_metrics(chosen.metrics)
-        version = str(info.registered_model_version)
-        client = mlflow.MlflowClient()
-        for key, value in {"variant": ref.name, "data_fingerprint": data.sha256, "benchmark_run": chosen.run_id,
-                           **{k: f"{v:.6g}" for k, v in chosen.metrics.items()}}.items():
-            client.set_model_version_tag(cfg.model_name, version, key, value)
-        mlflow.set_tags({"optforge.registered_model": cfg.model_name, "optforge.registered_version": version})
-    return Registration(ref.name, cfg.model_name, version, selection.reason, run.info.run_id)
+            outcome = RegistryOutcome(None, None, None, reason, run_id)
+        else:
+            ref = next(v for v in variants if v.name == selection.chosen)
+            chosen = next(r for r in results if r.name == selection.chosen)
+            outcome = _register(cfg, ref, chosen, data, selection.reason, run_id, parent_run_id, config_hash)
+        mlflow.log_dict(
+            {
+                "config": cfg.to_dict(),
+                "selection": selection.to_dict(),
+                "registration": asdict(outcome),
+                "variants": {v.name: {"format": v.format, "chain": chain_of(v)} for v in variants},
+            },
+            SELECTION_FILE,
+        )
+    return outcome
+
+
+def _register(
+    cfg: RegisterConfig,
+    ref: ModelRef,
+    chosen: VariantResult,
+    data: DataRef,
+    why: str,
+    run_id: str,
+    parent_run_id: str | None,
+    cfg_hash: str | None,
+) -> RegistryOutcome:
+    client = MlflowClient()
+    splits = load_splits(data.path)
+    incumbent = current_champion(client, cfg.model_name, splits)  # before registering: the alias still points there
+    info = LOGGERS[ref.format](ref, splits.X_test[:4], cfg.model_name)
+    mlflow.log_metrics(chosen.metrics)
+    version = str(info.registered_model_version)
+    promotion = decide_promotion(chosen.metrics, incumbent, cfg)
+    tags = {
+        "variant": ref.name,
+        "format": ref.format,
+        "chain": chain_of(ref),
+        "data_fingerprint": data.sha256,
+        "config_hash": cfg_hash or "",
+        "pipeline_run": parent_run_id or "",
+        "benchmark_run": chosen.run_id or "",
+        "cpu_model": cpu_model(),
+        "rank_by": cfg.rank_by,
+        "decision": f"{promotion.alias}: {promotion.reason}",
+        **{k: f"{v:.6g}" for k, v in chosen.metrics.items()},
+    }
+    for key, value in tags.items():
+        client.set_model_version_tag(cfg.model_name, version, key, value)
+    client.set_registered_model_alias(cfg.model_name, promotion.alias, version)
+    if promotion.alias == CHAMPION and incumbent is not None:
+        client.set_model_version_tag(cfg.model_name, incumbent.version, "replaced_by", version)
+    mlflow.set_tags(
+        {
+            "optforge.registered_model": cfg.model_name,
+            "optforge.registered_version": version,
+            "optforge.alias": promotion.alias,
+        }
+    )
+    reason = f"{why}; {promotion.alias}: {promotion.reason}"
+    return RegistryOutcome(
+        ref.name,
+        cfg.model_name,
+        version,
+        reason,
+        run_id,
+        promotion.alias,
+        incumbent.version if incumbent else None,
+        promotion.reason,
+    )

@@ -1,0 +1,43 @@
+"""Prefect task: ONNX Runtime static INT8 (QDQ) of the exported model, calibrated on training rows.
+
+The accuracy gate runs on the validation split (the test split stays untouched for the benchmark);
+nodes kept in FP32 by the fallback are logged as a tag, a param and ``fallback.json``.
+"""
+
+from __future__ import annotations
+
+import mlflow
+
+from tasks.caching import stage_dir, stage_task
+from tasks.refs import DataRef, ModelRef, file_sha256
+from tasks.techniques.data import load_splits
+from tasks.techniques.static_quant import StaticQuantConfig, count_qdq_nodes, quantize_static_int8
+from tasks.tracking import child_run
+
+VARIANT = "onnx_int8_static"
+
+
+@stage_task("quantize_static")
+def quantize_static(cfg: StaticQuantConfig, onnx_model: ModelRef, data: DataRef, workdir: str,
+                    parent_run_id: str | None) -> ModelRef:
+    """Calibrate and quantize ``onnx_model`` as variant "onnx_int8_static"; fall back to FP32 nodes if needed."""
+    out = stage_dir(workdir, "quantize_static", {"quantize_static": cfg, "model": onnx_model, "data": data})
+    tags = {"optforge.source_run": onnx_model.run_id or ""}
+    with child_run(parent_run_id, "quantize_static", params={"static_int8": cfg.to_dict()}, tags=tags) as run:
+        splits = load_splits(data.path)
+        if cfg.calibration_samples > len(splits.X_train):
+            raise ValueError(f"engines.static_int8.calibration_samples: {cfg.calibration_samples} requested but the "
+                             f"training split has only {len(splits.X_train)} rows")
+        result = quantize_static_int8(onnx_model.path, out / "model_int8_static.onnx", splits.X_train, cfg,
+                                      eval_set=(splits.X_val, splits.y_val))
+        excluded = ",".join(result.excluded_nodes) or "none"
+        mlflow.set_tags({"optforge.excluded_nodes": excluded, "optforge.gate_passed": str(result.gate_passed).lower()})
+        mlflow.log_metrics({"val_accuracy_fp32": result.accuracy_fp32, "val_accuracy_int8": result.accuracy_int8,
+                            "val_accuracy_drop": result.accuracy_fp32 - result.accuracy_int8,
+                            "excluded_nodes": float(len(result.excluded_nodes)),
+                            "qdq_nodes": float(count_qdq_nodes(result.path))})
+        mlflow.log_dict(result.to_dict(), "fallback.json")
+        mlflow.log_artifact(str(result.path), "onnx")
+    info = {"excluded_nodes": list(result.excluded_nodes), "gate_passed": result.gate_passed,
+            "lineage": {"parent_variant": onnx_model.name, "technique": f"static_int8_{cfg.method}"}}
+    return ModelRef(VARIANT, "onnx", str(result.path), file_sha256(result.path), run.info.run_id, info)

@@ -1,0 +1,90 @@
+"""Prefect task: TensorRT engines (trt_fp16, trt_int8) with parity against ONNX Runtime, or a recorded skip.
+
+Without CUDA or the ``tensorrt`` package the stage completes with a "skipped" variant per engine: the
+reason goes to the MLflow run (tag ``optforge.skipped``), to the Prefect state's message, and through
+the benchmark into the summary table. It never fails the pipeline for a missing GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import mlflow
+from prefect.states import Completed
+
+from tasks.benchmark import SKIPPED
+from tasks.caching import stage_dir, stage_task
+from tasks.refs import DataRef, ModelRef, file_sha256
+from tasks.techniques.data import load_splits
+from tasks.techniques.fp16 import Fp16Config, convert_fp16
+from tasks.techniques.static_quant import StaticQuantConfig, quantize_static_int8
+from tasks.techniques.tensorrt_engine import EngineRunner, TensorRTConfig, build_engine, parity, unavailable_reason
+from tasks.tracking import child_run
+
+
+def _int8_for_tensorrt(cfg: StaticQuantConfig) -> StaticQuantConfig:
+    """TensorRT takes only symmetric signed INT8 (zero-point 0); per-channel weights are its default."""
+    return StaticQuantConfig.from_dict({**cfg.to_dict(), "activation_type": "qint8", "symmetric_activations": True,
+                                        "per_channel": True})
+
+
+def _skip(reason: str, names: list[str], out: Path, onnx_model: ModelRef, run_id: str):
+    mlflow.set_tag("optforge.skipped", reason)
+    marker = out / "skipped.json"
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = marker.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"reason": reason, "variants": names}, indent=2))
+    tmp.replace(marker)
+    info = {"skip_reason": reason, "source_onnx": onnx_model.path}
+    refs = [ModelRef(n, SKIPPED, str(marker), file_sha256(marker), run_id, info) for n in names]
+    return Completed(message=f"skipped {', '.join(names)}: {reason}", data=refs)
+
+
+@stage_task("build_engine")
+def build_engines(cfg: TensorRTConfig, quant_cfg: StaticQuantConfig, fp16_cfg: Fp16Config, onnx_model: ModelRef,
+                  data: DataRef, workdir: str, environment: str, parent_run_id: str | None):
+    """Build one engine per ``cfg.precisions``; return a Completed state whose data are the variants.
+
+    ``environment`` (GPU, TensorRT version, or why they are missing) is part of the cache key, so a
+    skip recorded on a CPU machine is not reused on a GPU one.
+    """
+    out = stage_dir(workdir, "build_engine", {"tensorrt": cfg, "quant": quant_cfg, "fp16": fp16_cfg,
+                                              "model": onnx_model, "data": data, "environment": environment})
+    names = [f"trt_{p}" for p in cfg.precisions]
+    tags = {"optforge.source_run": onnx_model.run_id or "", "optforge.environment": environment}
+    with child_run(parent_run_id, "build_engine", params={"tensorrt": cfg.to_dict()}, tags=tags) as run:
+        reason = unavailable_reason()
+        if reason:
+            return _skip(reason, names, out, onnx_model, run.info.run_id)
+        splits = load_splits(data.path)
+        sources = {}
+        if "fp16" in cfg.precisions:
+            fp16 = Fp16Config(keep_io_types=True, op_block_list=fp16_cfg.op_block_list)
+            sources["fp16"] = convert_fp16(onnx_model.path, out / "model_fp16.onnx", fp16)
+        if "int8" in cfg.precisions:
+            sources["int8"] = quantize_static_int8(onnx_model.path, out / "model_int8_qdq.onnx", splits.X_train,
+                                                   _int8_for_tensorrt(quant_cfg), (splits.X_val, splits.y_val)).path
+        slug = re.sub(r"[^A-Za-z0-9.]+", "-", environment)[:120]
+        timing = Path(workdir).resolve() / "tensorrt" / f"timing-{slug}.cache" if cfg.timing_cache else None
+        refs = []
+        for precision, source in sources.items():
+            engine = out / f"model_{precision}.engine"
+            settings = build_engine(source, engine, cfg, timing)
+            check = parity(EngineRunner(engine), source, splits.X_val[: cfg.parity_samples])
+            mlflow.log_metrics({f"{precision}_parity_max_abs_diff": check["max_abs_diff"],
+                                f"{precision}_parity_top1_agreement": check["top1_agreement"],
+                                f"{precision}_build_seconds": settings["build_seconds"]})
+            mlflow.log_dict(settings, f"build/{precision}_settings.json")
+            mlflow.log_artifact(str(source), "onnx")
+            mlflow.log_artifact(str(engine), "engines")
+            if check["top1_agreement"] < cfg.min_top1_agreement:
+                raise ValueError(f"engines.tensorrt.min_top1_agreement: the {precision} engine agrees with ONNX Runtime "
+                                 f"on {check['top1_agreement']:.3f} of rows < {cfg.min_top1_agreement}")
+            info = {"build": settings, "parity": check, "source_onnx": str(source),
+                    "lineage": {"parent_variant": onnx_model.name, "technique": f"tensorrt_{precision}"}}
+            refs.append(ModelRef(f"trt_{precision}", "tensorrt", str(engine), file_sha256(engine), run.info.run_id, info))
+        if timing is not None and timing.exists():
+            mlflow.log_artifact(str(timing), "build")
+    return Completed(message=f"built {', '.join(names)} ({environment})", data=refs)

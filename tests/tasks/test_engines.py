@@ -1,0 +1,146 @@
+"""Engine stages against a real MLflow store: static INT8, FP16, the TensorRT skip path, and their benchmark."""
+
+import math
+
+import mlflow
+import pytest
+import torch
+from mlflow import MlflowClient
+from prefect.states import State
+
+from flows.engines import EnginesConfig, engine_variants
+from tasks.benchmark import benchmark
+from tasks.data import prepare_data
+from tasks.export import export
+from tasks.fp16 import convert_to_fp16
+from tasks.quantize_static import quantize_static
+from tasks.refs import ModelRef, file_sha256
+from tasks.techniques.benchmark import BenchmarkConfig
+from tasks.techniques.data import DataConfig, load_splits
+from tasks.techniques.fp16 import Fp16Config
+from tasks.techniques.models import ModelConfig, ModelSpec, build_model, save_model
+from tasks.techniques.onnx_export import ExportConfig
+from tasks.techniques.static_quant import StaticQuantConfig
+from tasks.techniques.tensorrt_engine import TensorRTConfig, environment, unavailable_reason
+from tasks.tensorrt import _int8_for_tensorrt, build_engines
+from tasks.tracking import configure
+
+FAST_BENCH = BenchmarkConfig(warmup=2, iters_b1=10, iters_batch=2)
+NO_GPU = pytest.mark.skipif(unavailable_reason() is None, reason="CUDA and tensorrt present: engines get built, not skipped")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One MLflow store for the module, selected the way users do it (environment variable)."""
+    root = tmp_path_factory.mktemp("engines")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.chdir(root)
+        configure("engines")
+        yield uri, root
+    if mlflow.active_run():
+        mlflow.end_run()
+
+
+@pytest.fixture(scope="module")
+def inputs(store):
+    """The digits split, a quickly trained MLP and its ONNX export: built once, shared by the tests."""
+    _, root = store
+    work = str(root / "work")
+    with mlflow.start_run(run_name="setup") as setup:
+        data = prepare_data.fn(DataConfig(), None, work, setup.info.run_id)
+        splits = load_splits(data.path)
+        spec = ModelSpec(ModelConfig(hidden=(64,)).to_dict(), data.num_features, data.num_classes, data.image_shape)
+        torch.manual_seed(0)
+        model = build_model(spec)
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        X, y = torch.as_tensor(splits.X_train), torch.as_tensor(splits.y_train)
+        for _ in range(150):  # full-batch steps: ~96% on digits in well under a second
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(X), y).backward()
+            opt.step()
+        folder = save_model(model.eval(), spec, root / "model")
+        torch_ref = ModelRef("pytorch_fp32", "torch", str(folder), file_sha256(folder))
+        onnx_ref = export.fn(ExportConfig(), torch_ref, data, work, setup.info.run_id)
+    return data, torch_ref, onnx_ref, work
+
+
+@pytest.fixture
+def exported(store, inputs):
+    """A fresh parent run per test, so each test sees only its own child runs."""
+    with mlflow.start_run(run_name="parent") as parent:
+        yield parent.info.run_id, *inputs
+
+
+def _children(client, parent_id, stage):
+    exp = mlflow.get_experiment_by_name("engines").experiment_id
+    return client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent_id}' and tags.`optforge.stage` = '{stage}'")
+
+
+@NO_GPU
+def test_engine_stages_log_runs_and_benchmark_side_by_side(exported, store):
+    pid, data, torch_ref, onnx_ref, work = exported
+    client = MlflowClient(store[0])
+    static = quantize_static.fn(StaticQuantConfig(calibration_samples=128), onnx_ref, data, work, pid)
+    fp16 = convert_to_fp16.fn(Fp16Config(), onnx_ref, work, pid)
+    state = build_engines.fn(TensorRTConfig(), StaticQuantConfig(), Fp16Config(), onnx_ref, data, work, environment(), pid)
+    assert isinstance(state, State) and "skipped trt_fp16, trt_int8" in state.message
+    trt = state.result()
+    assert [(r.name, r.format) for r in trt] == [("trt_fp16", "skipped"), ("trt_int8", "skipped")]
+    assert trt[0].info["skip_reason"] == unavailable_reason() and all(r.exists() for r in trt)
+
+    (q_run,) = _children(client, pid, "quantize_static")
+    assert q_run.data.tags["optforge.excluded_nodes"] == "none" and q_run.data.tags["optforge.gate_passed"] == "true"
+    assert q_run.data.metrics["qdq_nodes"] > 0 and q_run.data.params["static_int8.method"] == "minmax"
+    assert {a.path for a in client.list_artifacts(q_run.info.run_id)} == {"fallback.json", "onnx"}
+    (t_run,) = _children(client, pid, "build_engine")
+    assert t_run.info.status == "FINISHED" and t_run.data.tags["optforge.skipped"] == unavailable_reason()
+
+    results = benchmark.fn(FAST_BENCH, [torch_ref, onnx_ref, static, fp16, *trt], data, pid)
+    metrics = {r.name: r.metrics for r in results}
+    assert metrics["onnx_int8_static"]["accuracy"] >= metrics["onnx_fp32"]["accuracy"] - 2
+    assert metrics["onnx_int8_static"]["size_mb"] < 0.5 * metrics["onnx_fp32"]["size_mb"]
+    assert math.isnan(metrics["trt_int8"]["latency_ms_p50_b1"]) and metrics["trt_int8"]["params"] > 0
+    runs = {r.data.tags["optforge.variant"]: r for r in _children(client, pid, "benchmark")}
+    assert runs["trt_fp16"].data.tags["optforge.skipped"] == unavailable_reason()
+    ort = runs["onnx_int8_static"].data.params
+    assert ort["runtime.intra_op_threads"] == "1" and ort["runtime.graph_optimization"] == "all"
+    assert [a.path for a in client.list_artifacts(runs["onnx_fp32"].info.run_id, "runtime")] == ["runtime/onnx_fp32_ort_all.onnx"]
+
+
+def test_engine_variants_follow_the_config(exported):
+    pid, data, torch_ref, onnx_ref, work = exported
+
+    def stage(task, **kwargs):  # what the flow's StageRunner does, minus Prefect
+        out = task.fn(**kwargs, parent_run_id=pid)
+        return out.result() if isinstance(out, State) else out
+
+    cfg = EnginesConfig.from_dict({"fp16": {"enabled": False}, "tensorrt": {"precisions": ["int8"]}})
+    names = [v.name for v in engine_variants(cfg, onnx_ref, torch_ref, data, work, stage)]
+    gpu = ["pytorch_fp16_cuda", "pytorch_bf16_cuda", "pytorch_fp16_compile_cuda"] if torch.cuda.is_available() else []
+    assert names == ["onnx_int8_static", "trt_int8", *gpu]
+    if not gpu:
+        assert "CUDA is not available" in mlflow.get_run(pid).data.tags["optforge.torch_gpu.skipped"]
+    none = EnginesConfig.from_dict({k: {"enabled": False} for k in ("static_int8", "fp16", "tensorrt", "torch_gpu")})
+    assert engine_variants(none, onnx_ref, torch_ref, data, work, stage) == []
+
+
+def test_calibration_larger_than_the_training_split_names_the_field(exported):
+    pid, data, _, onnx_ref, work = exported
+    with pytest.raises(ValueError, match="engines.static_int8.calibration_samples: 100000 requested"):
+        quantize_static.fn(StaticQuantConfig(calibration_samples=100_000), onnx_ref, data, work, pid)
+
+
+def test_tensorrt_gets_symmetric_signed_int8():
+    cfg = _int8_for_tensorrt(StaticQuantConfig(method="entropy", calibration_samples=64))
+    assert (cfg.activation_type, cfg.symmetric_activations, cfg.per_channel) == ("qint8", True, True)
+    assert (cfg.method, cfg.calibration_samples) == ("entropy", 64)
+
+
+def test_engines_config_round_trips_through_yaml():
+    import yaml
+
+    cfg = EnginesConfig.from_dict({"static_int8": {"method": "percentile"}, "tensorrt": {"precisions": ["fp16"]}})
+    assert EnginesConfig.from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict()))) == cfg
+    assert set(EnginesConfig().to_dict()) == {"static_int8", "fp16", "tensorrt", "torch_gpu"}

@@ -1,0 +1,107 @@
+"""Static INT8 (QDQ) on a toy MLP: QDQ nodes, ORT runs it, accuracy holds, calibration methods, fallback, bad input."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import yaml
+from pydantic import ValidationError
+
+from tasks.techniques.models import MLP
+from tasks.techniques.onnx_export import ExportConfig, export_onnx
+from tasks.techniques.static_quant import (
+    StaticQuantConfig,
+    accuracy,
+    count_qdq_nodes,
+    logits,
+    quantize_static_int8,
+)
+
+
+def _blobs(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Three separable Gaussian clusters in 16-D: a task a small MLP learns in a few hundred steps."""
+    rng = np.random.default_rng(seed)
+    centers = np.random.default_rng(0).normal(0, 3, (3, 16))
+    y = rng.integers(0, 3, n)
+    return (centers[y] + rng.normal(0, 1, (n, 16))).astype(np.float32), y
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """A trained 16-32-32-3 MLP exported with the project's (dynamo) exporter, plus train/held-out data."""
+    X, y = _blobs(600, 1)
+    X_val, y_val = _blobs(300, 2)
+    torch.manual_seed(0)
+    model = MLP(16, 3, (32, 32), dropout=0.0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(torch.from_numpy(X)), torch.from_numpy(y)).backward()
+        opt.step()
+    path = export_onnx(model, 16, tmp_path_factory.mktemp("toy") / "model.onnx", ExportConfig())
+    assert accuracy(path, X_val, y_val) > 95
+    return path, X, (X_val, y_val)
+
+
+def test_static_int8_is_qdq_runs_and_stays_accurate(toy, tmp_path):
+    src, X, held_out = toy
+    result = quantize_static_int8(src, tmp_path / "int8.onnx", X, StaticQuantConfig(calibration_samples=128), held_out)
+    ops = {n.op_type for n in onnx.load(str(result.path)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops and count_qdq_nodes(result.path) >= 6
+    assert logits(result.path, held_out[0][:5]).shape == (5, 3)
+    assert result.accuracy_fp32 - result.accuracy_int8 <= 1.0 and result.gate_passed
+    assert result.excluded_nodes == () and len(result.steps) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["int8.onnx"]  # temp files gone, output complete
+
+
+@pytest.mark.parametrize("method, per_channel", [("minmax", True), ("entropy", False), ("percentile", False)])
+def test_each_calibration_method_runs(toy, tmp_path, method, per_channel):
+    src, X, held_out = toy
+    cfg = StaticQuantConfig(method=method, per_channel=per_channel, calibration_samples=64, max_fallback_nodes=0)
+    result = quantize_static_int8(src, tmp_path / "int8.onnx", X, cfg, held_out)
+    assert count_qdq_nodes(result.path) > 0
+    assert accuracy(result.path, *held_out) >= result.accuracy_fp32 - 2.0
+
+
+def test_fallback_keeps_most_sensitive_nodes_in_fp32_when_the_gate_cannot_pass(toy, tmp_path):
+    src, X, held_out = toy
+    # Calibrating on rows shrunk 1000x makes every activation range far too small: INT8 saturates and
+    # the zero-drop gate cannot pass while any layer stays quantized, so the fallback runs to its limit.
+    cfg = StaticQuantConfig(calibration_samples=64, max_accuracy_drop=0.0, max_fallback_nodes=2)
+    result = quantize_static_int8(src, tmp_path / "int8.onnx", X * 1e-3, cfg, held_out)
+    gemms = [n.name for n in onnx.load(str(src)).graph.node if n.op_type == "Gemm"]
+    assert set(result.sensitivity) == set(gemms) and len(gemms) == 3
+    ranked = sorted(result.sensitivity, key=result.sensitivity.get, reverse=True)
+    assert list(result.excluded_nodes) == ranked[:2]
+    assert [s["excluded"] for s in result.steps] == [[], ranked[:1], ranked[:2]]
+    assert result.gate_passed is False
+    assert result.steps[-1]["accuracy"] > result.steps[0]["accuracy"]  # each FP32 node undoes damage
+    kept = {n.name for n in onnx.load(str(result.path)).graph.node}
+    assert set(ranked[:2]) <= kept  # the excluded Gemms are still plain float nodes under their names
+    json.dumps(result.to_dict())  # what the task logs as fallback.json
+
+
+def test_config_round_trips_and_names_bad_fields():
+    cfg = StaticQuantConfig(method="entropy", per_channel=True)
+    assert StaticQuantConfig.from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict()))) == cfg
+    with pytest.raises(ValidationError, match="method"):
+        StaticQuantConfig(method="kl-divergence")
+    with pytest.raises(ValidationError, match="calibration_samples"):
+        StaticQuantConfig(calibration_samples=0)
+
+
+def test_bad_calibration_sets_and_files_give_clear_errors(toy, tmp_path):
+    src, X, _ = toy
+    with pytest.raises(ValueError, match="calibration_samples: the calibration data is empty"):
+        quantize_static_int8(src, tmp_path / "a.onnx", X[:0], StaticQuantConfig())
+    with pytest.raises(ValueError, match="calibration_samples: 5000 requested but the calibration data has only 600 rows"):
+        quantize_static_int8(src, tmp_path / "a.onnx", X, StaticQuantConfig(calibration_samples=5000))
+    with pytest.raises(FileNotFoundError, match="missing.onnx"):
+        quantize_static_int8(tmp_path / "missing.onnx", tmp_path / "a.onnx", X, StaticQuantConfig())
+    text = tmp_path / "notes.onnx"
+    text.write_text("not a model")
+    with pytest.raises(ValueError, match="notes.onnx is not an ONNX model"):
+        quantize_static_int8(text, tmp_path / "a.onnx", X, StaticQuantConfig())
+    assert not (tmp_path / "a.onnx").exists()
