@@ -25,4 +25,5 @@ def export(cfg: ExportConfig, model: ModelRef, data: DataRef, workdir: str, pare
         if diff > cfg.parity_atol:
             raise ValueError(f"export.parity_atol: ONNX Runtime and PyTorch logits differ by {diff:.3g} > {cfg.parity_atol}")
         mlflow.log_artifact(str(path), "onnx")
-    return ModelRef("onnx_fp32", "onnx", str(path), file_sha256(path), run.info.run_id, {"parity_max_abs_diff": diff})
+    return ModelRef("onnx_fp32", "onnx", str(path), file_sha256(path), run.info.run_id,
+                    {**{k: v for k, v in model.info.items() if k == "flops"}, "parity_max_abs_diff": diff})

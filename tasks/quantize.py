@@ -17,4 +17,5 @@ def quantize(cfg: DynamicQuantConfig, onnx_model: ModelRef, workdir: str, parent
     with child_run(parent_run_id, "quantize", params={"quantize": cfg.to_dict()}, tags={"optforge.source_run": onnx_model.run_id or ""}) as run:
         path = quantize_dynamic_int8(onnx_model.path, out / "model_int8.onnx", cfg)
         mlflow.log_artifact(str(path), "onnx")
-    return ModelRef("onnx_int8_dynamic", "onnx", str(path), file_sha256(path), run.info.run_id)
+    flops = {k: v for k, v in onnx_model.info.items() if k == "flops"}  # same graph, same FLOPs per sample
+    return ModelRef("onnx_int8_dynamic", "onnx", str(path), file_sha256(path), run.info.run_id, flops)

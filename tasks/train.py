@@ -8,6 +8,7 @@ import mlflow
 
 from tasks.caching import stage_dir, stage_task
 from tasks.refs import DataRef, ModelRef, file_sha256
+from tasks.techniques.flops import count_flops
 from tasks.techniques.models import ModelConfig, ModelSpec, build_model, count_params
 from tasks.techniques.training import TrainConfig
 from tasks.tracking import child_run, tracking_uri
@@ -21,8 +22,9 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, data: DataRef, workdir: str,
     spec = ModelSpec(model_cfg.to_dict(), data.num_features, data.num_classes, data.image_shape)
     with child_run(parent_run_id, "train", params={"train": cfg.to_dict(), "model": model_cfg.to_dict()}) as run:
         # Build once here so a bad factory or shape fails in seconds, before Ray starts workers.
-        params = count_params(build_model(spec))
-        mlflow.log_param("params", params)
+        fresh = build_model(spec)
+        params, flops = count_params(fresh), count_flops(fresh, data.num_features)
+        mlflow.log_params({"params": params, "flops": flops})
         storage = Path(cfg.storage_path or Path(workdir) / "ray").resolve()
         summary = run_training(
             cfg, spec, data.path, storage, name=f"train-{out.name}", out_dir=out / "model",
@@ -31,5 +33,5 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, data: DataRef, workdir: str,
         mlflow.log_metrics({k: summary[k] for k in ("best_val_accuracy", "best_epoch", "epochs_run")})
         mlflow.set_tag("optforge.resumed_from_checkpoint", str(summary["resumed"]).lower())
         mlflow.log_artifacts(str(out / "model"), "model")
-    info = {"params": params, "best_val_accuracy": summary["best_val_accuracy"], "epochs_run": summary["epochs_run"]}
+    info = {"params": params, "flops": flops, "best_val_accuracy": summary["best_val_accuracy"], "epochs_run": summary["epochs_run"]}
     return ModelRef("pytorch_fp32", "torch", str(out / "model"), file_sha256(out / "model"), run.info.run_id, info)

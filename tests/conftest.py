@@ -33,6 +33,7 @@ TINY = {
     "model": {"hidden": [64]},
     "benchmark": {"warmup": 3, "iters_b1": 30, "iters_batch": 3},
     "register": {"model_name": "optforge-test", "max_accuracy_drop": 2.0},
+    "compress": {"chains": []},  # chains have their own end-to-end test (tests/flows/test_chains.py)
 }
 
 

@@ -4,6 +4,10 @@ Every model maps float32 features (N, F) to logits (N, C). Models are rebuilt fr
 plus a ``state_dict`` loaded with ``weights_only=True``: nothing is unpickled, so a checkpoint from
 elsewhere cannot run code. A user factory is the one place user code runs, by the user's own choice
 (its import path is in their config).
+
+Compressed models stay rebuildable from their spec: a structurally pruned zoo model is the same
+architecture with smaller widths in ``config``, and a factorized model lists its low-rank layers in
+``ModelSpec.factorized`` (module path -> rank), which ``build_model`` re-applies before the weights load.
 """
 
 from __future__ import annotations
@@ -22,17 +26,22 @@ from torch import nn
 
 from tasks.techniques.config import TechniqueConfig
 
-ZOO = ("mlp", "cnn")
+ZOO = ("mlp", "cnn", "dscnn")
 
 
 class ModelConfig(TechniqueConfig):
     """Which model to build; shapes come from the data."""
 
-    arch: str = Field("mlp", description="'mlp', 'cnn' (needs image data), or a user factory 'package.module:function'")
+    arch: str = Field(
+        "mlp", description="'mlp', 'cnn' or 'dscnn' (depthwise-separable; both need image data), or a user factory "
+        "'package.module:function'"
+    )
     # 2048-2048-1024 (6.4 M params, 26 MB): big enough that matrix work, not Python call overhead,
     # dominates batch-1 latency, so speed-ups of smaller variants mean something.
     hidden: tuple[int, ...] = Field((2048, 2048, 1024), description="MLP hidden layer widths")
-    channels: tuple[int, ...] = Field((32, 64), description="CNN conv channels, one 3x3 conv block each")
+    channels: tuple[int, ...] = Field(
+        (32, 64), description="CNN conv channels, one 3x3 conv block each (dscnn: stem conv, then one separable block each)"
+    )
     dropout: float = Field(0.1, ge=0, lt=1, description="dropout before each hidden Linear's activation output")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments for a user factory")
 
@@ -59,6 +68,9 @@ class ModelSpec:
     num_features: int
     num_classes: int
     image_shape: tuple[int, int, int] | None = None
+    # Low-rank layers of a factorized model: module path -> rank. None for every other model, so
+    # model.json files written before factorization existed still load.
+    factorized: dict[str, int] | None = None
 
 
 class MLP(nn.Module):
@@ -103,16 +115,74 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x.reshape(-1, *self.image_shape)))
 
 
+class DSCNN(nn.Module):
+    """MobileNet-style CNN: a 3x3 stem conv, then depthwise-separable blocks, global pool, head.
+
+    Each block is a 3x3 depthwise conv (one filter per channel, stride 2 while the map is >= 4 px)
+    followed by a 1x1 pointwise conv, each Conv -> BN -> ReLU: about 8-9x fewer multiply-adds than a
+    full 3x3 conv of the same widths, which is what makes it a student architecture for image data.
+    """
+
+    def __init__(self, image_shape, num_classes: int, channels=(16, 32, 64), dropout: float = 0.1):
+        super().__init__()
+        self.image_shape = tuple(image_shape)
+        c, h, _ = self.image_shape
+        layers: list[nn.Module] = [nn.Conv2d(c, channels[0], 3, padding=1, bias=False), nn.BatchNorm2d(channels[0]),
+                                   nn.ReLU()]
+        c = channels[0]
+        for out in channels[1:]:
+            stride = 2 if h >= 4 else 1
+            h = -(-h // stride)
+            layers += [nn.Conv2d(c, c, 3, stride=stride, padding=1, groups=c, bias=False), nn.BatchNorm2d(c), nn.ReLU(),
+                       nn.Conv2d(c, out, 1, bias=False), nn.BatchNorm2d(out), nn.ReLU()]
+            c = out
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(c, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x.reshape(-1, *self.image_shape)))
+
+
+class LowRank(nn.Sequential):
+    """A Linear (or 1x1 Conv2d) of shape m x n replaced by n -> r -> m: ``r * (m + n)`` weights instead of ``m * n``.
+
+    The first factor has no bias; the second keeps the original bias. Its own class so that
+    factorization and pruning recognise layers that were already factorized.
+    """
+
+    @classmethod
+    def like(cls, layer: nn.Module, rank: int) -> LowRank:
+        if isinstance(layer, nn.Linear):
+            return cls(nn.Linear(layer.in_features, rank, bias=False),
+                       nn.Linear(rank, layer.out_features, bias=layer.bias is not None))
+        if isinstance(layer, nn.Conv2d) and layer.kernel_size == (1, 1) and layer.groups == 1:
+            return cls(nn.Conv2d(layer.in_channels, rank, 1, stride=layer.stride, bias=False),
+                       nn.Conv2d(rank, layer.out_channels, 1, bias=layer.bias is not None))
+        raise ValueError(f"factorize: cannot factorize {type(layer).__name__} {layer}; expected Linear or 1x1 Conv2d")
+
+
+def apply_ranks(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
+    """Replace each named layer by a ``LowRank`` pair of that rank (untrained; weights load afterwards)."""
+    for path, rank in ranks.items():
+        parent_path, _, leaf = path.rpartition(".")
+        parent = model.get_submodule(parent_path)
+        setattr(parent, leaf, LowRank.like(getattr(parent, leaf), int(rank)))
+    return model
+
+
 def build_model(spec: ModelSpec) -> nn.Module:
     """Build the (untrained) model a spec describes. Explicit dispatch: zoo names, else import path."""
     cfg = ModelConfig.from_dict(spec.config)
     if cfg.arch == "mlp":
-        return MLP(spec.num_features, spec.num_classes, cfg.hidden, cfg.dropout)
-    if cfg.arch == "cnn":
+        model = MLP(spec.num_features, spec.num_classes, cfg.hidden, cfg.dropout)
+    elif cfg.arch in ("cnn", "dscnn"):
         if spec.image_shape is None:
-            raise ValueError("model.arch: 'cnn' needs image data; set data.image_shape (C, H, W) for this dataset")
-        return SmallCNN(spec.image_shape, spec.num_classes, cfg.channels, cfg.dropout)
-    return _from_factory(cfg.arch, spec, cfg.kwargs)
+            raise ValueError(f"model.arch: '{cfg.arch}' needs image data; set data.image_shape (C, H, W) for this dataset")
+        cls = SmallCNN if cfg.arch == "cnn" else DSCNN
+        model = cls(spec.image_shape, spec.num_classes, cfg.channels, cfg.dropout)
+    else:
+        model = _from_factory(cfg.arch, spec, cfg.kwargs)
+    return apply_ranks(model, spec.factorized) if spec.factorized else model
 
 
 def _from_factory(path: str, spec: ModelSpec, kwargs: dict[str, Any]) -> nn.Module:
@@ -151,7 +221,7 @@ def load_model(folder: str | Path) -> tuple[nn.Module, ModelSpec]:
             raise FileNotFoundError(f"model folder {folder} lacks {name}")
     raw = json.loads((folder / "model.json").read_text())
     shape = tuple(raw["image_shape"]) if raw.get("image_shape") else None
-    spec = ModelSpec(raw["config"], int(raw["num_features"]), int(raw["num_classes"]), shape)
+    spec = ModelSpec(raw["config"], int(raw["num_features"]), int(raw["num_classes"]), shape, raw.get("factorized"))
     model = build_model(spec)
     model.load_state_dict(torch.load(folder / "model.pt", map_location="cpu", weights_only=True))
     return model.eval(), spec

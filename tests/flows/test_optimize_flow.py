@@ -11,7 +11,7 @@ from tasks.techniques.data import load_splits
 pytestmark = pytest.mark.slow
 
 METRICS = {"accuracy", "latency_ms_p50_b1", "latency_ms_p95_b1", "throughput_sps_b64", "size_mb", "params"}
-VARIANTS = {"pytorch_fp32", "onnx_fp32", "onnx_int8_dynamic"}
+VARIANTS = {"pytorch_fp32", "onnx_fp32", "onnx_int8_dynamic", "onnx_int8_static", "onnx_fp16", "trt_fp16", "trt_int8"}
 
 
 def _runs(client, exp_id, filter_string=""):
@@ -34,7 +34,8 @@ def test_pipeline_tracks_registers_and_reuses_cache(tiny_config, mlflow_store, m
 
     children = _runs(client, exp.experiment_id, f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     stages = {r.data.tags["optforge.stage"] for r in children}
-    assert stages == {"prepare_data", "train", "export_onnx", "quantize", "benchmark", "register"}
+    assert stages == {"prepare_data", "train", "export_onnx", "quantize", "quantize_static", "convert_fp16",
+                      "build_engine", "benchmark", "register"}
     train_run = next(r for r in children if r.data.tags["optforge.stage"] == "train")
     history = client.get_metric_history(train_run.info.run_id, "val_accuracy")
     assert len(history) == 4 and [m.step for m in history] == [0, 1, 2, 3]  # one point per epoch, rank 0 only

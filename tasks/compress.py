@@ -1,0 +1,108 @@
+"""Prefect tasks: prune and factorize a PyTorch model folder, then fine-tune it in-process.
+
+Fine-tuning runs in the task's process with the functional core's loop rather than on Ray Train: it
+is a few epochs of a model that is already trained, seconds of work next to Ray Train's ~25 s of
+fixed start-up. It can distill from the pipeline's teacher (``finetune.kd_alpha``), reading the same
+cached teacher logits as the distill stage.
+"""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+
+from tasks.caching import stage_dir, stage_task
+from tasks.distill import teacher_logits_file
+from tasks.refs import DataRef, ModelRef, file_sha256
+from tasks.techniques.data import Splits, load_splits
+from tasks.techniques.distill import FinetuneConfig, finetune
+from tasks.techniques.factorize import FactorizeConfig
+from tasks.techniques.factorize import factorize as factorize_model
+from tasks.techniques.flops import model_stats
+from tasks.techniques.models import load_model, save_model
+from tasks.techniques.prune import WIDTH_FIELD, PruneConfig
+from tasks.techniques.prune import prune as prune_model
+from tasks.techniques.training import evaluate
+from tasks.tracking import child_run
+
+UNSTRUCTURED_NOTE = ("unstructured sparsity {:.1%}: the tensors stay dense, so dense kernels (PyTorch, ONNX Runtime) "
+                     "do the same work and the file keeps its size; it pays only with sparse kernels or compression")
+
+
+def _soft_targets(cfg: FinetuneConfig, teacher: ModelRef, data: DataRef, workdir: str) -> np.ndarray | None:
+    if cfg.epochs == 0 or cfg.kd_alpha == 0:
+        return None
+    with np.load(teacher_logits_file(teacher, data, workdir), allow_pickle=False) as z:
+        return z["train"]
+
+
+def _tuner(cfg: FinetuneConfig, splits: Splits, soft: np.ndarray | None):
+    """``finetune(model, round)`` for the techniques; logs each round's validation accuracy."""
+    def tune(model, step: int = 0) -> dict:
+        result = finetune(model, splits.X_train, splits.y_train, splits.X_val, splits.y_val, cfg, soft)
+        mlflow.log_metrics({"val_accuracy_before_finetune": result["val_accuracy_before"],
+                            "val_accuracy": result["val_accuracy"]}, step=step)
+        return result
+
+    return tune
+
+
+def _log_result(net, before: dict, acc_before: float, splits: Splits, num_features: int) -> dict:
+    """Test accuracy, params, FLOPs and sparsity after the stage; ratios are against the stage's input model."""
+    after = model_stats(net, num_features)
+    acc = evaluate(net, splits.X_test, splits.y_test)["accuracy"]
+    mlflow.log_metrics({
+        "accuracy_before": acc_before, "accuracy": acc, "params_before": before["params"], "params": after["params"],
+        "flops_before": before["flops"], "flops": after["flops"], "sparsity": after["sparsity"],
+        "params_ratio": after["params"] / before["params"], "flops_ratio": after["flops"] / max(1, before["flops"]),
+    })
+    return after | {"accuracy": acc}
+
+
+def _ref(name: str, folder, run_id: str, info: dict) -> ModelRef:
+    return ModelRef(name, "torch", str(folder), file_sha256(folder), run_id, info)
+
+
+@stage_task("prune")
+def prune(cfg: PruneConfig, model: ModelRef, teacher: ModelRef, data: DataRef, workdir: str,
+          parent_run_id: str | None, run_name: str = "prune") -> ModelRef:
+    """Prune ``model`` (structured or unstructured, iteratively) and fine-tune after each round."""
+    out = stage_dir(workdir, "prune", {"prune": cfg, "model": model, "teacher": teacher, "data": data})
+    tags = {"optforge.source_run": model.run_id or "", "optforge.teacher_run": teacher.run_id or ""}
+    with child_run(parent_run_id, "prune", run_name=run_name, params={"prune": cfg.to_dict()}, tags=tags) as run:
+        net, spec = load_model(model.path)
+        splits = load_splits(data.path)
+        before = model_stats(net, data.num_features)
+        acc_before = evaluate(net, splits.X_test, splits.y_test)["accuracy"]
+        tune = _tuner(cfg.finetune, splits, _soft_targets(cfg.finetune, teacher, data, workdir))
+        net, spec = prune_model(net, spec, cfg, tune)
+        info = _log_result(net, before, acc_before, splits, data.num_features)
+        if cfg.method == "unstructured":
+            mlflow.set_tag("optforge.note", UNSTRUCTURED_NOTE.format(info["sparsity"]))
+        else:
+            mlflow.log_param("pruned_widths", list(spec.config[WIDTH_FIELD[spec.config["arch"]]]))
+        save_model(net, spec, out / "model")
+        mlflow.log_artifacts(str(out / "model"), "model")
+    return _ref("prune", out / "model", run.info.run_id, info)
+
+
+@stage_task("factorize")
+def factorize(cfg: FactorizeConfig, model: ModelRef, teacher: ModelRef, data: DataRef, workdir: str,
+              parent_run_id: str | None, run_name: str = "factorize") -> ModelRef:
+    """Replace Linear (and 1x1 conv) layers by SVD low-rank pairs where that is cheaper, then fine-tune."""
+    out = stage_dir(workdir, "factorize", {"factorize": cfg, "model": model, "teacher": teacher, "data": data})
+    tags = {"optforge.source_run": model.run_id or "", "optforge.teacher_run": teacher.run_id or ""}
+    with child_run(parent_run_id, "factorize", run_name=run_name, params={"factorize": cfg.to_dict()}, tags=tags) as run:
+        net, spec = load_model(model.path)
+        splits = load_splits(data.path)
+        before = model_stats(net, data.num_features)
+        acc_before = evaluate(net, splits.X_test, splits.y_test)["accuracy"]
+        net, spec, report = factorize_model(net, spec, cfg)
+        mlflow.log_dict(report, "factorize_report.json")
+        mlflow.log_params({f"rank.{name}": r["rank"] if r["factorized"] else "kept" for name, r in report.items()})
+        mlflow.log_metric("accuracy_before_finetune", evaluate(net, splits.X_test, splits.y_test)["accuracy"])
+        _tuner(cfg.finetune, splits, _soft_targets(cfg.finetune, teacher, data, workdir))(net)
+        info = _log_result(net, before, acc_before, splits, data.num_features)
+        save_model(net, spec, out / "model")
+        mlflow.log_artifacts(str(out / "model"), "model")
+    return _ref("factorize", out / "model", run.info.run_id, info | {"ranks": dict(spec.factorized or {})})

@@ -1,0 +1,89 @@
+"""Prefect task: distill the trained teacher into a smaller student on Ray Train, tracked in a child MLflow run."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+
+from tasks.caching import stage_dir, stage_task
+from tasks.distill_worker import run_distillation
+from tasks.refs import DataRef, ModelRef, file_sha256
+from tasks.techniques.data import load_splits
+from tasks.techniques.distill import DistillConfig, check_student, teacher_logits
+from tasks.techniques.flops import model_stats
+from tasks.techniques.models import ModelSpec, build_model, load_model
+from tasks.techniques.training import evaluate
+from tasks.tracking import child_run, tracking_uri
+
+
+def teacher_logits_file(teacher: ModelRef, data: DataRef, workdir: str) -> Path:
+    """The teacher's logits on the train split, computed once per (teacher content, dataset) and reused.
+
+    Distillation and every KD fine-tuning of a chain read the same file, so the 6.4 M-parameter
+    teacher runs over the training set once per pipeline, not once per epoch and stage.
+    """
+    key = hashlib.sha256(f"{teacher.sha256}:{data.sha256}".encode()).hexdigest()[:16]
+    path = Path(workdir).resolve() / "teacher_logits" / key / "logits.npz"
+    if path.exists():
+        return path
+    model, _ = load_model(teacher.path)
+    splits = load_splits(data.path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
+    os.close(fd)
+    try:
+        np.savez(tmp, train=teacher_logits(model, splits.X_train))
+        os.replace(tmp, path)  # atomic: a reader never sees half a file
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def compare_to_teacher(student, teacher, splits, num_features: int) -> dict[str, float]:
+    """Test accuracy of both, retention (student / teacher accuracy) and the params and FLOPs ratios."""
+    s_acc = evaluate(student, splits.X_test, splits.y_test)["accuracy"]
+    t_acc = evaluate(teacher, splits.X_test, splits.y_test)["accuracy"]
+    s, t = model_stats(student, num_features), model_stats(teacher, num_features)
+    return {"student_accuracy": s_acc, "teacher_accuracy": t_acc, "retention": s_acc / t_acc if t_acc else 0.0,
+            "params": s["params"], "flops": s["flops"], "teacher_params": t["params"], "teacher_flops": t["flops"],
+            "params_ratio": s["params"] / t["params"], "flops_ratio": s["flops"] / t["flops"] if t["flops"] else 0.0}
+
+
+@stage_task("distill")
+def distill(cfg: DistillConfig, teacher: ModelRef, data: DataRef, workdir: str, parent_run_id: str | None,
+            run_name: str = "distill") -> ModelRef:
+    """Train ``cfg.student`` on the teacher's soft targets and the labels; return the student's model folder.
+
+    ``run_name`` names the MLflow child run (the chain step, e.g. "distill").
+    """
+    out = stage_dir(workdir, "distill", {"distill": cfg, "teacher": teacher, "data": data})
+    spec = ModelSpec(cfg.student.to_dict(), data.num_features, data.num_classes, data.image_shape)
+    tags = {"optforge.source_run": teacher.run_id or ""}
+    with child_run(parent_run_id, "distill", run_name=run_name, params={"distill": cfg.to_dict()}, tags=tags) as run:
+        teacher_model, _ = load_model(teacher.path)
+        # Build once here so a bad student fails in seconds, before Ray starts workers; a student that
+        # is not smaller than its teacher only warns (it may still be the better model).
+        n_student, n_teacher = check_student(build_model(spec), teacher_model)
+        if n_student >= n_teacher:
+            mlflow.set_tag("optforge.warning", f"distill.student has {n_student:,} params >= teacher's {n_teacher:,}")
+        logits = teacher_logits_file(teacher, data, workdir) if cfg.cache_teacher_logits else None
+        storage = Path(cfg.train.storage_path or Path(workdir) / "ray").resolve()
+        summary = run_distillation(
+            cfg, spec, data.path, str(logits) if logits else None, teacher.path, storage, name=f"distill-{out.name}",
+            out_dir=out / "model", mlflow_tracking_uri=tracking_uri(), mlflow_run_id=run.info.run_id,
+        )
+        student, _ = load_model(out / "model")
+        stats = compare_to_teacher(student, teacher_model, load_splits(data.path), data.num_features)
+        mlflow.log_metrics({**stats, **{k: summary[k] for k in ("best_val_accuracy", "best_epoch", "epochs_run")}})
+        mlflow.set_tag("optforge.resumed_from_checkpoint", str(summary["resumed"]).lower())
+        mlflow.log_artifacts(str(out / "model"), "model")
+    info = {k: stats[k] for k in ("params", "flops", "student_accuracy", "retention", "params_ratio", "flops_ratio")}
+    return ModelRef("distill", "torch", str(out / "model"), file_sha256(out / "model"), run.info.run_id,
+                    info | {"best_val_accuracy": summary["best_val_accuracy"]})
+

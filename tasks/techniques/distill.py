@@ -1,0 +1,181 @@
+"""Knowledge distillation (Hinton et al., 2015) and the fine-tuning loop that pruning and factorization share.
+
+The student learns from the teacher's softened outputs as well as from the labels:
+
+    loss = alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * CE(student, y)
+
+A temperature T > 1 spreads the teacher's probability mass over the wrong classes too, and those
+"dark knowledge" ratios (a 3 that looks like an 8) are what a small student cannot learn from
+one-hot labels. The T^2 factor keeps the soft term's gradients the same size whatever T is.
+
+The teacher's logits are inputs here (an array, or a column of each batch), not a teacher model:
+the pipeline computes them once per dataset instead of running the teacher every epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from collections.abc import Callable
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from tasks.techniques.config import TechniqueConfig
+from tasks.techniques.models import ModelConfig, count_params
+from tasks.techniques.training import Precision, TrainConfig, evaluate, make_optimizer, make_scheduler, precision_for
+
+
+def _student_default() -> ModelConfig:
+    # 64-256-128-10 MLP: 50 k params, 1/128 of the default teacher's 6.4 M.
+    return ModelConfig(arch="mlp", hidden=(256, 128), dropout=0.1)
+
+
+def _distill_train_default() -> TrainConfig:
+    # The student is small and the soft targets are informative: 40 epochs at a higher LR than the
+    # teacher's converge in a few seconds of compute; patience stops it earlier when val accuracy stalls.
+    return TrainConfig(epochs=40, lr=3e-3, patience=8, batch_size=64)
+
+
+class DistillConfig(TechniqueConfig):
+    """Distillation of the trained teacher into a smaller student, on Ray Train."""
+
+    student: ModelConfig = Field(default_factory=_student_default,
+                                 description="student architecture: zoo 'mlp' / 'cnn' / 'dscnn' or a factory")
+    temperature: float = Field(4.0, gt=0, le=100, description="softmax temperature T of the soft targets")
+    alpha: float = Field(0.7, ge=0, le=1, description="weight of the soft (KL) term; 1 - alpha weighs the labels")
+    train: TrainConfig = Field(default_factory=_distill_train_default,
+                               description="Ray Train settings of the student (workers, AMP, accumulation, ...)")
+    cache_teacher_logits: bool = Field(True, description="compute the teacher's logits once per dataset, not per batch")
+
+
+class FinetuneConfig(TechniqueConfig):
+    """In-process fine-tuning after pruning or factorization, optionally distilling from the teacher."""
+
+    epochs: int = Field(6, ge=0, description="epochs of fine-tuning (per round when pruning iteratively); 0 skips")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate (cosine decay, no warm-up)")
+    batch_size: int = Field(64, ge=1, description="mini-batch size")
+    weight_decay: float = Field(1e-4, ge=0, description="decoupled weight decay")
+    optimizer: Literal["sgd", "adamw", "lamb", "lars"] = Field("adamw", description="optimizer, as in train.optimizer")
+    kd_alpha: float = Field(0.7, ge=0, le=1, description="weight of the teacher's soft targets; 0 = labels only")
+    temperature: float = Field(4.0, gt=0, le=100, description="softmax temperature of the soft targets")
+    seed: int = Field(0, description="seed of the batch order")
+    # One thread by default: fine-tuning shares the flow's process and the machine with Ray and other
+    # work, and an oversubscribed 2-thread matmul measured 2-4x slower than 1 thread here.
+    threads: int = Field(1, ge=1, description="torch intra-op threads while fine-tuning")
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+            temperature: float, alpha: float) -> torch.Tensor:
+    """Hinton's loss (module docstring), batch mean. ``alpha=0`` is plain cross-entropy."""
+    hard = F.cross_entropy(student_logits, labels)
+    if alpha == 0:
+        return hard
+    t = temperature
+    # kl_div(input=log q_student, target=log p_teacher) = sum p_teacher * (log p_teacher - log q_student).
+    soft = F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
+                    reduction="batchmean", log_target=True)
+    return alpha * t * t * soft + (1 - alpha) * hard
+
+
+def fit_epoch(
+    model: nn.Module, batches, opt: torch.optim.Optimizer, sched, precision: Precision, accum_steps: int,
+    loss_fn: Callable[..., torch.Tensor],
+    no_sync: Callable[[], contextlib.AbstractContextManager] | None = None, device: torch.device | str = "cpu",
+) -> dict[str, float]:
+    """``training.train_epoch`` with a pluggable loss: batches are ``(x, y, *extra)``, loss is ``loss_fn(logits, y, *extra)``.
+
+    Same AMP, gradient accumulation and DDP ``no_sync`` handling as the teacher's loop; the loss
+    is divided by ``accum_steps`` so the accumulated gradient equals the mean gradient.
+    """
+    model.train()
+    total_loss, correct, seen = 0.0, 0, 0
+    batches = list(batches)
+    opt.zero_grad(set_to_none=True)
+    for i, (xb, yb, *extra) in enumerate(batches):
+        xb, yb, extra = xb.to(device), yb.to(device), [e.to(device) for e in extra]
+        last_in_window = (i + 1) % accum_steps == 0 or i + 1 == len(batches)
+        sync = contextlib.nullcontext() if (last_in_window or no_sync is None) else no_sync()
+        with sync:
+            with precision.autocast():
+                logits = model(xb)
+            loss = loss_fn(logits.float(), yb, *extra)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} at micro-batch {i}; hint: lower the learning rate")
+            scaled = loss / accum_steps
+            (precision.scaler.scale(scaled) if precision.scaler else scaled).backward()
+        if last_in_window:
+            if precision.scaler:
+                precision.scaler.step(opt)
+                precision.scaler.update()
+            else:
+                opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+        total_loss += loss.item() * len(yb)
+        correct += (logits.argmax(1) == yb).sum().item()
+        seen += len(yb)
+    return {"loss": total_loss / max(1, seen), "accuracy": 100.0 * correct / max(1, seen), "samples": float(seen)}
+
+
+@torch.inference_mode()
+def teacher_logits(teacher: nn.Module, X: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """The teacher's float32 logits on ``X`` (eval mode: no dropout), computed once and reused every epoch."""
+    teacher.eval()
+    return np.concatenate([teacher(torch.as_tensor(X[i : i + batch_size])).float().numpy()
+                           for i in range(0, len(X), batch_size)])
+
+
+def check_student(student: nn.Module, teacher: nn.Module) -> tuple[int, int]:
+    """(student params, teacher params); warns, and carries on, when the student is not smaller."""
+    s, t = count_params(student), count_params(teacher)
+    if s >= t:
+        warnings.warn(f"distill.student: the student has {s:,} parameters, not fewer than the teacher's {t:,}; "
+                      "distilling anyway, but it will not be a smaller model", UserWarning, stacklevel=2)
+    return s, t
+
+
+def finetune(model: nn.Module, X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: np.ndarray,
+             cfg: FinetuneConfig, soft_targets: np.ndarray | None = None) -> dict[str, float]:
+    """Fine-tune ``model`` in place; keep the epoch with the best validation accuracy.
+
+    ``soft_targets`` are the teacher's logits on ``X``; without them (or with ``kd_alpha=0``) the
+    loss is plain cross-entropy. Returns the validation accuracy before and after.
+    """
+    before = evaluate(model, X_val, y_val)["accuracy"]
+    if cfg.epochs == 0:
+        return {"val_accuracy_before": before, "val_accuracy": before, "epochs": 0}
+    use_kd = soft_targets is not None and cfg.kd_alpha > 0
+    tensors = [torch.as_tensor(X), torch.as_tensor(y)] + ([torch.as_tensor(soft_targets)] if use_kd else [])
+    generator = torch.Generator().manual_seed(cfg.seed)
+    steps = -(-len(X) // cfg.batch_size)
+    train_cfg = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay, optimizer=cfg.optimizer,
+                            batch_size=cfg.batch_size, warmup_epochs=0, scheduler="cosine")
+    opt = make_optimizer(model, train_cfg)
+    sched = make_scheduler(opt, train_cfg, steps)
+    precision = precision_for(torch.device("cpu"), False)
+
+    def loss_fn(logits, labels, *soft):
+        return kd_loss(logits, soft[0], labels, cfg.temperature, cfg.kd_alpha) if soft else F.cross_entropy(logits, labels)
+
+    best, best_state = before, copy.deepcopy(model.state_dict())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        for _ in range(cfg.epochs):
+            order = torch.randperm(len(X), generator=generator)
+            batches = [tuple(t[order[i : i + cfg.batch_size]] for t in tensors) for i in range(0, len(X), cfg.batch_size)]
+            fit_epoch(model, batches, opt, sched, precision, 1, loss_fn)
+            acc = evaluate(model, X_val, y_val)["accuracy"]
+            if acc > best:
+                best, best_state = acc, copy.deepcopy(model.state_dict())
+    finally:
+        torch.set_num_threads(threads)
+    model.load_state_dict(best_state)
+    model.eval()
+    return {"val_accuracy_before": before, "val_accuracy": best, "epochs": cfg.epochs}

@@ -1,0 +1,123 @@
+"""Compression chains: the config's rules, the wiring (fake stage runner), and one end-to-end run with Ray."""
+
+import json
+
+import mlflow
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+
+from flows.chains import CompressConfig, chain_variants, expand, product_name
+from flows.params import ConfigError, load_config
+from tasks.data import prepare_data
+from tasks.refs import ModelRef, file_sha256
+from tasks.techniques.data import DataConfig
+from tasks.techniques.models import ModelConfig, ModelSpec, build_model, load_model, save_model
+from tasks.techniques.onnx_export import ExportConfig
+from tasks.techniques.quantization import DynamicQuantConfig
+from tasks.tracking import configure
+from tests.conftest import TINY
+
+
+@pytest.mark.parametrize("chains, message", [
+    ("[[distil, quantize]]", ("compress.chains.0.0: Input should be 'distill', 'prune', 'factorize', 'export' or "
+                              "'quantize' (got 'distil')")),
+    ("[[prune], [factorize, Quantize]]", "compress.chains.1.1: Input should be"),
+    ("[[quantize]]", "compress.chains: Value error, chain 0 ['quantize'] needs at least one of"),
+    ("[[prune, distill]]", "distill trains a new student from the teacher, so it must come first"),
+    ("[[prune, quantize, factorize]]", "export and quantize must come last"),
+    ("[[prune, quantize, export]]", "export and quantize must come last"),
+    ("[[prune, prune]]", "repeats a stage"),
+    ("[[prune, quantize], [prune, export, quantize]]", "chain 1 ['prune', 'export', 'quantize'] builds the same variant"),
+    ("[[factorize, prune]]", "prunes structurally after factorizing"),
+])
+def test_bad_chains_name_the_field(chains, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"compress.chains={chains}"])
+    assert message in str(err.value)
+
+
+def test_chain_config_round_trips_and_unstructured_may_follow_factorize():
+    cfg = load_config(None, ["compress.chains=[[factorize, prune, export]]", "compress.prune.method=unstructured"])
+    assert cfg.compress.chains == (("factorize", "prune", "export"),)
+    assert CompressConfig.from_dict(json.loads(json.dumps(cfg.compress.to_dict()))) == cfg.compress
+    assert CompressConfig.from_dict(yaml.safe_load(yaml.safe_dump(cfg.compress.to_dict()))) == cfg.compress
+    assert load_config(None, ["compress.chains=[]"]).compress.chains == ()
+    for field, value, name in [("prune.sparsity", 1.0, "compress.prune.sparsity"),
+                               ("factorize.energy", 0, "compress.factorize.energy"),
+                               ("distill.alpha", 2, "compress.distill.alpha")]:
+        with pytest.raises(ConfigError, match=name):
+            load_config(None, [f"compress.{field}={value}"])
+
+
+def test_names():
+    assert expand(("distill", "quantize")) == ("distill", "export", "quantize")
+    assert product_name(expand(("distill", "prune", "quantize"))) == "distill-prune-int8"
+    assert product_name(("factorize", "export"), "_") == "factorize_onnx"
+    assert product_name(("distill",)) == "distill"
+
+
+@pytest.fixture
+def teacher(mlflow_store, tmp_path):
+    configure("chains")
+    with mlflow.start_run(run_name="parent") as parent:
+        data = prepare_data.fn(DataConfig(), None, str(tmp_path / "work"), parent.info.run_id)
+        spec = ModelSpec(ModelConfig(hidden=(32, 32)).to_dict(), data.num_features, data.num_classes, None)
+        torch.manual_seed(0)
+        folder = save_model(build_model(spec), spec, tmp_path / "teacher")
+        yield parent.info.run_id, data, ModelRef("pytorch_fp32", "torch", str(folder), file_sha256(folder), "t-run")
+
+
+def test_chain_variants_share_prefixes_and_carry_lineage(teacher, tmp_path):
+    parent_id, data, ref = teacher
+    calls = []
+
+    def stage(task, **kwargs):  # the flow's StageRunner without Prefect: run the task body directly
+        calls.append(task.name)
+        return task.fn(**kwargs, parent_run_id=parent_id)
+
+    quick = {"finetune": {"epochs": 1}}
+    cfg = CompressConfig.from_dict({"chains": [["prune", "quantize"], ["prune"], ["prune", "factorize", "export"]],
+                                    "prune": quick, "factorize": {**quick, "mode": "ratio", "rank_ratio": 0.25}})
+    variants = chain_variants(cfg, ref, data, str(tmp_path / "work"), stage, ExportConfig(), DynamicQuantConfig())
+    assert [v.name for v in variants] == ["prune_int8", "prune", "prune_factorize_onnx"]
+    assert calls == ["prune", "prune-onnx", "prune-int8", "prune-factorize", "prune-factorize-onnx"]  # prune once
+    int8, pruned, onnx = variants
+    assert int8.format == onnx.format == "onnx" and pruned.format == "torch"
+    assert int8.info["flops"] == pruned.info["flops"] > 0  # the ONNX variant keeps its PyTorch source's count
+    assert int8.info["lineage"]["chain"] == "prune>quantize"
+    runs = dict(s.split(":") for s in int8.info["lineage"]["chain_runs"].split(","))
+    assert list(runs) == ["prune", "export", "quantize"] and runs["prune"] == pruned.run_id
+    assert int8.info["lineage"]["parent_run"] == runs["export"] and pruned.info["lineage"]["parent_run"] == "t-run"
+    assert onnx.path.endswith(".onnx") and onnx.info["lineage"]["chain"] == "prune>factorize>export"
+    assert load_model(pruned.path)[1].config["hidden"] == [16, 16]
+
+
+@pytest.mark.slow
+def test_flow_builds_chain_variants_with_lineage_and_caches_them(tmp_path, mlflow_store):
+    from flows.optimize import optimize
+
+    compress = {
+        "chains": [["distill", "quantize"], ["distill", "prune"], ["factorize"]],
+        "distill": {"student": {"hidden": [16]}, "train": {"epochs": 3, "num_workers": 2, "patience": 0}},
+        "prune": {"finetune": {"epochs": 1}}, "factorize": {"mode": "ratio", "rank_ratio": 0.25, "finetune": {"epochs": 1}},
+    }
+    path = tmp_path / "chains.yaml"
+    path.write_text(yaml.safe_dump({**TINY, "compress": compress, "register": {**TINY["register"], "enabled": False},
+                                    "tracking": {"experiment": "chains-e2e", "workdir": str(tmp_path / "work")}}))
+    first = optimize(config_path=str(path))
+    names = [v["variant"] for v in first["variants"]]
+    assert {"distill_int8", "distill_prune", "factorize"} <= set(names)
+    client = MlflowClient(mlflow_store)
+    exp = client.get_experiment_by_name("chains-e2e").experiment_id
+    runs = client.search_runs([exp], f"tags.mlflow.parentRunId = '{first['parent_run_id']}'")
+    bench = {r.data.tags["optforge.variant"]: r for r in runs if r.data.tags["optforge.stage"] == "benchmark"}
+    assert bench["distill_int8"].data.tags["optforge.chain"] == "distill>quantize"
+    assert bench["distill_prune"].data.tags["optforge.parent_run"]
+    assert bench["factorize"].data.metrics["flops"] > 0
+    (distill_run,) = [r for r in runs if r.data.tags["optforge.stage"] == "distill"]
+    assert {"retention", "params_ratio", "flops_ratio", "student_accuracy"} <= set(distill_run.data.metrics)
+    assert len(client.get_metric_history(distill_run.info.run_id, "val_accuracy")) == 3  # per epoch, from Ray Train
+    second = optimize(config_path=str(path))
+    assert all(s["cached"] for s in second["stages"])
