@@ -58,6 +58,13 @@ def format_summary(summary: dict) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     _embedded_defaults()
+    from flows.preflight import PreflightError, check_environment
+
+    try:  # an unreachable server fails here in seconds, naming its variable, instead of hanging in retries
+        check_environment()
+    except PreflightError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     from flows.optimize import optimize
     from flows.params import ConfigError, peek_tracking
 
@@ -114,8 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     from flows.bench import add_parser as add_bench_parser
     from flows.inspect_cmds import add_parsers
 
+    from flows.serve_cmd import add_parser as add_serve_parser
+
     add_parsers(sub)  # report RUN_ID, compare
     add_bench_parser(sub)
+    add_serve_parser(sub)  # serve: the flow on a schedule from this machine
     return parser
 
 

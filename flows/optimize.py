@@ -20,6 +20,7 @@ from prefect.runtime import flow_run
 from flows.chains import chain_variants
 from flows.engines import engine_variants
 from flows.params import PipelineConfig, load_config, peek_tracking
+from flows.preflight import check_environment
 from tasks.benchmark import benchmark
 from tasks.data import prepare_data
 from tasks.export import export
@@ -82,6 +83,7 @@ def _tag_prefect_run(parent_run_id: str) -> None:
 def optimize(config_path: str | None = None, overrides: list[str] | None = None, force: bool = False) -> dict:
     """Run the whole pipeline once; return a summary (variants, metrics, registration, stage timings)."""
     logger = get_run_logger()
+    check_environment(prefect=False)  # deployment runs do not pass through the CLI's check
     experiment_id = configure(peek_tracking(config_path, overrides).experiment)
     tags = {"optforge.pipeline": "optimize", "prefect.flow_run_id": str(flow_run.get_id() or ""),
             "optforge.config_path": str(config_path or "<defaults>"), **process_tags()}

@@ -55,7 +55,8 @@ def _mlflow_logger(config: dict):
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Runs in every Ray Train worker. ``config``: train (dict), spec (dict), data_path, mlflow ids."""
+    """Runs in every Ray Train worker. ``config``: train (dict), spec (dict), data_path, mlflow ids, and for
+    distillation ``kd`` (see ``tasks.distill_worker.kd_dataset_and_loss``)."""
     cfg = TrainConfig.from_dict(config["train"])
     torch.set_num_threads(cfg.threads_per_worker)
     torch.manual_seed(cfg.seed)
@@ -67,7 +68,12 @@ def train_loop_per_worker(config: dict) -> None:
     spec = ModelSpec(**config["spec"])
     base = build_model(spec)
     model = ray.train.torch.prepare_model(base)  # DDP when world > 1, moved to the worker's device
-    dataset = TensorDataset(torch.as_tensor(splits.X_train), torch.as_tensor(splits.y_train))
+    X, y = torch.as_tensor(splits.X_train), torch.as_tensor(splits.y_train)
+    dataset, loss_fn = TensorDataset(X, y), None  # cross-entropy on labels
+    if config.get("kd"):  # distillation: the teacher's logits ride along as a third column
+        from tasks.distill_worker import kd_dataset_and_loss
+
+        dataset, loss_fn = kd_dataset_and_loss(config["kd"], X, y, device)
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler)
     steps_per_epoch = -(-len(loader) // cfg.grad_accum_steps)
@@ -103,7 +109,7 @@ def train_loop_per_worker(config: dict) -> None:
         sampler.set_epoch(epoch)
         t0 = time.perf_counter()
         try:
-            stats = train_epoch(model, loader, opt, sched, precision, cfg.grad_accum_steps, no_sync, device)
+            stats = train_epoch(model, loader, opt, sched, precision, cfg.grad_accum_steps, no_sync, device, loss_fn)
         except FloatingPointError as exc:
             # Deterministic: every rank raises at the same step (see train_epoch). Report instead of
             # raising, so Ray Train's failure handling does not restart a run that would fail again.
@@ -181,7 +187,7 @@ def latest_checkpoint(storage: Path, name: str) -> ray.train.Checkpoint | None:
 
 def run_training(
     cfg: TrainConfig, spec: ModelSpec, data_path: str, storage: Path, name: str, out_dir: Path,
-    mlflow_tracking_uri: str | None = None, mlflow_run_id: str | None = None,
+    mlflow_tracking_uri: str | None = None, mlflow_run_id: str | None = None, extra_config: dict | None = None,
 ) -> dict:
     """Launch the TorchTrainer; copy the best model into ``out_dir``; return the last metrics.
 
@@ -200,7 +206,7 @@ def run_training(
         train_loop_per_worker,
         train_loop_config={
             "train": cfg.to_dict(), "spec": asdict(spec), "data_path": data_path,
-            "mlflow_tracking_uri": mlflow_tracking_uri, "mlflow_run_id": mlflow_run_id,
+            "mlflow_tracking_uri": mlflow_tracking_uri, "mlflow_run_id": mlflow_run_id, **(extra_config or {}),
         },
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
         run_config=ray.train.RunConfig(

@@ -28,7 +28,7 @@ from torch import nn
 
 from tasks.techniques.config import TechniqueConfig
 from tasks.techniques.models import ModelConfig, count_params
-from tasks.techniques.training import Precision, TrainConfig, evaluate, make_optimizer, make_scheduler, precision_for
+from tasks.techniques.training import TrainConfig, evaluate, make_optimizer, make_scheduler, precision_for, train_epoch
 
 
 def _student_default() -> ModelConfig:
@@ -83,46 +83,6 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
     return alpha * t * t * soft + (1 - alpha) * hard
 
 
-def fit_epoch(
-    model: nn.Module, batches, opt: torch.optim.Optimizer, sched, precision: Precision, accum_steps: int,
-    loss_fn: Callable[..., torch.Tensor],
-    no_sync: Callable[[], contextlib.AbstractContextManager] | None = None, device: torch.device | str = "cpu",
-) -> dict[str, float]:
-    """``training.train_epoch`` with a pluggable loss: batches are ``(x, y, *extra)``, loss is ``loss_fn(logits, y, *extra)``.
-
-    Same AMP, gradient accumulation and DDP ``no_sync`` handling as the teacher's loop; the loss
-    is divided by ``accum_steps`` so the accumulated gradient equals the mean gradient.
-    """
-    model.train()
-    total_loss, correct, seen = 0.0, 0, 0
-    batches = list(batches)
-    opt.zero_grad(set_to_none=True)
-    for i, (xb, yb, *extra) in enumerate(batches):
-        xb, yb, extra = xb.to(device), yb.to(device), [e.to(device) for e in extra]
-        last_in_window = (i + 1) % accum_steps == 0 or i + 1 == len(batches)
-        sync = contextlib.nullcontext() if (last_in_window or no_sync is None) else no_sync()
-        with sync:
-            with precision.autocast():
-                logits = model(xb)
-            loss = loss_fn(logits.float(), yb, *extra)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at micro-batch {i}; hint: lower the learning rate")
-            scaled = loss / accum_steps
-            (precision.scaler.scale(scaled) if precision.scaler else scaled).backward()
-        if last_in_window:
-            if precision.scaler:
-                precision.scaler.step(opt)
-                precision.scaler.update()
-            else:
-                opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-        total_loss += loss.item() * len(yb)
-        correct += (logits.argmax(1) == yb).sum().item()
-        seen += len(yb)
-    return {"loss": total_loss / max(1, seen), "accuracy": 100.0 * correct / max(1, seen), "samples": float(seen)}
-
-
 @torch.inference_mode()
 def teacher_logits(teacher: nn.Module, X: np.ndarray, batch_size: int = 512) -> np.ndarray:
     """The teacher's float32 logits on ``X`` (eval mode: no dropout), computed once and reused every epoch."""
@@ -170,7 +130,7 @@ def finetune(model: nn.Module, X: np.ndarray, y: np.ndarray, X_val: np.ndarray, 
         for _ in range(cfg.epochs):
             order = torch.randperm(len(X), generator=generator)
             batches = [tuple(t[order[i : i + cfg.batch_size]] for t in tensors) for i in range(0, len(X), cfg.batch_size)]
-            fit_epoch(model, batches, opt, sched, precision, 1, loss_fn)
+            train_epoch(model, batches, opt, sched, precision, 1, loss_fn=loss_fn)
             acc = evaluate(model, X_val, y_val)["accuracy"]
             if acc > best:
                 best, best_state = acc, copy.deepcopy(model.state_dict())

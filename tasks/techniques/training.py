@@ -119,8 +119,12 @@ def train_epoch(
     accum_steps: int,
     no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
     device: torch.device | str = "cpu",
+    loss_fn: Callable[..., torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """One pass over ``batches`` with gradient accumulation; returns loss, accuracy (%), samples.
+
+    Batches are ``(x, y, *extra)``; the loss is ``loss_fn(logits, y, *extra)``, cross-entropy by
+    default (distillation passes the teacher's logits as the extra column and its own loss).
 
     ``no_sync`` (DDP's ``model.no_sync``) skips the gradient all-reduce on micro-batches that do not
     end an accumulation window: with 4 accumulation steps only every 4th backward talks to peers.
@@ -131,18 +135,18 @@ def train_epoch(
     step instead of one raising while its peers wait forever in the next collective.
     """
     model.train()
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = loss_fn or nn.functional.cross_entropy
     total_loss, correct, seen = 0.0, 0, 0
     batches = list(batches)
     opt.zero_grad(set_to_none=True)
-    for i, (xb, yb) in enumerate(batches):
-        xb, yb = xb.to(device), yb.to(device)
+    for i, (xb, yb, *extra) in enumerate(batches):
+        xb, yb, extra = xb.to(device), yb.to(device), [e.to(device) for e in extra]
         last_in_window = (i + 1) % accum_steps == 0 or i + 1 == len(batches)
         sync = contextlib.nullcontext() if (last_in_window or no_sync is None) else no_sync()
         with sync:
             with precision.autocast():
                 logits = model(xb)
-                loss = loss_fn(logits.float(), yb)
+            loss = loss_fn(logits.float(), yb, *extra)
             scaled = loss / accum_steps
             (precision.scaler.scale(scaled) if precision.scaler else scaled).backward()
         if last_in_window:

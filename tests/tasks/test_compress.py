@@ -90,15 +90,27 @@ def test_teacher_logits_are_computed_once_per_dataset(teacher):
     assert teacher_logits_file(ref, data, work) == first and first.stat().st_mtime_ns == stamp
 
 
-def test_distill_worker_live_teacher_loss_equals_cached_logits_loss():
-    """``cache_teacher_logits=false`` runs the teacher per batch; the loss must be the very same."""
-    from tasks.distill_worker import _loss_fn
+def test_distill_worker_live_teacher_loss_equals_cached_logits_loss(tmp_path):
+    """``cache_teacher_logits=false`` runs the teacher per batch; the loss must be the very same, and the
+    student's gradient must flow through it (the teacher alone runs without grad)."""
+    import numpy as np
+
+    from tasks.distill_worker import kd_dataset_and_loss
     from tasks.techniques.distill import DistillConfig
+    from tasks.techniques.models import ModelConfig, ModelSpec, build_model, save_model
 
     torch.manual_seed(0)
-    teacher_model = torch.nn.Linear(6, 3).eval()
-    x, y, student_logits = torch.randn(16, 6), torch.randint(0, 3, (16,)), torch.randn(16, 3)
-    cfg = DistillConfig(temperature=3.0, alpha=0.8)
-    cached = _loss_fn(cfg, None)(student_logits, y, teacher_model(x).detach())
-    live = _loss_fn(cfg, teacher_model)(student_logits, y, x)
+    spec = ModelSpec(ModelConfig(hidden=(8,), dropout=0.0).to_dict(), 6, 3)
+    teacher = build_model(spec).eval()
+    save_model(teacher, spec, tmp_path / "teacher")
+    X, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    np.savez(tmp_path / "logits.npz", train=teacher(X).detach().numpy())
+    cfg = DistillConfig(temperature=3.0, alpha=0.8).to_dict()
+    cached_ds, cached_fn = kd_dataset_and_loss({"distill": cfg, "logits_path": str(tmp_path / "logits.npz")}, X, y, "cpu")
+    live_ds, live_fn = kd_dataset_and_loss({"distill": cfg, "teacher_path": str(tmp_path / "teacher")}, X, y, "cpu")
+    student_logits = torch.randn(16, 3, requires_grad=True)
+    cached = cached_fn(student_logits, y, cached_ds.tensors[2])
+    live = live_fn(student_logits, y, live_ds.tensors[2])
     torch.testing.assert_close(live, cached)
+    live.backward()
+    assert student_logits.grad is not None and student_logits.grad.abs().sum() > 0

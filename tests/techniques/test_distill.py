@@ -14,12 +14,11 @@ from tasks.techniques.distill import (
     FinetuneConfig,
     check_student,
     finetune,
-    fit_epoch,
     kd_loss,
     teacher_logits,
 )
 from tasks.techniques.models import ModelConfig, ModelSpec, build_model
-from tasks.techniques.training import evaluate, precision_for
+from tasks.techniques.training import evaluate, precision_for, train_epoch
 
 
 def _softmax(v):
@@ -48,7 +47,7 @@ def test_kd_loss_limits():
     assert kd_loss(s, s, y, 4.0, 0.5).item() == pytest.approx(0.5 * ce.item(), abs=1e-6)
 
 
-def test_fit_epoch_accumulation_matches_one_big_batch():
+def test_kd_epoch_accumulation_matches_one_big_batch():
     torch.manual_seed(0)
     X, y, soft = torch.randn(32, 6), torch.randint(0, 3, (32,)), torch.randn(32, 3)
     loss_fn = lambda logits, labels, t: kd_loss(logits, t, labels, 2.0, 0.5)
@@ -57,8 +56,8 @@ def test_fit_epoch_accumulation_matches_one_big_batch():
         torch.manual_seed(1)
         model = nn.Linear(6, 3)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        fit_epoch(model, batches, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
-                  precision_for(torch.device("cpu"), False), accum, loss_fn)
+        train_epoch(model, batches, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+                    precision_for(torch.device("cpu"), False), accum, loss_fn=loss_fn)
         grads.append(model.weight.detach().clone())
     torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-5)
 
