@@ -1,30 +1,49 @@
 """A Ray Train worker process killed with SIGKILL mid-training: Ray Train restarts the worker group
-from the last checkpoint and the run completes with normal accuracy."""
+from the last checkpoint and the run completes with normal accuracy.
 
+Training runs in a child process with its own local Ray, so the killed worker cannot disturb the Ray
+that other tests share in the pytest process.
+"""
+
+import json
 import os
 import signal
-import threading
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
+pytestmark = pytest.mark.slow
+
+TRAIN = """
+import json, sys
+from pathlib import Path
 from tasks.techniques.data import DataConfig, load_arrays, save_splits, split
 from tasks.techniques.models import ModelConfig, ModelSpec
 from tasks.techniques.training import TrainConfig
 from tasks.train_worker import run_training
 
-pytestmark = pytest.mark.slow
+tmp, uri, run_id = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+X, y, shape = load_arrays(DataConfig())
+splits = split(X, y, shape, DataConfig())
+data_path = save_splits(splits, tmp / "splits.npz")
+spec = ModelSpec(ModelConfig(hidden=(64,)).to_dict(), splits.num_features, splits.num_classes, shape)
+cfg = TrainConfig(epochs=12, batch_size=32, lr=0.01, patience=0, max_failures=2)
+summary = run_training(cfg, spec, str(data_path), tmp / "ray", "wf", tmp / "model", uri, run_id)
+(tmp / "summary.json").write_text(json.dumps(summary))
+"""
 
 
-def _train_worker_pids() -> list[int]:
-    """Ray names its worker processes after the actor: 'ray::RayTrainWorker...'."""
+def _train_worker_pids(parent: int) -> list[int]:
+    """Ray names its worker processes after the actor ('ray::RayTrainWorker...'); only ours count."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if b"RayTrainWorker" in (entry / "cmdline").read_bytes():
+                if b"RayTrainWorker" in (entry / "cmdline").read_bytes() and os.getsid(int(entry.name)) == parent:
                     pids.append(int(entry.name))
             except OSError:
                 continue
@@ -32,38 +51,29 @@ def _train_worker_pids() -> list[int]:
 
 
 def test_killed_worker_is_replaced_and_training_completes(tmp_path, mlflow_store):
-    cfg = DataConfig()
-    X, y, shape = load_arrays(cfg)
-    splits = split(X, y, shape, cfg)
-    data_path = save_splits(splits, tmp_path / "splits.npz")
-    spec = ModelSpec(ModelConfig(hidden=(64,)).to_dict(), splits.num_features, splits.num_classes, shape)
-    train_cfg = TrainConfig(epochs=12, batch_size=32, lr=0.01, patience=0, max_failures=2)
-    run_id = MlflowClient(mlflow_store).create_run(MlflowClient(mlflow_store).create_experiment("wf")).info.run_id
-    storage = tmp_path / "ray"
-    outcome: dict = {}
-
-    def train():
+    client = MlflowClient(mlflow_store)
+    run_id = client.create_run(client.create_experiment("wf")).info.run_id
+    proc = subprocess.Popen([sys.executable, "-c", TRAIN, str(tmp_path), mlflow_store, run_id],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while len(list((tmp_path / "ray").glob("wf/checkpoint_*"))) < 2:
+            assert time.monotonic() < deadline and proc.poll() is None, "training made no checkpoints"
+            time.sleep(0.2)
+        victims = _train_worker_pids(proc.pid)
+        assert len(victims) == 2, victims
+        os.kill(victims[1], signal.SIGKILL)
+        out, _ = proc.communicate(timeout=300)
+    finally:
         try:
-            outcome["summary"] = run_training(train_cfg, spec, str(data_path), storage, "wf", tmp_path / "model",
-                                              mlflow_tracking_uri=mlflow_store, mlflow_run_id=run_id)
-        except BaseException as exc:  # surfaced by the assertions below
-            outcome["error"] = exc
+            os.killpg(proc.pid, signal.SIGKILL)  # Ray's processes, if anything was left behind
+        except ProcessLookupError:
+            pass
 
-    thread = threading.Thread(target=train)
-    thread.start()
-    deadline = time.monotonic() + 180
-    while len(list(storage.glob("wf/checkpoint_*"))) < 2:
-        assert time.monotonic() < deadline and thread.is_alive(), f"no checkpoints: {outcome}"
-        time.sleep(0.2)
-    victims = _train_worker_pids()
-    assert len(victims) == 2, victims
-    os.kill(victims[1], signal.SIGKILL)
-    thread.join(timeout=300)
-
-    assert not thread.is_alive() and "error" not in outcome, outcome.get("error")
-    summary = outcome["summary"]
+    assert proc.returncode == 0, out[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["epochs_run"] == 12
     assert summary["best_val_accuracy"] > 85
-    history = MlflowClient(mlflow_store).get_metric_history(run_id, "val_accuracy")
+    history = client.get_metric_history(run_id, "val_accuracy")
     assert sorted({m.step for m in history}) == list(range(12))
     assert not Path(f"/proc/{victims[1]}").exists()
