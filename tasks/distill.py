@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 
 import mlflow
@@ -13,6 +11,7 @@ import numpy as np
 from tasks.caching import stage_dir, stage_task
 from tasks.distill_worker import run_distillation
 from tasks.refs import DataRef, ModelRef, file_sha256
+from tasks.techniques.files import atomic_write
 from tasks.techniques.data import load_splits
 from tasks.techniques.distill import DistillConfig, check_student, teacher_logits
 from tasks.techniques.flops import model_stats
@@ -33,16 +32,8 @@ def teacher_logits_file(teacher: ModelRef, data: DataRef, workdir: str) -> Path:
         return path
     model, _ = load_model(teacher.path)
     splits = load_splits(data.path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
-    os.close(fd)
-    try:
-        np.savez(tmp, train=teacher_logits(model, splits.X_train))
-        os.replace(tmp, path)  # atomic: a reader never sees half a file
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    logits = teacher_logits(model, splits.X_train)
+    return atomic_write(path, lambda tmp: np.savez(tmp, train=logits), suffix=".npz")
 
 
 def compare_to_teacher(student, teacher, splits, num_features: int) -> dict[str, float]:

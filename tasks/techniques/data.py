@@ -8,8 +8,6 @@ with ``image_shape``. Keeping one layout keeps ONNX export, quantization and ben
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import numpy as np
 from pydantic import Field
 
 from tasks.techniques.config import TechniqueConfig
+from tasks.techniques.files import atomic_write
 
 
 class DataConfig(TechniqueConfig):
@@ -168,22 +167,12 @@ def fingerprint(splits: Splits) -> str:
 
 def save_splits(splits: Splits, path: str | Path) -> Path:
     """Write the splits to one .npz, atomically (temp file + rename): never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
-    os.close(fd)
-    try:
-        np.savez(
-            tmp,
-            X_train=splits.X_train, y_train=splits.y_train, X_val=splits.X_val, y_val=splits.y_val,
-            X_test=splits.X_test, y_test=splits.y_test, num_classes=np.int64(splits.num_classes),
-            image_shape=np.asarray(splits.image_shape or (), dtype=np.int64),
-        )
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    arrays = {
+        "X_train": splits.X_train, "y_train": splits.y_train, "X_val": splits.X_val, "y_val": splits.y_val,
+        "X_test": splits.X_test, "y_test": splits.y_test, "num_classes": np.int64(splits.num_classes),
+        "image_shape": np.asarray(splits.image_shape or (), dtype=np.int64),
+    }
+    return atomic_write(path, lambda tmp: np.savez(tmp, **arrays), suffix=".npz")
 
 
 def load_splits(path: str | Path) -> Splits:

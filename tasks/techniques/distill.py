@@ -14,10 +14,8 @@ the pipeline computes them once per dataset instead of running the teacher every
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import warnings
-from collections.abc import Callable
 from typing import Literal
 
 import numpy as np

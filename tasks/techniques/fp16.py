@@ -7,14 +7,13 @@ this model (not a builder flag) is what an FP16 engine is built from.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import onnx
 from pydantic import Field
 
 from tasks.techniques.config import TechniqueConfig
+from tasks.techniques.files import atomic_write
 from tasks.techniques.onnx_export import load_onnx
 
 
@@ -61,16 +60,7 @@ def convert_fp16(src: str | Path, dst: str | Path, cfg: Fp16Config) -> Path:
     )
     topological_sort(converted.graph)
     onnx.checker.check_model(converted, full_check=True)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, suffix=".onnx")
-    os.close(fd)
-    try:
-        onnx.save(converted, tmp)
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return dst
+    return atomic_write(dst, lambda tmp: onnx.save(converted, tmp))
 
 
 def fp16_initializer_share(path: str | Path) -> float:

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from tasks.techniques.config import TechniqueConfig
+from tasks.techniques.files import atomic_write
 
 ZOO = ("mlp", "cnn", "dscnn")
 
@@ -208,8 +207,8 @@ def save_model(model: nn.Module, spec: ModelSpec, folder: str | Path) -> Path:
     """Write ``model.pt`` (state_dict) and ``model.json`` (spec) into ``folder``; each file atomically."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic(folder / "model.json", lambda p: Path(p).write_text(json.dumps(asdict(spec), indent=2)))
-    _atomic(folder / "model.pt", lambda p: torch.save(model.state_dict(), p))
+    atomic_write(folder / "model.json", lambda p: Path(p).write_text(json.dumps(asdict(spec), indent=2)))
+    atomic_write(folder / "model.pt", lambda p: torch.save(model.state_dict(), p))
     return folder
 
 
@@ -225,14 +224,3 @@ def load_model(folder: str | Path) -> tuple[nn.Module, ModelSpec]:
     model = build_model(spec)
     model.load_state_dict(torch.load(folder / "model.pt", map_location="cpu", weights_only=True))
     return model.eval(), spec
-
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

@@ -7,9 +7,7 @@ quantizers, ONNX Runtime and TensorRT treat all variants alike.
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from pydantic import Field
 from torch import nn
 
 from tasks.techniques.config import TechniqueConfig
+from tasks.techniques.files import atomic_write
 
 # The dynamo exporter implements opset 18 natively; lower opsets go through ONNX's version converter.
 _NATIVE_OPSET = 18
@@ -112,15 +111,8 @@ def export_onnx(model: nn.Module, num_features: int, path: str | Path, cfg: Expo
         onnx.checker.check_model(proto, full_check=True)
     except Exception as exc:
         raise ValueError(f"exported ONNX model of {name} fails onnx.checker: {_summary(exc)}") from exc
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.tmp")
-    os.close(fd)
-    try:
-        onnx.save(proto, tmp)  # embeds weights: a single file (protobuf allows up to 2 GB)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    # onnx.save embeds the weights: a single file (protobuf allows up to 2 GB).
+    return atomic_write(path, lambda tmp: onnx.save(proto, tmp))
 
 
 def max_abs_diff(model: nn.Module, onnx_path: str | Path, inputs: np.ndarray) -> float:

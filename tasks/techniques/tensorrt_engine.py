@@ -9,9 +9,7 @@ symmetric signed INT8 scales (the only kind TensorRT accepts), as a strongly typ
 
 from __future__ import annotations
 
-import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 from typing import Literal
@@ -20,6 +18,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from tasks.techniques.config import TechniqueConfig
+from tasks.techniques.files import atomic_write
 from tasks.techniques.onnx_export import load_onnx
 
 
@@ -71,14 +70,6 @@ def environment() -> str:
     return f"tensorrt={trt.__version__} gpu={torch.cuda.get_device_name()} cc={cc} host={platform.machine()}"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
-
-
 def _logger():
     import tensorrt as trt
 
@@ -125,9 +116,9 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, cfg: TensorRTCo
     seconds = time.perf_counter() - start
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see the TensorRT log above)")
-    _atomic_write(engine_path, bytes(serialized))
+    atomic_write(engine_path, lambda tmp: Path(tmp).write_bytes(bytes(serialized)))
     if cache is not None:
-        _atomic_write(timing_cache_path, bytes(config.get_timing_cache().serialize()))
+        atomic_write(timing_cache_path, lambda tmp: Path(tmp).write_bytes(bytes(config.get_timing_cache().serialize())))
     return {
         "tensorrt_version": trt.__version__, "strongly_typed": True, "source_onnx": onnx_path.name,
         "input": graph_input.name, "profile_min_opt_max": [cfg.min_batch, cfg.opt_batch, cfg.max_batch],

@@ -34,6 +34,7 @@ def test_overrides_are_typed():
         (["train.optimizer=adam9"], "train.optimizer"),
         (["train.epochs"], "expected KEY=VALUE"),
         (["train.epochs.x=1"], "'epochs' is a value, not a section"),
+        (["register.model_name=../../etc"], "register.model_name: String should match pattern"),
     ],
 )
 def test_bad_config_names_the_field(overrides, message):
