@@ -38,7 +38,7 @@ from tasks.techniques.selection import (
     decide_promotion,
     select_variant,
 )
-from tasks.tracking import child_run
+from tasks.tracking import child_run, registry_lock
 
 # Run by MLflow on load (a "model from code"); see that file for why ONNX is not logged with mlflow.onnx.
 ONNX_PYFUNC = Path(__file__).with_name("onnx_pyfunc.py")
@@ -188,6 +188,12 @@ def _register(
 ) -> RegistryOutcome:
     client = MlflowClient()
     splits = load_splits(data.path)
+    # From reading the champion to moving the alias, one run at a time (see registry_lock).
+    with registry_lock(cfg.model_name):
+        return _register_locked(cfg, ref, chosen, data, why, run_id, parent_run_id, cfg_hash, client, splits)
+
+
+def _register_locked(cfg, ref, chosen, data, why, run_id, parent_run_id, cfg_hash, client, splits) -> RegistryOutcome:
     incumbent = current_champion(client, cfg.model_name, splits)  # before registering: the alias still points there
     info = LOGGERS[ref.format](ref, splits.X_test[:4], cfg.model_name)
     mlflow.log_metrics(chosen.metrics)

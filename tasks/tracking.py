@@ -104,3 +104,27 @@ def close_dead_runs(experiment_id: str, current_run_id: str) -> list[str]:
             client.set_terminated(r.info.run_id, status="KILLED")
         closed.append(run.info.run_id)
     return closed
+
+
+@contextlib.contextmanager
+def registry_lock(model_name: str) -> Iterator[None]:
+    """Serialise the read-compare-set of a registered model's aliases among runs on this host.
+
+    MLflow has no compare-and-set for aliases: two runs that both read "no champion" would both
+    claim it. An exclusive ``flock`` on a file named after (tracking URI, model name) makes the
+    decision one run at a time. Runs on several hosts need ``OPTFORGE_LOCK_DIR`` on a shared file
+    system that supports ``flock``.
+    """
+    import fcntl
+    import hashlib
+    import tempfile
+
+    folder = Path(os.environ.get("OPTFORGE_LOCK_DIR") or Path(tempfile.gettempdir()) / "optforge-locks")
+    folder.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(f"{tracking_uri()}|{model_name}".encode()).hexdigest()[:24]
+    with open(folder / f"registry-{key}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -39,18 +39,34 @@ ERROR_FILE = "error.json"
 
 
 def _mlflow_logger(config: dict):
-    """Rank 0's per-epoch logger into the train stage's MLflow run (None when not tracking)."""
+    """Rank 0's per-epoch logger into the stage's MLflow run (None when not tracking).
+
+    A tracking-server outage must not kill training: metrics that cannot be sent stay queued and go
+    out with the next epoch's (MLflow's own HTTP retries come first). ``log.flush()`` tries once more
+    at the end.
+    """
     if not config.get("mlflow_run_id"):
         return None
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=config["mlflow_tracking_uri"])
+    pending: list = []
+
+    def flush() -> None:
+        try:
+            while pending:
+                client.log_batch(config["mlflow_run_id"], metrics=pending[:1000])  # MLflow's batch limit
+                del pending[:1000]
+        except Exception as exc:  # noqa: BLE001 - any tracking failure: keep the metrics, keep training
+            print(f"[optforge] could not send {len(pending)} metric(s) to MLflow, retrying next epoch: {exc}")
 
     def log(metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
-        client.log_batch(config["mlflow_run_id"], metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+        flush()
 
+    log.flush = flush
     return log
 
 
@@ -139,6 +155,8 @@ def train_loop_per_worker(config: dict) -> None:
             break
     if done:  # resumed after the final checkpoint: report it again so the result carries it
         _report({"epoch": epoch, "resumed_done": 1}, state, rank, spec, best_state)
+    if log:
+        log.flush()
 
 
 def _report(metrics: dict, state: dict, rank: int, spec: ModelSpec, final_model: dict | None) -> None:
