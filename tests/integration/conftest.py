@@ -142,8 +142,10 @@ class Stack:
 
 def _base_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "RAY_ADDRESS")}
+    # RAY_AUTH_MODE: an earlier in-process ray.init of this test session sets RAY_AUTH_MODE=token in
+    # os.environ; clients that inherited it could not talk to the stack's cluster (auth off, below).
     env.update(PREFECT_SERVER_ANALYTICS_ENABLED="false", RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1",
-               RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS="0")
+               RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS="0", RAY_AUTH_MODE="disabled")
     return env
 
 
