@@ -26,8 +26,18 @@ def tracking_uri() -> str:
 
 
 def configure(experiment: str) -> str:
-    """Point the fluent API at the tracking store and experiment; return the experiment id."""
-    mlflow.set_tracking_uri(tracking_uri())
+    """Point the fluent API at the tracking store and experiment; return the experiment id.
+
+    A new SQLite store creates its schema on first use; two runs starting together against the same
+    new file would both run MLflow's migrations and one fails. The first use is serialised by a lock
+    next to the database file.
+    """
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        with file_lock(db.with_name(db.name + ".init.lock")):
+            return mlflow.set_experiment(experiment).experiment_id
     return mlflow.set_experiment(experiment).experiment_id
 
 
@@ -107,24 +117,32 @@ def close_dead_runs(experiment_id: str, current_run_id: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def registry_lock(model_name: str) -> Iterator[None]:
-    """Serialise the read-compare-set of a registered model's aliases among runs on this host.
-
-    MLflow has no compare-and-set for aliases: two runs that both read "no champion" would both
-    claim it. An exclusive ``flock`` on a file named after (tracking URI, model name) makes the
-    decision one run at a time. Runs on several hosts need ``OPTFORGE_LOCK_DIR`` on a shared file
-    system that supports ``flock``.
-    """
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (created if missing) for the duration of the block."""
     import fcntl
-    import hashlib
-    import tempfile
 
-    folder = Path(os.environ.get("OPTFORGE_LOCK_DIR") or Path(tempfile.gettempdir()) / "optforge-locks")
-    folder.mkdir(parents=True, exist_ok=True)
-    key = hashlib.sha256(f"{tracking_uri()}|{model_name}".encode()).hexdigest()[:24]
-    with open(folder / f"registry-{key}.lock", "w") as handle:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def registry_lock(model_name: str) -> Iterator[None]:
+    """Serialise the read-compare-set of a registered model's aliases among runs on this host.
+
+    MLflow has no compare-and-set for aliases: two runs that both read "no champion" would both
+    claim it. An exclusive lock on a file named after (tracking URI, model name) makes the decision
+    one run at a time. Runs on several hosts need ``OPTFORGE_LOCK_DIR`` on a shared file system that
+    supports ``flock``.
+    """
+    import hashlib
+    import tempfile
+
+    folder = Path(os.environ.get("OPTFORGE_LOCK_DIR") or Path(tempfile.gettempdir()) / "optforge-locks")
+    key = hashlib.sha256(f"{tracking_uri()}|{model_name}".encode()).hexdigest()[:24]
+    with file_lock(folder / f"registry-{key}.lock"):
+        yield
