@@ -6,7 +6,6 @@ one benchmark child run per variant (hand-made metrics) and the real register ta
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 import mlflow
@@ -37,23 +36,9 @@ def cli(*argv: str) -> int:
     return args.func(args)
 
 
-@pytest.fixture(scope="module")
-def empty_db(tmp_path_factory):
-    path = tmp_path_factory.mktemp("template") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()  # the schema, made once for the module
-    return path
-
-
 @pytest.fixture
-def store(empty_db, tmp_path, monkeypatch):
-    shutil.copy(empty_db, tmp_path / "mlflow.db")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.chdir(tmp_path)
-    mlflow.set_tracking_uri(uri)
-    yield uri
-    if mlflow.active_run():
-        mlflow.end_run()
+def store(mlflow_store):
+    return mlflow_store
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ that they classify perfectly, so accuracies are known; latencies are hand-made m
 champion/challenger case is decided by the numbers the test sets.
 """
 
-import shutil
 
 import mlflow
 import numpy as np
@@ -40,27 +39,6 @@ def linear_onnx(path, weight: np.ndarray) -> ModelRef:
     model.ir_version = 8
     onnx.save(model, str(path))
     return ModelRef(path.stem, "onnx", str(path), f"sha-{path.stem}")
-
-
-@pytest.fixture(scope="module")
-def empty_db(tmp_path_factory):
-    """An MLflow SQLite file with its schema made once: creating it costs seconds, copying it milliseconds."""
-    path = tmp_path_factory.mktemp("template") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
-
-
-@pytest.fixture
-def mlflow_store(empty_db, tmp_path, monkeypatch):
-    """conftest's real SQLite store, started from the template schema."""
-    shutil.copy(empty_db, tmp_path / "mlflow.db")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.chdir(tmp_path)
-    mlflow.set_tracking_uri(uri)
-    yield uri
-    if mlflow.active_run():
-        mlflow.end_run()
 
 
 @pytest.fixture
