@@ -17,6 +17,7 @@ from pydantic import Field
 from torch import nn
 
 from tasks.techniques.config import TechniqueConfig
+from tasks.techniques.loader import LoaderConfig
 
 
 class TrainConfig(TechniqueConfig):
@@ -40,6 +41,20 @@ class TrainConfig(TechniqueConfig):
     max_failures: int = Field(2, ge=0, description="worker failures Ray Train recovers from (from the last checkpoint)")
     seed: int = Field(0, description="seed of weight init and data order")
     storage_path: str | None = Field(None, description="Ray Train storage (shared on a cluster); default <workdir>/ray")
+    # How workers combine their work (see README "Training strategies").
+    strategy: Literal["ssgd", "model_averaging", "asgd"] = Field(
+        "ssgd", description="ssgd: synchronous DDP; model_averaging: local SGD, average every local_steps; "
+        "asgd: asynchronous SGD through a Ray-actor parameter server")
+    local_steps: int = Field(8, ge=1, description="model_averaging: optimizer steps each worker takes between averages")
+    staleness_bound: int = Field(4, ge=0, description="asgd: drop a gradient computed on weights more than this many "
+                                 "server updates old")
+    init_from: str | None = Field(None, description="fine-tune from runs:/RUN/model, models:/NAME@ALIAS (or /VERSION), "
+                                  "or a local model folder (model.pt + model.json)")
+    mix: Literal["uniform", "tail"] = Field("uniform", description="where data.new_source's samples go in each epoch: "
+                                            "spread through it, or only in its last tail_fraction")
+    tail_fraction: float = Field(0.25, gt=0, le=1, description="mix=tail: share of each epoch (at its end) that the new "
+                                 "samples are mixed into")
+    loader: LoaderConfig = Field(default_factory=LoaderConfig, description="DataLoader settings and the data cache")
 
 
 # Explicit dispatch: optimizer name -> builder(params, cfg). LAMB and LARS come from the maintained
