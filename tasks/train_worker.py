@@ -20,10 +20,16 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+import numpy as np
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from tasks.techniques.data import load_splits
+from tasks.techniques.augment import AugmentedDataset, CachedCopies, build_cache, cache_path
+from tasks.techniques.averaging import ModelAverager
+from tasks.techniques.data import Splits, load_splits
+from tasks.techniques.init_weights import apply_init, load_init_state
+from tasks.techniques.loader import LoaderConfig
 from tasks.techniques.models import ModelSpec, build_model, save_model
+from tasks.techniques.sampling import MixingSampler
 from tasks.techniques.training import (
     EarlyStopping,
     TrainConfig,
@@ -70,9 +76,39 @@ def _mlflow_logger(config: dict):
     return log
 
 
+def train_dataset(config: dict, cfg: TrainConfig, splits: Splits, device) -> tuple[Dataset, object]:
+    """``(dataset, loss_fn)`` over the old train split followed by data.new_source's train part.
+
+    Distillation adds the teacher's logits as a third column and its own loss; augmentation swaps the
+    features for augmented copies (cached or computed per sample), keeping the other columns.
+    """
+    X = torch.as_tensor(np.concatenate([splits.X_train, splits.X_new]))
+    y = torch.as_tensor(np.concatenate([splits.y_train, splits.y_new]))
+    dataset, loss_fn = TensorDataset(X, y), None  # cross-entropy on labels
+    if config.get("kd"):  # distillation: the teacher's logits ride along as a third column
+        from tasks.distill_worker import kd_dataset_and_loss
+
+        dataset, loss_fn = kd_dataset_and_loss(config["kd"], X, y, device)
+    if cfg.loader.augment_copies:
+        rest = list(dataset.tensors[1:])
+        if config.get("augment_path"):
+            dataset = CachedCopies(config["augment_path"], rest)
+        else:
+            dataset = AugmentedDataset(X.numpy(), rest, cfg.loader, splits.image_shape, cfg.seed)
+    return dataset, loss_fn
+
+
+def make_loader(dataset: Dataset, sampler, batch_size: int, loader: LoaderConfig) -> DataLoader:
+    """A DataLoader with ``train.loader``'s settings (prefetch_factor only where torch accepts it)."""
+    extra = {"prefetch_factor": loader.prefetch_factor} if loader.prefetch_factor else {}
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=loader.workers,
+                      pin_memory=loader.pin_memory, persistent_workers=loader.persistent_workers, **extra)
+
+
 def train_loop_per_worker(config: dict) -> None:
-    """Runs in every Ray Train worker. ``config``: train (dict), spec (dict), data_path, mlflow ids, and for
-    distillation ``kd`` (see ``tasks.distill_worker.kd_dataset_and_loss``)."""
+    """Runs in every Ray Train worker. ``config``: train (dict), spec (dict), data_path, mlflow ids; optional
+    ``init_path`` (a model folder to fine-tune from), ``augment_path`` (cached augmented copies) and, for
+    distillation, ``kd`` (see ``tasks.distill_worker.kd_dataset_and_loss``)."""
     cfg = TrainConfig.from_dict(config["train"])
     torch.set_num_threads(cfg.threads_per_worker)
     torch.manual_seed(cfg.seed)
@@ -83,15 +119,15 @@ def train_loop_per_worker(config: dict) -> None:
     splits = load_splits(config["data_path"])
     spec = ModelSpec(**config["spec"])
     base = build_model(spec)
-    model = ray.train.torch.prepare_model(base)  # DDP when world > 1, moved to the worker's device
-    X, y = torch.as_tensor(splits.X_train), torch.as_tensor(splits.y_train)
-    dataset, loss_fn = TensorDataset(X, y), None  # cross-entropy on labels
-    if config.get("kd"):  # distillation: the teacher's logits ride along as a third column
-        from tasks.distill_worker import kd_dataset_and_loss
-
-        dataset, loss_fn = kd_dataset_and_loss(config["kd"], X, y, device)
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler)
+    if config.get("init_path"):  # fine-tuning: before DDP, which broadcasts rank 0's weights
+        apply_init(base, load_init_state(config["init_path"], spec, cfg.init_from))
+    averaging = cfg.strategy == "model_averaging"
+    # ssgd: DDP all-reduces gradients every step. model_averaging: no DDP; ModelAverager all-reduces
+    # the weights every cfg.local_steps optimizer steps instead.
+    model = ray.train.torch.prepare_model(base, parallel_strategy=None if averaging else "ddp")
+    dataset, loss_fn = train_dataset(config, cfg, splits, device)
+    sampler = MixingSampler(len(splits.y_train), len(splits.y_new), cfg.mix, cfg.tail_fraction, world, rank, cfg.seed)
+    loader = make_loader(dataset, sampler, cfg.batch_size, cfg.loader)
     steps_per_epoch = -(-len(loader) // cfg.grad_accum_steps)
 
     opt = make_optimizer(model, cfg)
@@ -119,13 +155,25 @@ def train_loop_per_worker(config: dict) -> None:
         start_epoch, done = state["epoch"] + 1, state["done"]
 
     log = _mlflow_logger(config) if rank == 0 else None
-    no_sync = model.no_sync if world > 1 else None
+    averager = ModelAverager(base, cfg.local_steps) if averaging else None
+    if averager:
+        averager.average()  # start from identical weights (DDP would have broadcast them)
+    if log and start_epoch == 0:
+        # The starting point's loss: a fresh model's ~ln(classes), a fine-tuned one's much lower.
+        first = evaluate(base, splits.X_val, splits.y_val, device=device)
+        log({"initial_val_loss": first["loss"], "initial_val_accuracy": first["accuracy"]}, step=0)
+    no_sync = model.no_sync if world > 1 and not averaging else None
     epoch = start_epoch - 1
     for epoch in range(start_epoch, 0 if done else cfg.epochs):
         sampler.set_epoch(epoch)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
         t0 = time.perf_counter()
         try:
-            stats = train_epoch(model, loader, opt, sched, precision, cfg.grad_accum_steps, no_sync, device, loss_fn)
+            stats = train_epoch(model, loader, opt, sched, precision, cfg.grad_accum_steps, no_sync, device, loss_fn,
+                                after_step=averager.after_step if averager else None)
+            if averager:
+                averager.average()  # every rank evaluates and checkpoints the same weights
         except FloatingPointError as exc:
             # Deterministic: every rank raises at the same step (see train_epoch). Report instead of
             # raising, so Ray Train's failure handling does not restart a run that would fail again.
@@ -141,6 +189,7 @@ def train_loop_per_worker(config: dict) -> None:
             "train_loss": stats["loss"], "train_accuracy": stats["accuracy"], "val_loss": val["loss"],
             "val_accuracy": val["accuracy"], "samples_per_s": stats["samples"] * world / seconds,
             "lr": sched.get_last_lr()[0], "epoch_seconds": seconds, "epoch": epoch,
+            **({"averaging_rounds": averager.rounds} if averager else {}),
         }
         stop = stopper.should_stop or epoch + 1 == cfg.epochs
         state = {
@@ -216,6 +265,17 @@ def run_training(
     # each ray.train.report waits for that poll: with 0.25 s an epoch of this size costs ~0.3 s of
     # reporting instead of 2 s. The driver's value reaches the controller when the trainer is made.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+    if cfg.strategy == "asgd":  # no collective at all: a parameter server on plain Ray actors
+        from tasks.asgd_worker import run_asgd
+
+        return run_asgd(cfg, spec, data_path, storage, name, out_dir, mlflow_tracking_uri, mlflow_run_id, extra_config)
+    extra_config = dict(extra_config or {})
+    if cfg.loader.augment_copies and cfg.loader.cache:
+        # Built once by the driver, before any worker starts; workers memory-map it.
+        splits = load_splits(data_path)
+        X_all = np.concatenate([splits.X_train, splits.X_new])
+        extra_config["augment_path"] = str(
+            build_cache(X_all, cfg.loader, splits.image_shape, cfg.seed, cache_path(data_path, cfg.loader, cfg.seed)))
     ensure_ray()
     from ray.train.torch import TorchTrainer
 
@@ -224,7 +284,7 @@ def run_training(
         train_loop_per_worker,
         train_loop_config={
             "train": cfg.to_dict(), "spec": asdict(spec), "data_path": data_path,
-            "mlflow_tracking_uri": mlflow_tracking_uri, "mlflow_run_id": mlflow_run_id, **(extra_config or {}),
+            "mlflow_tracking_uri": mlflow_tracking_uri, "mlflow_run_id": mlflow_run_id, **extra_config,
         },
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
         run_config=ray.train.RunConfig(

@@ -32,4 +32,8 @@ class LoaderConfig(TechniqueConfig):
             raise ValueError("train.loader.persistent_workers needs train.loader.workers > 0")
         if self.workers == 0 and self.prefetch_factor is not None:
             raise ValueError("train.loader.prefetch_factor needs train.loader.workers > 0")
+        if self.persistent_workers and self.augment_copies > 0:
+            # Persistent loader processes keep the dataset object they started with, so they would
+            # never see set_epoch pick the next augmented copy.
+            raise ValueError("train.loader.persistent_workers cannot be combined with train.loader.augment_copies > 0")
         return self

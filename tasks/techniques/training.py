@@ -135,6 +135,7 @@ def train_epoch(
     no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
     device: torch.device | str = "cpu",
     loss_fn: Callable[..., torch.Tensor] | None = None,
+    after_step: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """One pass over ``batches`` with gradient accumulation; returns loss, accuracy (%), samples.
 
@@ -148,6 +149,9 @@ def train_epoch(
     Non-finite values are checked on the *synchronised* gradients at the end of each window: a NaN
     on any worker spreads to every worker through the all-reduce, so all workers raise at the same
     step instead of one raising while its peers wait forever in the next collective.
+
+    ``after_step`` runs after every optimizer step (model averaging hooks in there). With it, gradients
+    are local to the worker, so the finiteness check is left to the hook's synchronised weights.
     """
     model.train()
     loss_fn = loss_fn or nn.functional.cross_entropy
@@ -166,7 +170,7 @@ def train_epoch(
             (precision.scaler.scale(scaled) if precision.scaler else scaled).backward()
         if last_in_window:
             # fp16's GradScaler expects occasional inf gradients and skips those steps itself.
-            if precision.scaler is None and not _grads_finite(model):
+            if precision.scaler is None and after_step is None and not _grads_finite(model):
                 raise FloatingPointError(
                     f"loss became non-finite (last micro-batch loss {loss.item():.4g}) at step {i}; "
                     "hint: lower train.lr, raise train.warmup_epochs, or check the data for extreme values"
@@ -178,6 +182,8 @@ def train_epoch(
                 opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
+            if after_step is not None:
+                after_step()
         total_loss += loss.item() * len(yb)
         correct += (logits.argmax(1) == yb).sum().item()
         seen += len(yb)
