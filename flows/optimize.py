@@ -24,6 +24,7 @@ from flows.preflight import check_environment
 from tasks.benchmark import benchmark
 from tasks.data import prepare_data
 from tasks.export import export
+from tasks.init_from import resolve_init
 from tasks.quantize import quantize
 from tasks.refs import DataRef, ModelRef, file_sha256
 from tasks.register import hash_config, register
@@ -109,9 +110,12 @@ def build_variants(cfg: PipelineConfig, workdir: str, stage: StageRunner) -> tup
     """
     source = Path(cfg.data.source)
     source_sha = file_sha256(source) if cfg.data.source != "digits" and source.is_file() else None
-    data = stage(prepare_data, cfg=cfg.data, source_sha256=source_sha, workdir=workdir)
+    new = Path(cfg.data.new_source) if cfg.data.new_source else None
+    new_sha = file_sha256(new) if new is not None and new.is_file() else None
+    data = stage(prepare_data, cfg=cfg.data, source_sha256=source_sha, new_source_sha256=new_sha, workdir=workdir)
     mlflow.set_tag("optforge.data_fingerprint", data.sha256)
-    model = stage(train, cfg=cfg.train, model_cfg=cfg.model, data=data, workdir=workdir)
+    init = resolve_init(cfg.train.init_from, workdir) if cfg.train.init_from else None
+    model = stage(train, cfg=cfg.train, model_cfg=cfg.model, data=data, workdir=workdir, init=init)
     onnx_fp32 = stage(export, cfg=cfg.export, model=model, data=data, workdir=workdir)
     onnx_int8 = stage(quantize, cfg=cfg.quantize, onnx_model=onnx_fp32, workdir=workdir)
     variants = [model, onnx_fp32, onnx_int8]

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from flows.chains import CompressConfig
 from flows.engines import EnginesConfig
@@ -54,6 +54,14 @@ class PipelineConfig(TechniqueConfig):
     compress: CompressConfig = Field(default_factory=CompressConfig, description="distill/prune/factorize chains")
     benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig, description="latency/throughput settings")
     register: RegisterConfig = Field(default_factory=RegisterConfig, description="selection gate and registry name")
+
+    @model_validator(mode="after")
+    def _cross_section(self):
+        if self.train.mix == "tail" and not self.data.new_source:
+            raise ValueError("train.mix: 'tail' mixes data.new_source into the end of each epoch; set data.new_source")
+        if self.compress.distill.train.init_from:
+            raise ValueError("compress.distill.train.init_from: students start fresh; use train.init_from for the teacher")
+        return self
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -105,7 +113,9 @@ def validate(raw: dict[str, Any]) -> PipelineConfig:
         lines = []
         for err in exc.errors():
             field = ".".join(str(p) for p in err["loc"])
-            if err["type"] == "extra_forbidden":
+            if not field:  # a check across sections: its message names the fields itself
+                lines.append(str(err["msg"]).removeprefix("Value error, "))
+            elif err["type"] == "extra_forbidden":
                 lines.append(f"{field}: unknown key")
             else:
                 lines.append(f"{field}: {err['msg']} (got {err.get('input')!r})")

@@ -80,8 +80,12 @@ def chain_of(ref: ModelRef) -> str:
 def _log_torch(ref: ModelRef, example: np.ndarray, registered_name: str):
     model, _ = load_model(ref.path)
     signature = infer_signature(example, torch_predictor(model, 1)(example))
+    # The model folder (state_dict + spec) rides along as extra files, so that ``train.init_from`` can
+    # fine-tune from a registered version without unpickling the flavor's whole-module file.
+    extra = [str(Path(ref.path) / "model.json"), str(Path(ref.path) / "model.pt")]
     return mlflow.pytorch.log_model(
-        model, name="model", signature=signature, input_example=example, registered_model_name=registered_name
+        model, name="model", signature=signature, input_example=example, registered_model_name=registered_name,
+        extra_files=extra,
     )
 
 

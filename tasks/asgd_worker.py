@@ -1,0 +1,280 @@
+"""Asynchronous SGD (``train.strategy: asgd``): a parameter-server Ray actor and worker actors that never wait
+for each other.
+
+Each worker loops: take a unit of work and the newest weights from the server, compute the gradient,
+push it back tagged with the weight version it was computed on, and get the next unit and weights in
+the same call (``tasks.techniques.param_server`` holds the logic; this module is the Ray wiring).
+A slow worker just takes fewer units; a worker that dies is counted and its unit handed to another;
+the run fails only when no worker is left.
+
+The server checkpoints itself at every epoch end into ``storage / name / checkpoint_NNNNNN`` (the
+layout ``tasks.train_worker.latest_checkpoint`` reads), so a re-run of the same stage resumes. The
+driver polls the server for finished epochs and logs them to MLflow itself: a slow tracking server
+then delays only the log lines, never the server's replies to workers.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+from ray.exceptions import RayActorError, RayTaskError
+from torch.utils.data import TensorDataset, default_collate
+
+from tasks.techniques.data import load_splits
+from tasks.techniques.files import atomic_write
+from tasks.techniques.init_weights import apply_init, load_init_state
+from tasks.techniques.models import ModelSpec, build_model, save_model
+from tasks.techniques.param_server import ParameterServer, Push, Reply, Work
+from tasks.techniques.training import Precision, TrainConfig, evaluate, precision_for
+from tasks.train_worker import CKPT_FILE, _mlflow_logger, ensure_ray, latest_checkpoint, train_dataset
+
+POLL_S = 0.25  # how often the driver checks for finished epochs and dead workers
+KEEP_CHECKPOINTS = 2
+
+
+def actor_name(name: str, role: str) -> str:
+    """The Ray actor name of ``role`` ("server", "worker-0", ...) in the run ``name``: unique per run, so that
+    concurrent stages do not collide and a test can find a worker with ``ray.get_actor``."""
+    return f"optforge-asgd-{name}-{role}"
+
+
+@ray.remote
+class ParameterServerActor:
+    """``ParameterServer`` in an actor; writes a checkpoint at every epoch end and queues the epoch's metrics.
+
+    Calls run one at a time (a plain actor), so every update and handout sees a consistent state.
+    """
+
+    def __init__(self, cfg: dict, spec: dict, data_path: str, checkpoint_dir: str, resume_from: str | None,
+                 init_path: str | None):
+        torch.set_num_threads(1)  # num_cpus=0: it shares a CPU with the workers; its work is one step per push
+        self.cfg = TrainConfig.from_dict(cfg)
+        splits = load_splits(data_path)
+        torch.manual_seed(self.cfg.seed)
+        model = build_model(ModelSpec(**spec))
+        if init_path and not resume_from:
+            apply_init(model, load_init_state(init_path, ModelSpec(**spec)))
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.pending: list[dict] = []
+        X_val, y_val = splits.X_val, splits.y_val
+        self.core = ParameterServer(
+            model, self.cfg, len(splits.y_train), len(splits.y_new), lambda m: evaluate(m, X_val, y_val),
+            self.cfg.num_workers, on_epoch_end=self._epoch_end,
+        )
+        if resume_from:
+            self.core.load_state_dict(torch.load(resume_from, map_location="cpu", weights_only=True))
+        self.initial = evaluate(model, X_val, y_val)
+
+    def next(self, worker: int, push: Push | None) -> Reply:
+        return self.core.next(worker, push)
+
+    def worker_lost(self, worker: int) -> None:
+        self.core.worker_lost(worker)
+
+    def stop(self, reason: str) -> None:
+        self.core.stop(reason)
+
+    def status(self) -> dict:
+        """Progress for the driver and for tests: version, epoch, done, error, per-worker counts."""
+        return {"version": self.core.version, "epoch": self.core.epoch, "done": self.core.done,
+                "error": self.core.error, "nonfinite": self.core.nonfinite, "initial": self.initial, "totals": self.core.totals()}
+
+    def drain(self) -> list[dict]:
+        """The metrics of the epochs that ended since the last call."""
+        out, self.pending = self.pending, []
+        return out
+
+    def result(self) -> dict:
+        return {"best_model": self.core.best_model, "early_stopping": self.core.stopper.state_dict(),
+                "epoch": self.core.epoch - 1, "metrics": self.core.history[-1] if self.core.history else {},
+                "totals": self.core.totals()}
+
+    def _epoch_end(self, record: dict) -> None:
+        self.pending.append(record)
+        state = self.core.state_dict()
+        path = self.checkpoint_dir / f"checkpoint_{record['epoch']:06d}" / CKPT_FILE
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
+        for old in sorted(self.checkpoint_dir.glob("checkpoint_*"))[:-KEEP_CHECKPOINTS]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+@ray.remote
+class AsgdWorker:
+    """Computes gradients for the server until it says stop.
+
+    ``delay_s`` sleeps that many seconds per micro-batch: it exists only so that tests and the benchmark
+    can make one worker artificially slow.
+    """
+
+    def __init__(self, index: int, cfg: dict, spec: dict, data_path: str, extra_config: dict, delay_s: float = 0.0):
+        self.index, self.delay_s = index, delay_s
+        self.cfg = TrainConfig.from_dict(cfg)
+        torch.set_num_threads(self.cfg.threads_per_worker)
+        torch.manual_seed(self.cfg.seed + index)  # dropout masks differ between workers
+        self.device = torch.device("cuda" if self.cfg.use_gpu and torch.cuda.is_available() else "cpu")
+        self.precision = precision_for(self.device, self.cfg.amp)
+        if self.precision.scaler is not None:
+            # fp16 needs a GradScaler, whose scale must be unscaled and adjusted by the optimizer step, which
+            # runs on the remote server here. bf16 has fp32's range and needs no scaler.
+            self.precision = Precision(self.device.type, torch.bfloat16, None)
+        # The dataset is the old train split followed by data.new_source's train part, the index
+        # convention of ``epoch_order``; with ``kd`` in extra_config it carries the teacher's logits too.
+        self.dataset, loss_fn = train_dataset(extra_config, self.cfg, load_splits(data_path), self.device)
+        self.loss_fn = loss_fn or torch.nn.functional.cross_entropy
+        self.model = build_model(ModelSpec(**spec)).to(self.device)
+
+    def run(self, server) -> int:
+        """The worker loop; returns the number of units it computed."""
+        reply: Reply = ray.get(server.next.remote(self.index, None))
+        units = 0
+        while reply.work is not None:
+            self.model.load_state_dict(reply.weights)
+            push = self._gradient(reply.work, reply.version)
+            units += 1
+            reply = ray.get(server.next.remote(self.index, push))
+        return units
+
+    def _gradient(self, work: Work, version: int) -> Push:
+        model, n = self.model, len(work.batches)
+        model.train()
+        model.zero_grad(set_to_none=True)
+        if hasattr(self.dataset, "set_epoch"):  # augmented copies change with the epoch
+            self.dataset.set_epoch(work.epoch)
+        loss_sum, correct, seen = 0.0, 0, 0
+        for idx in work.batches:
+            if self.delay_s:
+                time.sleep(self.delay_s)
+            xb, yb, *extra = (t.to(self.device) for t in self._batch(idx))
+            with self.precision.autocast():
+                logits = model(xb)
+            loss = self.loss_fn(logits.float(), yb, *extra)
+            (loss / n).backward()  # the pushed gradient is the mean over the unit's micro-batches
+            loss_sum += loss.item() * len(yb)
+            correct += int((logits.argmax(1) == yb).sum())
+            seen += len(yb)
+        grads = {k: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().cpu()
+                 for k, p in model.named_parameters()}
+        buffers = {k: b.detach().cpu() for k, b in model.named_buffers()}
+        return Push(version, grads, buffers, loss_sum, correct, seen)
+
+    def _batch(self, idx: np.ndarray) -> list[torch.Tensor]:
+        index = torch.as_tensor(idx)
+        if isinstance(self.dataset, TensorDataset):
+            return [t[index] for t in self.dataset.tensors]
+        return default_collate([self.dataset[i] for i in idx.tolist()])
+
+
+def run_asgd(cfg: TrainConfig, spec: ModelSpec, data_path: str, storage: Path, name: str, out_dir: Path,
+             mlflow_tracking_uri: str | None = None, mlflow_run_id: str | None = None,
+             extra_config: dict | None = None, worker_delays_s: dict[int, float] | None = None) -> dict:
+    """Train with asynchronous SGD on Ray actors; write the best model to ``out_dir``; return the summary.
+
+    Args:
+        cfg: the training config (``cfg.num_workers`` workers of one CPU each; ``cfg.staleness_bound``).
+        spec: the model to train.
+        data_path: the splits file (``save_splits``); workers read it by path.
+        storage, name: checkpoints go to ``storage / name``; a re-run with the same name resumes from them.
+        out_dir: where the best model is saved (``save_model``).
+        mlflow_tracking_uri, mlflow_run_id: the MLflow run to log per-epoch metrics into (none: no logging).
+        extra_config: optional ``init_path`` (a model folder to start from, ignored when resuming) and
+            ``kd`` (distillation, see ``tasks.distill_worker.kd_dataset_and_loss``).
+        worker_delays_s: {worker index: seconds slept per micro-batch}: only for tests and benchmarks that
+            need an artificially slow worker.
+
+    Returns:
+        The shape of ``run_training``'s summary; ``metrics`` holds the last epoch's metrics overlaid with
+        whole-run asgd statistics (staleness_mean, staleness_max, stale_dropped, workers_lost, updates,
+        samples_per_s, updates_worker_<i>, units_worker_<i>).
+
+    Raises:
+        FloatingPointError: a worker's gradient became non-finite.
+        RuntimeError: every worker died before training ended.
+    """
+    extra = dict(extra_config or {})
+    ensure_ray()
+    found = latest_checkpoint(storage, name)
+    resume_from = str(Path(found.path) / CKPT_FILE) if found else None
+    log = _mlflow_logger({"mlflow_run_id": mlflow_run_id, "mlflow_tracking_uri": mlflow_tracking_uri})
+    delays = worker_delays_s or {}
+    server = ParameterServerActor.options(name=actor_name(name, "server"), num_cpus=0).remote(
+        cfg.to_dict(), asdict(spec), data_path, str(storage / name), resume_from, extra.get("init_path"))
+    workers: list = []
+    try:
+        status = ray.get(server.status.remote())
+        if log and not found:
+            first = status["initial"]
+            log({"initial_val_loss": first["loss"], "initial_val_accuracy": first["accuracy"],
+                 "staleness_bound": cfg.staleness_bound}, step=0)
+        if not status["done"]:
+            worker_extra = {k: v for k, v in extra.items() if k != "init_path"}
+            workers = [
+                AsgdWorker.options(name=actor_name(name, f"worker-{i}"), num_cpus=1, num_gpus=int(cfg.use_gpu))
+                .remote(i, cfg.to_dict(), asdict(spec), data_path, worker_extra, float(delays.get(i, 0.0)))
+                for i in range(cfg.num_workers)
+            ]
+            _supervise(server, {w.run.remote(server): i for i, w in enumerate(workers)}, log)
+        result = ray.get(server.result.remote())
+    finally:
+        for actor in [*workers, server]:
+            ray.kill(actor, no_restart=True)
+        _wait_names_free([actor_name(name, "server")] + [actor_name(name, f"worker-{i}") for i in range(len(workers))])
+    if log:
+        log.flush()
+    model = build_model(spec)
+    model.load_state_dict(result["best_model"])
+    save_model(model, spec, out_dir)
+    return {
+        "best_val_accuracy": result["early_stopping"]["best"], "best_epoch": result["early_stopping"]["best_epoch"],
+        "epochs_run": result["epoch"] + 1, "resumed": found is not None,
+        "metrics": {**result["metrics"], **result["totals"]},
+    }
+
+
+def _supervise(server, loops: dict, log) -> None:
+    """Wait for every worker loop; count dead workers, log finished epochs; raise when training cannot go on."""
+    pending, lost, failure = list(loops), 0, None
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1, timeout=POLL_S)
+        for ref in ready:
+            i = loops[ref]
+            try:
+                ray.get(ref)
+            except RayTaskError as exc:  # raised inside the worker (a bug, a NaN, the server gone): stop everyone
+                failure = failure or exc
+                ray.get(server.stop.remote(f"worker {i} failed: {exc}"))
+            except RayActorError as exc:  # the worker itself died: the others carry on
+                lost += 1
+                print(f"[optforge] asgd worker {i} died ({type(exc).__name__}); {len(loops) - lost} left")
+                ray.get(server.worker_lost.remote(i))
+        _log_epochs(server, log)
+    status = ray.get(server.status.remote())
+    if failure is not None:
+        if status["nonfinite"]:
+            raise FloatingPointError(f"training stopped: {status['error']}")
+        raise failure
+    if not status["done"]:
+        raise RuntimeError(f"asgd: all {len(loops)} workers died before training ended (epoch {status['epoch']})")
+
+
+def _log_epochs(server, log) -> None:
+    for record in ray.get(server.drain.remote()):
+        if log:
+            log({k: v for k, v in record.items() if k != "epoch"}, step=int(record["epoch"]))
+
+
+def _wait_names_free(names: list[str], timeout_s: float = 10.0) -> None:
+    """ray.kill returns before the actor is gone; wait until its name is free, so a re-run can take it."""
+    deadline = time.monotonic() + timeout_s
+    for n in names:
+        while time.monotonic() < deadline:
+            try:
+                ray.get_actor(n)
+            except ValueError:
+                break
+            time.sleep(0.05)
