@@ -35,6 +35,13 @@ def test_overrides_are_typed():
         (["train.epochs"], "expected KEY=VALUE"),
         (["train.epochs.x=1"], "'epochs' is a value, not a section"),
         (["register.model_name=../../etc"], "register.model_name: String should match pattern"),
+        (["train.strategy=hogwild"], "train.strategy: Input should be 'ssgd', 'model_averaging' or 'asgd'"),
+        (["train.local_steps=0"], "train.local_steps: Input should be greater than or equal to 1"),
+        (["train.staleness_bound=-1"], "train.staleness_bound"),
+        (["train.mix=tail"], "train.mix: 'tail' mixes data.new_source into the end of each epoch"),
+        (["train.tail_fraction=0"], "train.tail_fraction"),
+        (["train.loader.persistent_workers=true"], "train.loader.persistent_workers needs train.loader.workers > 0"),
+        (["compress.distill.train.init_from=runs:/x/model"], "compress.distill.train.init_from"),
     ],
 )
 def test_bad_config_names_the_field(overrides, message):

@@ -77,3 +77,41 @@ def test_labels_beyond_num_classes(tmp_path):
 def test_image_shape_must_match_features():
     with pytest.raises(ValueError, match="data.image_shape"):
         load_arrays(DataConfig(image_shape=(1, 4, 4)))
+
+
+def _new_npz(tmp_path, X, y):
+    path = tmp_path / "new.npz"
+    np.savez(path, X=X, y=y)
+    return str(path)
+
+
+def test_new_source_is_split_scaled_with_old_statistics_and_round_trips(tmp_path):
+    from tasks.techniques.data import load_new_arrays
+
+    old = DataConfig()
+    X, y, shape = load_arrays(old)
+    rng = np.random.default_rng(1)
+    Xn, yn = (X[:100] * 16.0 + rng.normal(size=X[:100].shape)) / 16.0, y[:100]
+    cfg = DataConfig(new_source=_new_npz(tmp_path, Xn, yn))
+    plain = split(X, y, shape, old)
+    mixed = split(X, y, shape, cfg, load_new_arrays(cfg, X.shape[1]))
+    assert len(mixed.y_new) == 70 and len(mixed.y_val) == len(plain.y_val) + 15
+    assert np.array_equal(mixed.X_train, plain.X_train)  # old data scaled as before: same statistics
+    assert fingerprint(mixed) != fingerprint(plain)
+    back = load_splits(save_splits(mixed, tmp_path / "s.npz"))
+    assert np.array_equal(back.X_new, mixed.X_new) and np.array_equal(back.y_new, mixed.y_new)
+    assert len(load_splits(save_splits(plain, tmp_path / "p.npz")).y_new) == 0
+
+
+def test_new_source_must_match_the_old_data(tmp_path):
+    from tasks.techniques.data import load_new_arrays
+
+    X, y, shape = load_arrays(DataConfig())
+    cfg = DataConfig(new_source=_new_npz(tmp_path, X[:50, :10], y[:50]))
+    with pytest.raises(ValueError, match="data.new_source: .* has 10 features per sample, but data.source has 64"):
+        load_new_arrays(cfg, 64)
+    cfg = DataConfig(new_source=_new_npz(tmp_path, X[:50], y[:50] + 10))
+    with pytest.raises(ValueError, match=r"data.new_source: labels must be in 0..9"):
+        split(X, y, shape, cfg, load_new_arrays(cfg, 64))
+    with pytest.raises(FileNotFoundError, match="data.new_source: file not found"):
+        load_new_arrays(DataConfig(new_source=str(tmp_path / "missing.npz")), 64)
