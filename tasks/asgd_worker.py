@@ -82,8 +82,9 @@ class ParameterServerActor:
 
     def status(self) -> dict:
         """Progress for the driver and for tests: version, epoch, done, error, per-worker counts."""
-        return {"version": self.core.version, "epoch": self.core.epoch, "done": self.core.done,
-                "error": self.core.error, "nonfinite": self.core.nonfinite, "initial": self.initial, "totals": self.core.totals()}
+        core = self.core
+        return {"version": core.version, "epoch": core.epoch, "done": core.done, "error": core.error,
+                "nonfinite": core.nonfinite, "initial": self.initial, "totals": core.totals()}
 
     def drain(self) -> list[dict]:
         """The metrics of the epochs that ended since the last call."""
@@ -204,21 +205,21 @@ def run_asgd(cfg: TrainConfig, spec: ModelSpec, data_path: str, storage: Path, n
     delays = worker_delays_s or {}
     server = ParameterServerActor.options(name=actor_name(name, "server"), num_cpus=0).remote(
         cfg.to_dict(), asdict(spec), data_path, str(storage / name), resume_from, extra.get("init_path"))
-    workers: list = []
+    # Workers start alongside the server (each actor is a fresh process importing torch, which takes
+    # seconds); when a resumed run turns out to be finished, their first call already answers "stop".
+    worker_extra = {k: v for k, v in extra.items() if k != "init_path"}
+    workers = [
+        AsgdWorker.options(name=actor_name(name, f"worker-{i}"), num_cpus=1, num_gpus=int(cfg.use_gpu))
+        .remote(i, cfg.to_dict(), asdict(spec), data_path, worker_extra, float(delays.get(i, 0.0)))
+        for i in range(cfg.num_workers)
+    ]
     try:
-        status = ray.get(server.status.remote())
+        loops = {w.run.remote(server): i for i, w in enumerate(workers)}
+        first = ray.get(server.status.remote())["initial"]  # also raises the server's start-up error, if any
         if log and not found:
-            first = status["initial"]
             log({"initial_val_loss": first["loss"], "initial_val_accuracy": first["accuracy"],
                  "staleness_bound": cfg.staleness_bound}, step=0)
-        if not status["done"]:
-            worker_extra = {k: v for k, v in extra.items() if k != "init_path"}
-            workers = [
-                AsgdWorker.options(name=actor_name(name, f"worker-{i}"), num_cpus=1, num_gpus=int(cfg.use_gpu))
-                .remote(i, cfg.to_dict(), asdict(spec), data_path, worker_extra, float(delays.get(i, 0.0)))
-                for i in range(cfg.num_workers)
-            ]
-            _supervise(server, {w.run.remote(server): i for i, w in enumerate(workers)}, log)
+        _supervise(server, loops, log)
         result = ray.get(server.result.remote())
     finally:
         for actor in [*workers, server]:
@@ -238,7 +239,7 @@ def run_asgd(cfg: TrainConfig, spec: ModelSpec, data_path: str, storage: Path, n
 
 def _supervise(server, loops: dict, log) -> None:
     """Wait for every worker loop; count dead workers, log finished epochs; raise when training cannot go on."""
-    pending, lost, failure = list(loops), 0, None
+    pending, lost, failure, death = list(loops), 0, None, None
     while pending:
         ready, pending = ray.wait(pending, num_returns=1, timeout=POLL_S)
         for ref in ready:
@@ -248,8 +249,8 @@ def _supervise(server, loops: dict, log) -> None:
             except RayTaskError as exc:  # raised inside the worker (a bug, a NaN, the server gone): stop everyone
                 failure = failure or exc
                 ray.get(server.stop.remote(f"worker {i} failed: {exc}"))
-            except RayActorError as exc:  # the worker itself died: the others carry on
-                lost += 1
+            except RayActorError as exc:  # the worker itself died (or never started): the others carry on
+                lost, death = lost + 1, exc
                 print(f"[optforge] asgd worker {i} died ({type(exc).__name__}); {len(loops) - lost} left")
                 ray.get(server.worker_lost.remote(i))
         _log_epochs(server, log)
@@ -259,7 +260,8 @@ def _supervise(server, loops: dict, log) -> None:
             raise FloatingPointError(f"training stopped: {status['error']}")
         raise failure
     if not status["done"]:
-        raise RuntimeError(f"asgd: all {len(loops)} workers died before training ended (epoch {status['epoch']})")
+        raise RuntimeError(
+            f"asgd: all {len(loops)} workers died before training ended (epoch {status['epoch']})") from death
 
 
 def _log_epochs(server, log) -> None:

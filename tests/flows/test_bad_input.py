@@ -45,6 +45,8 @@ CASES = {
     "missing data file": (lambda tmp: ["--set", f"data.source={tmp / 'nope.npz'}"], "data.source: file not found"),
     "bad model path": (lambda tmp: ["--set", "model.arch=no_such_pkg.models:make"], "model.arch: cannot import module 'no_such_pkg.models'"),
     "csv without label": (_csv_without_label, "data.label_column: column 'label' not in"),
+    "init_from nothing": (lambda tmp: ["--set", f"train.init_from={tmp / 'no-model'}"], "train.init_from: "),
+    "unknown strategy": (lambda tmp: ["--set", "train.strategy=hogwild"], "train.strategy: Input should be"),
 }
 
 

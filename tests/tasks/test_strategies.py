@@ -1,0 +1,118 @@
+"""The synchronous strategies on a real local Ray with 2 Ray Train workers, and fine-tuning from a
+registered model in a real MLflow store. (asgd has its own file: tests/tasks/test_asgd.py.)"""
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from tasks.data import prepare_data
+from tasks.init_from import fetch_init_model
+from tasks.refs import ModelRef, file_sha256
+from tasks.register import _log_onnx, _log_torch
+from tasks.techniques.data import DataConfig, load_splits
+from tasks.techniques.models import ModelConfig, ModelSpec, build_model, load_model, save_model
+from tasks.techniques.training import TrainConfig, evaluate
+from tasks.tracking import configure
+from tasks.train import train
+from tasks.train_worker import run_training
+
+pytestmark = pytest.mark.slow
+SMALL = ModelConfig(hidden=(64,), dropout=0.0)
+
+
+@pytest.fixture
+def digits(mlflow_store, tmp_path):
+    """An active parent run and the digits split prepared by the real stage body."""
+    configure("strategies")
+    with mlflow.start_run(run_name="parent") as parent:
+        data = prepare_data.fn(DataConfig(), None, str(tmp_path / "work"), parent.info.run_id)
+        yield data, parent.info.run_id, str(tmp_path / "work")
+
+
+@pytest.mark.parametrize("strategy, extra, floor", [
+    ("ssgd", {}, 90.0),
+    # 4 local steps between averages, with bf16 autocast and 2-step accumulation on top.
+    ("model_averaging", {"local_steps": 4, "amp": True, "grad_accum_steps": 2}, 88.0),
+])
+def test_strategy_reaches_accuracy_with_two_workers(digits, strategy, extra, floor, tmp_path):
+    data, parent, _ = digits
+    spec = ModelSpec(SMALL.to_dict(), data.num_features, data.num_classes, data.image_shape)
+    cfg = TrainConfig(strategy=strategy, epochs=6, batch_size=32, lr=0.01, patience=0, num_workers=2, **extra)
+    summary = run_training(cfg, spec, data.path, tmp_path / "ray", f"acc-{strategy}", tmp_path / "out")
+    assert summary["best_val_accuracy"] >= floor
+    assert summary["epochs_run"] == 6
+    if strategy == "model_averaging":
+        # 1,257 samples / 2 workers / 32 per batch = 20 micro-batches, 10 optimizer steps per epoch:
+        # 2 averages every 4 steps + 1 at the epoch's end = 3 per epoch (+1 at the start).
+        assert summary["metrics"]["averaging_rounds"] == 1 + 6 * 3
+
+
+def _trained_folder(data, tmp_path) -> tuple[ModelRef, float]:
+    """A small MLP trained in-process for a few epochs; its folder and its val loss."""
+    from tasks.techniques.training import make_optimizer, make_scheduler, precision_for, train_epoch
+
+    splits = load_splits(data.path)
+    spec = ModelSpec(SMALL.to_dict(), data.num_features, data.num_classes, data.image_shape)
+    torch.manual_seed(0)
+    model = build_model(spec)
+    cfg = TrainConfig(lr=3e-3)
+    batches = [(torch.as_tensor(splits.X_train[i : i + 64]), torch.as_tensor(splits.y_train[i : i + 64]))
+               for i in range(0, len(splits.y_train), 64)]
+    opt = make_optimizer(model, cfg)
+    sched = make_scheduler(opt, cfg, len(batches))
+    for _ in range(8):
+        train_epoch(model, batches, opt, sched, precision_for(torch.device("cpu"), False), 1)
+    folder = save_model(model, spec, tmp_path / "trained")
+    ref = ModelRef("pytorch_fp32", "torch", str(folder), file_sha256(folder))
+    return ref, evaluate(model, splits.X_val, splits.y_val)["loss"]
+
+
+def test_init_from_a_registered_model_starts_from_its_weights(digits, tmp_path):
+    data, parent, workdir = digits
+    ref, trained_loss = _trained_folder(data, tmp_path)
+    splits = load_splits(data.path)
+    with mlflow.start_run(run_name="register", nested=True):
+        info = _log_torch(ref, splits.X_test[:4], "optforge-init")
+    MlflowClient().set_registered_model_alias("optforge-init", "champion", str(info.registered_model_version))
+
+    init = fetch_init_model("models:/optforge-init@champion", workdir)
+    assert init.info["resolved"] == f"models:/optforge-init/{info.registered_model_version}"
+    assert init.sha256 == ref.sha256  # the exact weights that were registered
+    cfg = TrainConfig(epochs=1, batch_size=32, lr=1e-3, num_workers=2, init_from="models:/optforge-init@champion")
+    out = train.fn(cfg, SMALL, data, workdir, parent, init=init)
+    run = MlflowClient().get_run(out.run_id)
+    initial = MlflowClient().get_metric_history(out.run_id, "initial_val_loss")[0].value
+    fresh = evaluate(build_model(load_model(ref.path)[1]), splits.X_val, splits.y_val)["loss"]
+    assert initial == pytest.approx(trained_loss, rel=1e-4)  # the trained model's loss ...
+    assert initial < 0.5 * fresh  # ... not a fresh one's (~ln 10 = 2.3)
+    assert run.data.tags["optforge.init_resolved"] == init.info["resolved"]
+
+
+@pytest.mark.parametrize("uri, message", [
+    ("models:/no-such-model@champion", "train.init_from: no registered model version at models:/no-such-model@champion"),
+    ("runs:/0123456789abcdef/model", "train.init_from: cannot fetch runs:/0123456789abcdef/model"),
+    ("/no/such/folder", "train.init_from: /no/such/folder does not exist"),
+])
+def test_init_from_pointing_at_nothing(digits, uri, message):
+    with pytest.raises(ValueError) as err:
+        fetch_init_model(uri, digits[2])
+    assert message in str(err.value)
+
+
+def test_init_from_an_onnx_version_says_what_to_use_instead(digits, tmp_path):
+    from tasks.techniques.onnx_export import ExportConfig, export_onnx
+
+    data, parent, workdir = digits
+    ref, _ = _trained_folder(data, tmp_path)
+    model, spec = load_model(ref.path)
+    onnx_path = export_onnx(model, spec.num_features, tmp_path / "m.onnx", ExportConfig())
+    onnx_ref = ModelRef("onnx_fp32", "onnx", str(onnx_path), file_sha256(onnx_path))
+    mlflow.set_tag("optforge.stage.train.run_id", "feedc0de")  # what the flow records on its parent run
+    with mlflow.start_run(run_name="register", nested=True):
+        info = _log_onnx(onnx_ref, load_splits(data.path).X_test[:4], "optforge-onnx")
+    MlflowClient().set_model_version_tag("optforge-onnx", str(info.registered_model_version), "pipeline_run", parent)
+    with pytest.raises(ValueError, match="not a PyTorch model that can be fine-tuned; its FP32 PyTorch source is "
+                                         "runs:/feedc0de/model"):
+        fetch_init_model("models:/optforge-onnx/1", workdir)
