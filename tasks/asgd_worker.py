@@ -121,8 +121,8 @@ class AsgdWorker:
         self.device = torch.device("cuda" if self.cfg.use_gpu and torch.cuda.is_available() else "cpu")
         self.precision = precision_for(self.device, self.cfg.amp)
         if self.precision.scaler is not None:
-            # fp16 needs a GradScaler, whose scale must be unscaled and adjusted by the optimizer step, which
-            # runs on the remote server here. bf16 has fp32's range and needs no scaler.
+            # fp16 on CUDA would need a GradScaler, whose loss scale is checked and adjusted around the
+            # optimizer step, and that step runs on the remote server. bf16 has fp32's range: no scaler.
             self.precision = Precision(self.device.type, torch.bfloat16, None)
         # The dataset is the old train split followed by data.new_source's train part, the index
         # convention of ``epoch_order``; with ``kd`` in extra_config it carries the teacher's logits too.
@@ -249,8 +249,12 @@ def _supervise(server, loops: dict, log) -> None:
             except RayTaskError as exc:  # raised inside the worker (a bug, a NaN, the server gone): stop everyone
                 failure = failure or exc
                 ray.get(server.stop.remote(f"worker {i} failed: {exc}"))
-            except RayActorError as exc:  # the worker itself died (or never started): the others carry on
-                lost, death = lost + 1, exc
+            except RayActorError as exc:
+                if exc.actor_init_failed:  # its __init__ raised: every worker would, so this is no death to ride out
+                    failure = failure or exc
+                    ray.get(server.stop.remote(f"worker {i} failed to start: {exc}"))
+                    continue
+                lost, death = lost + 1, exc  # the worker process died: the others carry on
                 print(f"[optforge] asgd worker {i} died ({type(exc).__name__}); {len(loops) - lost} left")
                 ray.get(server.worker_lost.remote(i))
         _log_epochs(server, log)

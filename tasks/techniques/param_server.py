@@ -28,8 +28,8 @@ together with the newest weights and their version.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -55,7 +55,7 @@ class Push:
 
     version: int
     grads: dict[str, torch.Tensor]
-    # Floating-point buffers after the forward passes (BatchNorm statistics): the server keeps the latest.
+    # Buffers after the forward passes (BatchNorm statistics): the server keeps the latest applied ones.
     buffers: dict[str, torch.Tensor] = field(default_factory=dict)
     loss_sum: float = 0.0  # summed over samples
     correct: int = 0
@@ -147,8 +147,8 @@ class ParameterServer:
         Raises:
             FloatingPointError: the pushed gradient is not finite (every later call answers "stop").
         """
-        if self._t_start is None:
-            self._t_start = time.perf_counter()
+        if self._t_start is None:  # the first worker is here: clocks start now, not when the server was built
+            self._t_start = self._epoch_t0 = time.perf_counter()
         if push is not None:
             self._outstanding.pop(worker, None)
             self.receive(worker, push)

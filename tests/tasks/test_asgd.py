@@ -94,6 +94,7 @@ def test_killed_worker_is_counted_and_training_completes(digits, tmp_path):
     summary = run_asgd(config(epochs=6), spec, path, tmp_path / "ray", name, tmp_path / "model")
     killer.join(timeout=5)
 
+    assert "version" in seen, "worker 1 was never killed"
     assert seen["version"] < 6 * 40 / 2, "the kill came too late to test anything"
     m = summary["metrics"]
     assert m["workers_lost"] == 1 and m["workers_alive"] == 1 and summary["epochs_run"] == 6
@@ -113,3 +114,9 @@ def test_rerun_with_more_epochs_resumes_from_the_checkpoint(digits, tmp_path):
     assert second["best_val_accuracy"] > FLOOR
     assert sorted(p.name for p in (tmp_path / "ray" / "resume").glob("checkpoint_*")) == [
         "checkpoint_000002", "checkpoint_000003"]
+
+    # A re-run of the finished run (a crash after its final checkpoint) trains nothing and returns the same result.
+    third = run_asgd(config(epochs=4), spec, path, tmp_path / "ray", "resume", tmp_path / "model")
+    assert third["resumed"] and third["epochs_run"] == 4
+    assert third["metrics"]["updates"] == second["metrics"]["updates"]
+    assert third["best_val_accuracy"] == second["best_val_accuracy"]
