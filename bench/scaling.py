@@ -51,10 +51,10 @@ def run_one(strategy: str, workers: int, args, data, tmp: Path) -> dict:
         if strategy == "asgd" and args.slow_worker and workers > 1:
             from tasks.asgd_worker import run_asgd
 
-            summary = run_asgd(cfg.train, spec, data.path, tmp / "ray", f"{strategy}-{workers}", tmp / f"out-{run.info.run_id}",
+            summary = run_asgd(cfg.train, spec, data.path, tmp / "ray", run.info.run_id, tmp / f"out-{run.info.run_id}",
                                tracking_uri(), run.info.run_id, worker_delays_s={1: args.slow_worker})
         else:
-            summary = run_training(cfg.train, spec, data.path, tmp / "ray", f"{strategy}-{workers}",
+            summary = run_training(cfg.train, spec, data.path, tmp / "ray", run.info.run_id,  # fresh: never resumes
                                    tmp / f"out-{run.info.run_id}", tracking_uri(), run.info.run_id)
         wall = time.perf_counter() - start
         history = MlflowClient().get_metric_history(run.info.run_id, "samples_per_s")
