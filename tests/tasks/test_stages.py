@@ -3,23 +3,22 @@
 import mlflow
 import numpy as np
 import pytest
-import torch
 from mlflow import MlflowClient
 
 from tasks.benchmark import benchmark
 from tasks.data import prepare_data
 from tasks.export import export
 from tasks.quantize import quantize
-from tasks.refs import ModelRef, file_sha256
 from tasks.register import register
 from tasks.techniques.benchmark import BenchmarkConfig
 from tasks.techniques.data import DataConfig, load_splits
-from tasks.techniques.models import ModelConfig, ModelSpec, build_model, save_model
+from tasks.techniques.models import ModelConfig
 from tasks.techniques.onnx_export import ExportConfig
 from tasks.techniques.quantization import DynamicQuantConfig
 from tasks.techniques.selection import RegisterConfig
-from tasks.techniques.training import TrainConfig, evaluate, make_optimizer, make_scheduler, precision_for, train_epoch
+from tasks.techniques.training import evaluate
 from tasks.tracking import configure
+from tests.trained import train_in_process
 
 FAST_BENCH = BenchmarkConfig(warmup=2, iters_b1=20, iters_batch=2)
 
@@ -31,19 +30,8 @@ def pipeline(mlflow_store, tmp_path):
     with mlflow.start_run(run_name="parent") as parent:
         data = prepare_data.fn(DataConfig(), None, str(tmp_path / "work"), parent.info.run_id)
         splits = load_splits(data.path)
-        spec = ModelSpec(ModelConfig(hidden=(32,)).to_dict(), data.num_features, data.num_classes, data.image_shape)
-        torch.manual_seed(0)
-        model = build_model(spec)
-        cfg = TrainConfig(lr=3e-3)
-        batches = [(torch.as_tensor(splits.X_train[i : i + 64]), torch.as_tensor(splits.y_train[i : i + 64]))
-                   for i in range(0, len(splits.y_train), 64)]
-        opt = make_optimizer(model, cfg)
-        sched = make_scheduler(opt, cfg, len(batches))
-        for _ in range(5):
-            train_epoch(model, batches, opt, sched, precision_for(torch.device("cpu"), False), 1)
+        model, ref = train_in_process(ModelConfig(hidden=(32,)), data, splits, 5, tmp_path / "model")
         assert evaluate(model, splits.X_val, splits.y_val)["accuracy"] > 85
-        folder = save_model(model, spec, tmp_path / "model")
-        ref = ModelRef("pytorch_fp32", "torch", str(folder), file_sha256(folder))
         yield parent.info.run_id, data, ref, tmp_path / "work"
 
 

@@ -2,9 +2,7 @@
 registered model in a real MLflow store. (asgd has its own file: tests/tasks/test_asgd.py.)"""
 
 import mlflow
-import numpy as np
 import pytest
-import torch
 from mlflow import MlflowClient
 
 from tasks.data import prepare_data
@@ -12,11 +10,12 @@ from tasks.init_from import fetch_init_model
 from tasks.refs import ModelRef, file_sha256
 from tasks.register import _log_onnx, _log_torch
 from tasks.techniques.data import DataConfig, load_splits
-from tasks.techniques.models import ModelConfig, ModelSpec, build_model, load_model, save_model
+from tasks.techniques.models import ModelConfig, ModelSpec, build_model, load_model
 from tasks.techniques.training import TrainConfig, evaluate
 from tasks.tracking import configure
 from tasks.train import train
 from tasks.train_worker import run_training
+from tests.trained import train_in_process
 
 pytestmark = pytest.mark.slow
 SMALL = ModelConfig(hidden=(64,), dropout=0.0)
@@ -51,21 +50,8 @@ def test_strategy_reaches_accuracy_with_two_workers(digits, strategy, extra, flo
 
 def _trained_folder(data, tmp_path) -> tuple[ModelRef, float]:
     """A small MLP trained in-process for a few epochs; its folder and its val loss."""
-    from tasks.techniques.training import make_optimizer, make_scheduler, precision_for, train_epoch
-
     splits = load_splits(data.path)
-    spec = ModelSpec(SMALL.to_dict(), data.num_features, data.num_classes, data.image_shape)
-    torch.manual_seed(0)
-    model = build_model(spec)
-    cfg = TrainConfig(lr=3e-3)
-    batches = [(torch.as_tensor(splits.X_train[i : i + 64]), torch.as_tensor(splits.y_train[i : i + 64]))
-               for i in range(0, len(splits.y_train), 64)]
-    opt = make_optimizer(model, cfg)
-    sched = make_scheduler(opt, cfg, len(batches))
-    for _ in range(8):
-        train_epoch(model, batches, opt, sched, precision_for(torch.device("cpu"), False), 1)
-    folder = save_model(model, spec, tmp_path / "trained")
-    ref = ModelRef("pytorch_fp32", "torch", str(folder), file_sha256(folder))
+    model, ref = train_in_process(SMALL, data, splits, 8, tmp_path / "trained")
     return ref, evaluate(model, splits.X_val, splits.y_val)["loss"]
 
 

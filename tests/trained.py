@@ -1,0 +1,28 @@
+"""A small model trained in this process, for tests that need a trained model but are not about Ray."""
+
+from pathlib import Path
+
+import torch
+
+from tasks.refs import DataRef, ModelRef, file_sha256
+from tasks.techniques.data import Splits
+from tasks.techniques.models import ModelConfig, ModelSpec, build_model, save_model
+from tasks.techniques.training import TrainConfig, make_optimizer, make_scheduler, precision_for, train_epoch
+
+
+def train_in_process(model_cfg: ModelConfig, data: DataRef, splits: Splits, epochs: int,
+                     folder: Path) -> tuple[torch.nn.Module, ModelRef]:
+    """Train ``model_cfg`` on ``splits`` for ``epochs`` (seed 0, the default AdamW at lr 3e-3, batches
+    of 64) and save it in ``folder``; the model and its ref."""
+    spec = ModelSpec(model_cfg.to_dict(), data.num_features, data.num_classes, data.image_shape)
+    torch.manual_seed(0)
+    model = build_model(spec)
+    cfg = TrainConfig(lr=3e-3)
+    batches = [(torch.as_tensor(splits.X_train[i : i + 64]), torch.as_tensor(splits.y_train[i : i + 64]))
+               for i in range(0, len(splits.y_train), 64)]
+    opt = make_optimizer(model, cfg)
+    sched = make_scheduler(opt, cfg, len(batches))
+    for _ in range(epochs):
+        train_epoch(model, batches, opt, sched, precision_for(torch.device("cpu"), False), 1)
+    saved = save_model(model, spec, folder)
+    return model, ModelRef("pytorch_fp32", "torch", str(saved), file_sha256(saved))
