@@ -234,11 +234,16 @@ def _report_error(message: str, rank: int) -> None:
 
 
 def ensure_ray() -> None:
-    """Join ``RAY_ADDRESS``'s cluster when set, else start a local Ray (once per process)."""
+    """Join ``RAY_ADDRESS``'s cluster when set, else start a local Ray (once per process).
+
+    A local Ray binds to 127.0.0.1: nothing outside this machine has business with it, and by default
+    Ray would listen on the machine's network address.
+    """
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS") or None
-    ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    local = {} if address and address != "local" else {"_node_ip_address": "127.0.0.1"}
+    ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False, **local)
 
 
 def latest_checkpoint(storage: Path, name: str) -> ray.train.Checkpoint | None:

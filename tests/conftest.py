@@ -16,16 +16,41 @@ os.environ.pop("RAY_ADDRESS", None)
 os.environ.pop("PREFECT_API_URL", None)
 
 import sys  # noqa: E402
+import threading  # noqa: E402
+import warnings  # noqa: E402
 
 import pytest  # noqa: E402
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _stop_ray_at_the_end():
-    """Tests that train start a local Ray in this process; stop it when the session ends."""
+def _stop_ray(grace_s: float = 60.0) -> None:
+    """Stop the local Ray that training started in this process, if any.
+
+    ``ray.shutdown`` can hang closing its GCS subscriber when that connection broke while Ray sat idle
+    (ray-project/ray#44836; seen in CI after minutes of Ray-free tests: GOAWAY "too_many_pings", then
+    a teardown stuck until pytest-timeout). So it runs in a thread; if it has not returned after
+    ``grace_s``, this session's Ray processes are killed, which ends the stuck call.
+    """
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return
+    stopper = threading.Thread(target=ray.shutdown, name="ray-shutdown", daemon=True)
+    stopper.start()
+    stopper.join(grace_s)
+    if stopper.is_alive():
+        node = ray._private.worker._global_node  # private, but the only handle on the processes it started
+        if node is not None:
+            node.kill_all_processes(check_alive=False, allow_graceful=False)
+        stopper.join(30)
+        warnings.warn(f"ray.shutdown hung for {grace_s:.0f} s; killed this session's Ray processes "
+                      f"({'done' if not stopper.is_alive() else 'still stuck'})", stacklevel=1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _stop_ray_after_each_module():
+    """Tests that train start a local Ray in this process. Stop it after the module that started it,
+    so it never sits idle through the rest of the session (the next module starts a fresh one)."""
     yield
-    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
-        sys.modules["ray"].shutdown()
+    _stop_ray()
 
 
 TINY = {
