@@ -123,8 +123,11 @@ def train_loop_per_worker(config: dict) -> None:
         apply_init(base, load_init_state(config["init_path"], spec, cfg.init_from))
     averaging = cfg.strategy == "model_averaging"
     # ssgd: DDP all-reduces gradients every step. model_averaging: no DDP; ModelAverager all-reduces
-    # the weights every cfg.local_steps optimizer steps instead.
-    model = ray.train.torch.prepare_model(base, parallel_strategy=None if averaging else "ddp")
+    # the weights every cfg.local_steps optimizer steps instead. gradient_as_bucket_view: the gradients
+    # live in DDP's buckets, which saves a copy of every gradient per step (bench/ddp_overhead.py on the
+    # teacher MLP, 2 processes vs 1: 1.44-1.52x -> 1.60-1.66x with per-tensor AdamW, 1.14x -> 1.17x fused).
+    model = ray.train.torch.prepare_model(base, parallel_strategy=None if averaging else "ddp",
+                                          parallel_strategy_kwargs={"gradient_as_bucket_view": True})
     dataset, loss_fn = train_dataset(config, cfg, splits, device)
     sampler = MixingSampler(len(splits.y_train), len(splits.y_new), cfg.mix, cfg.tail_fraction, world, rank, cfg.seed)
     loader = make_loader(dataset, sampler, cfg.batch_size, cfg.loader)

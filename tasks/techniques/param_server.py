@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from tasks.techniques.sampling import epoch_order
-from tasks.techniques.training import EarlyStopping, TrainConfig, make_optimizer, make_scheduler
+from tasks.techniques.training import EarlyStopping, TrainConfig, all_finite, make_optimizer, make_scheduler
 
 Validate = Callable[[nn.Module], dict[str, float]]  # model -> {"loss", "accuracy" (%)} on the validation set
 
@@ -166,7 +166,7 @@ class ParameterServer:
             return False  # in flight when training ended: the final checkpoint already holds the final weights
         if missing := set(self.params) - set(push.grads):
             raise ValueError(f"gradient from worker {worker} lacks parameters {sorted(missing)[:4]}")
-        if not all(bool(torch.isfinite(g).all()) for g in push.grads.values()):
+        if not all_finite(push.grads.values()):
             loss = push.loss_sum / max(1, push.seen)
             self.error = (
                 f"gradient from worker {worker} became non-finite (its mean loss {loss:.4g}) at update {self.version}; "

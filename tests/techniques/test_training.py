@@ -9,6 +9,7 @@ from tasks.techniques.training import (
     OPTIMIZERS,
     EarlyStopping,
     TrainConfig,
+    all_finite,
     evaluate,
     make_optimizer,
     make_scheduler,
@@ -80,6 +81,34 @@ def test_nan_loss_stops_with_hint():
     batch = [(torch.tensor([[float("nan"), 1.0]]), torch.tensor([0]))]
     with pytest.raises(FloatingPointError, match="non-finite .* at step 0; hint: lower train.lr"):
         train_epoch(model, batch, opt, sched, precision_for(torch.device("cpu"), False), 1)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_non_finite_value_among_millions_is_found(bad, dtype):
+    tensors = [torch.randn(1000, 1000).to(dtype), torch.randn(10).to(dtype)]
+    assert all_finite(tensors) and all_finite([])
+    tensors[0][123, 456] = bad
+    assert not all_finite(tensors)
+
+
+def test_fused_optimizers_match_the_per_tensor_ones():
+    """SGD and AdamW are built fused; the weights they reach are those of the plain implementation."""
+    torch.manual_seed(0)
+    X, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    for name, plain in (("adamw", lambda p, c: torch.optim.AdamW(p, lr=c.lr, weight_decay=c.weight_decay)),
+                        ("sgd", lambda p, c: torch.optim.SGD(p, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay))):
+        cfg = TrainConfig(optimizer=name, lr=0.05)
+        a, b = nn.Linear(8, 3), nn.Linear(8, 3)
+        b.load_state_dict(a.state_dict())
+        opts = [make_optimizer(a, cfg), plain(b.parameters(), cfg)]
+        assert opts[0].defaults["fused"] and not opts[1].defaults.get("fused")
+        for _ in range(5):
+            for model, opt in zip((a, b), opts):
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(X), y).backward()
+                opt.step()
+        torch.testing.assert_close(a.weight, b.weight, rtol=1e-5, atol=1e-6)
 
 
 def test_early_stopping():
