@@ -4,7 +4,6 @@ nothing missing; left down, the run fails clearly and keeps what it computed on 
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
