@@ -239,8 +239,8 @@ def _report_error(message: str, rank: int) -> None:
 def ensure_ray() -> None:
     """Join ``RAY_ADDRESS``'s cluster when set, else start a local Ray (once per process).
 
-    A local Ray binds to 127.0.0.1: nothing outside this machine has business with it, and by default
-    Ray would listen on the machine's network address.
+    A local Ray advertises 127.0.0.1, so its processes talk over loopback rather than the machine's
+    network address (Ray's gRPC servers still listen on every interface; Ray offers no switch for that).
     """
     if ray.is_initialized():
         return
