@@ -32,7 +32,7 @@ from tasks.techniques.init_weights import apply_init, load_init_state
 from tasks.techniques.models import ModelSpec, build_model, save_model
 from tasks.techniques.param_server import ParameterServer, Push, Reply, Work
 from tasks.techniques.training import Precision, TrainConfig, evaluate, precision_for
-from tasks.train_worker import CKPT_FILE, _mlflow_logger, ensure_ray, latest_checkpoint, train_dataset
+from tasks.train_worker import CKPT_FILE, _mlflow_logger, ensure_ray, latest_checkpoint, train_dataset, training_summary
 
 POLL_S = 0.25  # how often the driver checks for finished epochs and dead workers
 KEEP_CHECKPOINTS = 2
@@ -230,11 +230,7 @@ def run_asgd(cfg: TrainConfig, spec: ModelSpec, data_path: str, storage: Path, n
     model = build_model(spec)
     model.load_state_dict(result["best_model"])
     save_model(model, spec, out_dir)
-    return {
-        "best_val_accuracy": result["early_stopping"]["best"], "best_epoch": result["early_stopping"]["best_epoch"],
-        "epochs_run": result["epoch"] + 1, "resumed": found is not None,
-        "metrics": {**result["metrics"], **result["totals"]},
-    }
+    return training_summary(result, found is not None, {**result["metrics"], **result["totals"]})
 
 
 def _supervise(server, loops: dict, log) -> None:

@@ -32,8 +32,7 @@ def teacher_logits_file(teacher: ModelRef, data: DataRef, workdir: str) -> Path:
         return path
     model, _ = load_model(teacher.path)
     splits = load_splits(data.path)
-    # Old train split followed by data.new_source's train part: the order the workers' datasets use.
-    logits = teacher_logits(model, np.concatenate([splits.X_train, splits.X_new]))
+    logits = teacher_logits(model, splits.X_fit)  # rows in the order the workers' datasets use
     return atomic_write(path, lambda tmp: np.savez(tmp, train=logits), suffix=".npz")
 
 

@@ -23,14 +23,13 @@ from prefect import task
 
 from tasks.refs import ModelRef, file_sha256
 from tasks.techniques.init_weights import FIELD
-
-MODEL_FILES = ("model.json", "model.pt")
+from tasks.techniques.models import MODEL_FILES, missing_model_file
 
 
 def _model_folder(root: Path) -> Path | None:
     """The folder under ``root`` that holds model.json + model.pt (itself, model/, or extra_files/)."""
     for folder in (root, root / "model", root / "extra_files"):
-        if all((folder / f).is_file() for f in MODEL_FILES):
+        if missing_model_file(folder) is None:
             return folder
     return None
 

@@ -9,10 +9,10 @@ import mlflow
 from tasks.caching import stage_dir, stage_task
 from tasks.refs import DataRef, ModelRef, file_sha256
 from tasks.techniques.flops import count_flops
+from tasks.techniques.init_weights import load_init_state
 from tasks.techniques.models import ModelConfig, ModelSpec, build_model, count_params
 from tasks.techniques.training import TrainConfig
 from tasks.tracking import child_run, tracking_uri
-from tasks.techniques.init_weights import load_init_state
 from tasks.train_worker import run_training
 
 # Whole-run figures the strategies report beside the per-epoch curves.

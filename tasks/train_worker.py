@@ -20,7 +20,6 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-import numpy as np
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from tasks.techniques.augment import AugmentedDataset, CachedCopies, build_cache, cache_path
@@ -82,8 +81,7 @@ def train_dataset(config: dict, cfg: TrainConfig, splits: Splits, device) -> tup
     Distillation adds the teacher's logits as a third column and its own loss; augmentation swaps the
     features for augmented copies (cached or computed per sample), keeping the other columns.
     """
-    X = torch.as_tensor(np.concatenate([splits.X_train, splits.X_new]))
-    y = torch.as_tensor(np.concatenate([splits.y_train, splits.y_new]))
+    X, y = torch.as_tensor(splits.X_fit), torch.as_tensor(splits.y_fit)
     dataset, loss_fn = TensorDataset(X, y), None  # cross-entropy on labels
     if config.get("kd"):  # distillation: the teacher's logits ride along as a third column
         from tasks.distill_worker import kd_dataset_and_loss
@@ -273,17 +271,16 @@ def run_training(
     # each ray.train.report waits for that poll: with 0.25 s an epoch of this size costs ~0.3 s of
     # reporting instead of 2 s. The driver's value reaches the controller when the trainer is made.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+    extra_config = dict(extra_config or {})
+    if cfg.loader.augment_copies and cfg.loader.cache:
+        # Built once by the driver, before any worker starts; workers of every strategy memory-map it.
+        splits = load_splits(data_path)
+        extra_config["augment_path"] = str(
+            build_cache(splits.X_fit, cfg.loader, splits.image_shape, cfg.seed, cache_path(data_path, cfg.loader, cfg.seed)))
     if cfg.strategy == "asgd":  # no collective at all: a parameter server on plain Ray actors
         from tasks.asgd_worker import run_asgd
 
         return run_asgd(cfg, spec, data_path, storage, name, out_dir, mlflow_tracking_uri, mlflow_run_id, extra_config)
-    extra_config = dict(extra_config or {})
-    if cfg.loader.augment_copies and cfg.loader.cache:
-        # Built once by the driver, before any worker starts; workers memory-map it.
-        splits = load_splits(data_path)
-        X_all = np.concatenate([splits.X_train, splits.X_new])
-        extra_config["augment_path"] = str(
-            build_cache(X_all, cfg.loader, splits.image_shape, cfg.seed, cache_path(data_path, cfg.loader, cfg.seed)))
     ensure_ray()
     from ray.train.torch import TorchTrainer
 
@@ -314,8 +311,12 @@ def run_training(
         for f in ("model.pt", "model.json"):
             (out_dir / f).write_bytes((src / f).read_bytes())
         state = torch.load(Path(d) / CKPT_FILE, map_location="cpu", weights_only=True)
+    return training_summary(state, resumed, json.loads(json.dumps(result.metrics or {}, default=float)))
+
+
+def training_summary(state: dict, resumed: bool, metrics: dict) -> dict:
+    """What every strategy's run returns, from its final training state (``early_stopping``, ``epoch``)."""
     return {
         "best_val_accuracy": state["early_stopping"]["best"], "best_epoch": state["early_stopping"]["best_epoch"],
-        "epochs_run": state["epoch"] + 1, "resumed": resumed,
-        "metrics": json.loads(json.dumps(result.metrics or {}, default=float)),
+        "epochs_run": state["epoch"] + 1, "resumed": resumed, "metrics": metrics,
     }

@@ -58,6 +58,17 @@ class Splits:
             object.__setattr__(self, "y_new", np.zeros(0, np.int64))
 
     @property
+    def X_fit(self) -> np.ndarray:
+        """What training iterates over: the old train split, then data.new_source's train part. Sample
+        indices (MixingSampler's, the teacher logits' rows, augmented copies' rows) refer to this order."""
+        return np.concatenate([self.X_train, self.X_new])
+
+    @property
+    def y_fit(self) -> np.ndarray:
+        """The labels of ``X_fit``, in its order."""
+        return np.concatenate([self.y_train, self.y_new])
+
+    @property
     def num_features(self) -> int:
         return int(self.X_train.shape[1])
 

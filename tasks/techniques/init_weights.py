@@ -8,13 +8,12 @@ which shape differs, before any worker starts.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from tasks.techniques.models import ModelSpec, build_model
+from tasks.techniques.models import ModelSpec, build_model, missing_model_file, read_spec
 
 FIELD = "train.init_from"
 
@@ -28,11 +27,10 @@ def load_init_state(folder: str | Path, spec: ModelSpec, source: str | None = No
         source: what the user wrote in ``train.init_from`` (for messages); defaults to ``folder``.
     """
     folder, source = Path(folder), source or str(folder)
-    for name in ("model.json", "model.pt"):
-        if not (folder / name).is_file():
-            raise ValueError(f"{FIELD}: {source} is not a model folder: {folder} lacks {name}")
-    raw = json.loads((folder / "model.json").read_text())
-    theirs = (int(raw["num_features"]), int(raw["num_classes"]))
+    if missing := missing_model_file(folder):
+        raise ValueError(f"{FIELD}: {source} is not a model folder: {folder} lacks {missing}")
+    their_spec = read_spec(folder)
+    theirs = (their_spec.num_features, their_spec.num_classes)
     if theirs != (spec.num_features, spec.num_classes):
         raise ValueError(
             f"{FIELD}: {source} takes {theirs[0]} features and predicts {theirs[1]} classes, but this run's data has "
@@ -53,7 +51,7 @@ def load_init_state(folder: str | Path, spec: ModelSpec, source: str | None = No
         )
         raise ValueError(
             f"{FIELD}: the weights in {source} do not fit the configured model ({detail}); its model.json says "
-            f"{raw['config']}: set model.* to match it"
+            f"{their_spec.config}: set model.* to match it"
         )
     return state
 

@@ -203,6 +203,21 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+MODEL_FILES = ("model.json", "model.pt")  # what save_model writes: the spec, and the state_dict
+
+
+def missing_model_file(folder: str | Path) -> str | None:
+    """The first of ``MODEL_FILES`` that ``folder`` lacks; None for a complete model folder."""
+    return next((name for name in MODEL_FILES if not (Path(folder) / name).is_file()), None)
+
+
+def read_spec(folder: str | Path) -> ModelSpec:
+    """The ``ModelSpec`` in ``folder``'s model.json (without loading any weights)."""
+    raw = json.loads((Path(folder) / "model.json").read_text())
+    shape = tuple(raw["image_shape"]) if raw.get("image_shape") else None
+    return ModelSpec(raw["config"], int(raw["num_features"]), int(raw["num_classes"]), shape, raw.get("factorized"))
+
+
 def save_model(model: nn.Module, spec: ModelSpec, folder: str | Path) -> Path:
     """Write ``model.pt`` (state_dict) and ``model.json`` (spec) into ``folder``; each file atomically."""
     folder = Path(folder)
@@ -215,12 +230,9 @@ def save_model(model: nn.Module, spec: ModelSpec, folder: str | Path) -> Path:
 def load_model(folder: str | Path) -> tuple[nn.Module, ModelSpec]:
     """Rebuild from ``model.json`` and load ``model.pt`` with ``weights_only=True``; eval mode."""
     folder = Path(folder)
-    for name in ("model.json", "model.pt"):
-        if not (folder / name).exists():
-            raise FileNotFoundError(f"model folder {folder} lacks {name}")
-    raw = json.loads((folder / "model.json").read_text())
-    shape = tuple(raw["image_shape"]) if raw.get("image_shape") else None
-    spec = ModelSpec(raw["config"], int(raw["num_features"]), int(raw["num_classes"]), shape, raw.get("factorized"))
+    if missing := missing_model_file(folder):
+        raise FileNotFoundError(f"model folder {folder} lacks {missing}")
+    spec = read_spec(folder)
     model = build_model(spec)
     model.load_state_dict(torch.load(folder / "model.pt", map_location="cpu", weights_only=True))
     return model.eval(), spec
