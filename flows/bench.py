@@ -52,7 +52,7 @@ def measure_variants(variants, data, cfg, harness) -> dict:
                 skipped[ref.name] = ref.info.get("skip_reason", "unknown")
             else:
                 loaded[ref.name] = (ref, load_variant(ref, cfg.benchmark, Path(scratch)))
-    timings = measure_side_by_side({n: v.predict for n, (_, v) in loaded.items()}, splits.X_test, splits.y_test, harness)
+    timings = measure_side_by_side({n: v.predict for n, (_, v) in loaded.items()}, splits.test, harness)
     table = {n: {**timings[n], "size_mb": v.size_mb, "params": float(v.params), "format": ref.format, "runtime": v.settings}
              for n, (ref, v) in loaded.items()}
     rows = ratios(timings, harness.max_accuracy_drop)
@@ -111,7 +111,7 @@ def _bench_flow():
         tags = {"optforge.pipeline": "bench", "optforge.config_path": str(config_path or "<defaults>"), **process_tags()}
         with mlflow.start_run(run_name="bench", tags=tags) as run:
             try:
-                data, variants = build_variants(cfg, str(Path(cfg.tracking.workdir).resolve()), StageRunner(force, run.info.run_id))
+                data, variants, _ = build_variants(cfg, str(Path(cfg.tracking.workdir).resolve()), StageRunner(force, run.info.run_id))
                 report = measure_variants(variants, data, cfg, harness_cfg)
                 report |= {"created_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "commit": git_commit(),
                            "code_version": code_version(), "mlflow_run_id": run.info.run_id, "workdir": cfg.tracking.workdir}
@@ -135,9 +135,9 @@ def _write_json(report: dict, path: Path) -> Path:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """``optforge bench``: print the table, write the JSON, log to MLflow; exit 3 on a missed target with --strict."""
-    from flows.cli import _embedded_defaults
+    from flows.environment import embedded_defaults
 
-    _embedded_defaults()
+    embedded_defaults()
     from pydantic import ValidationError
 
     from flows.params import ConfigError

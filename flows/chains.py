@@ -13,86 +13,16 @@ flow's StageRunner, so each is cached, timed and logged as a child run like any 
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Literal
-
-from pydantic import Field, field_validator, model_validator
 
 from tasks.compress import factorize, prune
 from tasks.distill import distill
 from tasks.export import export
 from tasks.quantize import quantize
 from tasks.refs import DataRef, ModelRef
-from tasks.techniques.config import TechniqueConfig
-from tasks.techniques.distill import DistillConfig
-from tasks.techniques.factorize import FactorizeConfig
-from tasks.techniques.prune import PruneConfig
 
-Stage = Literal["distill", "prune", "factorize", "export", "quantize"]
-TORCH_STEPS = ("distill", "prune", "factorize")
-SUFFIX = {"export": "onnx", "quantize": "int8"}
+from flows.chain_config import CompressConfig, expand, product_name
 
-# The default shows each technique next to its INT8 version and keeps `optforge run` quick: one Ray
-# Train distillation (shared by the first three chains), in-process fine-tuning for prune and
-# factorize, and PyTorch end products that cost only their benchmark. The distilled student alone
-# has 1/128 of the teacher's parameters.
-DEFAULT_CHAINS = (("distill",), ("distill", "quantize"), ("distill", "prune", "quantize"), ("prune",),
-                  ("prune", "quantize"), ("factorize",), ("factorize", "quantize"))
-
-
-class CompressConfig(TechniqueConfig):
-    """Which compression chains to build and each technique's settings."""
-
-    chains: tuple[tuple[Stage, ...], ...] = Field(
-        DEFAULT_CHAINS, description="chains of stages (distill, prune, factorize, then export and/or quantize); "
-        "each chain's end product is a benchmarked variant; [] builds none"
-    )
-    distill: DistillConfig = Field(default_factory=DistillConfig, description="knowledge distillation (Ray Train)")
-    prune: PruneConfig = Field(default_factory=PruneConfig, description="pruning and its fine-tuning")
-    factorize: FactorizeConfig = Field(default_factory=FactorizeConfig, description="SVD factorization and fine-tuning")
-
-    @field_validator("chains")
-    @classmethod
-    def _chains_make_sense(cls, chains):
-        seen = set()
-        for i, chain in enumerate(chains):
-            where = f"chain {i} {list(chain)}"
-            if not any(step in TORCH_STEPS for step in chain):
-                raise ValueError(f"{where} needs at least one of {list(TORCH_STEPS)}; export/quantize alone repeat "
-                                 "the baseline variants")
-            if len(set(chain)) != len(chain):
-                raise ValueError(f"{where} repeats a stage")
-            if "distill" in chain and chain[0] != "distill":
-                raise ValueError(f"{where}: distill trains a new student from the teacher, so it must come first")
-            first_onnx = next((j for j, step in enumerate(chain) if step in SUFFIX), len(chain))
-            if tuple(chain[first_onnx:]) not in ((), ("export",), ("quantize",), ("export", "quantize")):
-                raise ValueError(f"{where}: export and quantize must come last, export before quantize")
-            if expand(chain) in seen:
-                raise ValueError(f"{where} builds the same variant as an earlier chain")
-            seen.add(expand(chain))
-        return chains
-
-    @model_validator(mode="after")
-    def _no_structured_prune_after_factorize(self):
-        for chain in self.chains:
-            if "factorize" in chain and "prune" in chain and chain.index("prune") > chain.index("factorize") \
-                    and self.prune.method == "structured":
-                raise ValueError(f"compress.chains: {list(chain)} prunes structurally after factorizing, which is "
-                                 "not supported; put prune before factorize or use prune.method=unstructured")
-        return self
-
-
-def expand(chain) -> tuple[str, ...]:
-    """The steps that actually run: quantize needs an ONNX model, so it implies export."""
-    steps = tuple(chain)
-    if "quantize" in steps and "export" not in steps:
-        steps = steps[:-1] + ("export", "quantize")
-    return steps
-
-
-def product_name(steps: tuple[str, ...], sep: str = "-") -> str:
-    """``('distill', 'prune', 'export', 'quantize')`` -> ``distill-prune-int8``."""
-    parts = [s for s in steps if s in TORCH_STEPS] + ([SUFFIX[steps[-1]]] if steps[-1] in SUFFIX else [])
-    return sep.join(parts)
+__all__ = ["CompressConfig", "chain_variants", "expand", "product_name"]
 
 
 def _run_step(step: str, source: ModelRef, name: str, teacher: ModelRef, cfg: CompressConfig, data: DataRef,

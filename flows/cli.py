@@ -7,23 +7,12 @@ put in the environment, so ``optforge --help`` is instant and nothing is configu
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
+from flows.environment import embedded_defaults
+
 EXIT_CONFIG, EXIT_FAILED = 2, 1
-
-
-def _embedded_defaults() -> None:
-    """Laptop defaults; any variable the user set wins (that is how a team points at its servers)."""
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # the network is closed; avoid its error
-    os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(Path(".optforge/prefect-results").resolve()))
-    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
-    # MLflow's HTTP client retries 7 times with doubling back-off (minutes of silence when a server is
-    # down). 3 retries, 1-2-4 s apart, 10 s timeout; the stage tasks' own retries come on top.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
 def _fmt(v: float, digits: int = 2) -> str:
@@ -51,13 +40,14 @@ def format_summary(summary: dict) -> str:
     )
     stages = ", ".join(f"{s['stage']} " + ("cached" if s["cached"] else f"{s['seconds']}s") for s in summary["stages"])
     skipped = [f"{v['variant']}: skipped ({v['skipped']})" for v in summary["variants"] if v.get("skipped")]
+    skipped += [f"{name}: skipped ({why})" for name, why in summary.get("skipped", {}).items()]
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows), *skipped, "", outcome,
                       f"stages: {stages}", f"MLflow parent run: {summary['parent_run_id']}",
                       *([f"report: {summary['report']}"] if summary.get("report") else [])])
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    _embedded_defaults()
+    embedded_defaults()
     from flows.preflight import PreflightError, check_environment
 
     try:  # an unreachable server fails here in seconds, naming its variable, instead of hanging in retries

@@ -10,7 +10,7 @@ import logging
 
 from pydantic import Field
 
-from tasks.refs import DataRef, ModelRef
+from tasks.refs import DataRef, Format, ModelRef
 from tasks.techniques.config import TechniqueConfig
 from tasks.techniques.fp16 import Fp16Config
 from tasks.techniques.static_quant import StaticQuantConfig
@@ -66,7 +66,7 @@ def torch_gpu_variants(cfg: TorchGpuConfig, baseline: ModelRef) -> list[ModelRef
             mlflow.set_tag("optforge.torch_gpu.skipped", reason)
         return []
     return [
-        ModelRef(v.name, "torch_cuda", baseline.path, baseline.sha256, baseline.run_id,
+        ModelRef(v.name, Format.TORCH_CUDA, baseline.path, baseline.sha256, baseline.run_id,
                  {"dtype": v.dtype, "compiled": v.compiled, "compile_mode": cfg.compile_mode,
                   "lineage": {"parent_variant": baseline.name, "technique": v.name.removeprefix("pytorch_")}})
         for v in gpu_variants(cfg)

@@ -20,19 +20,18 @@ from prefect.runtime import flow_run
 from flows.chains import chain_variants
 from flows.engines import engine_variants
 from flows.params import PipelineConfig, load_config, peek_tracking
+from flows.plan import Plan, plan
 from flows.preflight import check_environment
 from tasks.benchmark import benchmark
 from tasks.data import prepare_data
-from tasks.export import export
+from tasks.export import export, import_onnx
 from tasks.init_from import resolve_init
 from tasks.quantize import quantize
-from tasks.refs import DataRef, ModelRef, file_sha256
+from tasks.refs import DataRef, Format, ModelRef, file_sha256
 from tasks.register import hash_config, register
 from tasks.report import report
 from tasks.tracking import close_dead_runs, configure, error_tags, flatten, process_tags
 from tasks.train import train
-
-BASELINE = "pytorch_fp32"
 
 
 class StageRunner:
@@ -103,25 +102,48 @@ def optimize(config_path: str | None = None, overrides: list[str] | None = None,
     return summary
 
 
-def build_variants(cfg: PipelineConfig, workdir: str, stage: StageRunner) -> tuple[DataRef, list[ModelRef]]:
-    """Every variant-producing stage, in order: data, the FP32 baseline, its ONNX forms, engines, chains.
+def _sha(path: str | None) -> str | None:
+    """Content hash of a user's file or folder (part of a stage's cache key), None when absent."""
+    return file_sha256(path) if path and Path(path).exists() else None
+
+
+def build_variants(cfg: PipelineConfig, workdir: str, stage: StageRunner) -> tuple[DataRef, list[ModelRef], Plan]:
+    """Every variant-producing stage, in order: data, the plan, the FP32 baseline, its ONNX forms, engines, chains.
 
     Shared by ``optimize`` and ``optforge bench``; same configs give the same cache entries.
     """
-    source = Path(cfg.data.source)
-    source_sha = file_sha256(source) if cfg.data.source != "digits" and source.is_file() else None
-    new = Path(cfg.data.new_source) if cfg.data.new_source else None
-    new_sha = file_sha256(new) if new is not None and new.is_file() else None
-    data = stage(prepare_data, cfg=cfg.data, source_sha256=source_sha, new_source_sha256=new_sha, workdir=workdir)
+    logger = get_run_logger()
+    tokenizer = cfg.data.tokenizer or (cfg.model.path if cfg.model.arch == "huggingface" else None)
+    data = stage(prepare_data, cfg=cfg.data, source_sha256=_sha(None if cfg.data.source == "digits" else cfg.data.source),
+                 new_source_sha256=_sha(cfg.data.new_source), workdir=workdir,
+                 tokenizer=tokenizer if cfg.data.text_column else None,
+                 tokenizer_sha256=_sha(tokenizer) if cfg.data.text_column else None)
     mlflow.set_tag("optforge.data_fingerprint", data.sha256)
+    # Before anything trains: which steps apply to this model and data, and why the others do not.
+    run_plan = plan(cfg, data.inputs, data.name)
+    cfg = run_plan.cfg
+    for step, reason in run_plan.skipped.items():
+        logger.warning("skipped %s: %s", step, reason)
+    if run_plan.skipped:
+        mlflow.set_tags({f"optforge.skipped.{k}": v[:5000] for k, v in run_plan.skipped.items()})
+    mlflow.set_tag("optforge.registry_name", cfg.register.model_name)
+    if cfg.model.arch == "onnx":
+        onnx_fp32 = stage(import_onnx, model_path=cfg.model.path, model_sha256=_sha(cfg.model.path), data=data,
+                          workdir=workdir)
+        onnx_int8 = stage(quantize, cfg=cfg.quantize, onnx_model=onnx_fp32, workdir=workdir)
+        engines = cfg.engines.model_copy(update={"torch_gpu": cfg.engines.torch_gpu.model_copy(update={"enabled": False})})
+        variants = [onnx_fp32, onnx_int8, *engine_variants(engines, onnx_fp32, None, data, workdir, stage)]
+        return data, variants, run_plan
     init = resolve_init(cfg.train.init_from, workdir) if cfg.train.init_from else None
-    model = stage(train, cfg=cfg.train, model_cfg=cfg.model, data=data, workdir=workdir, init=init)
+    model_sha = _sha(cfg.model.path) or _sha(cfg.model.weights)
+    model = stage(train, cfg=cfg.train, model_cfg=cfg.model, data=data, workdir=workdir, init=init,
+                  model_sha256=model_sha)
     onnx_fp32 = stage(export, cfg=cfg.export, model=model, data=data, workdir=workdir)
     onnx_int8 = stage(quantize, cfg=cfg.quantize, onnx_model=onnx_fp32, workdir=workdir)
     variants = [model, onnx_fp32, onnx_int8]
     variants += engine_variants(cfg.engines, onnx_fp32, model, data, workdir, stage)
     variants += chain_variants(cfg.compress, model, data, workdir, stage, cfg.export, cfg.quantize)
-    return data, variants
+    return data, variants, run_plan
 
 
 def _pipeline(config_path, overrides, force: bool, parent_run_id: str) -> dict:
@@ -134,13 +156,14 @@ def _pipeline(config_path, overrides, force: bool, parent_run_id: str) -> dict:
     workdir = str(Path(cfg.tracking.workdir).resolve())
     stage = StageRunner(force, parent_run_id)
 
-    data, variants = build_variants(cfg, workdir, stage)
+    data, variants, run_plan = build_variants(cfg, workdir, stage)
+    cfg = run_plan.cfg
     results = stage(benchmark, cfg=cfg.benchmark, variants=variants, data=data)
     registration = stage(register, cfg=cfg.register, results=results, variants=variants, data=data,
                          config_hash=config_hash)
 
-    base = next(r.metrics for r in results if r.name == BASELINE)
-    skipped = {v.name: v.info["skip_reason"] for v in variants if v.format == "skipped"}
+    base = next(r.metrics for r in results if r.name == cfg.register.baseline)
+    skipped = {v.name: v.info["skip_reason"] for v in variants if v.format == Format.SKIPPED}
     table = [
         {"variant": r.name, **r.metrics, "speedup_b1": base["latency_ms_p50_b1"] / r.metrics["latency_ms_p50_b1"],
          **({"skipped": skipped[r.name]} if r.name in skipped else {})}
@@ -152,7 +175,7 @@ def _pipeline(config_path, overrides, force: bool, parent_run_id: str) -> dict:
                         workdir=workdir, parent_run_id=parent_run_id)
     return {
         "parent_run_id": parent_run_id, "experiment": cfg.tracking.experiment, "data_fingerprint": data.sha256,
-        "variants": table, "stages": stage.stages,
+        "variants": table, "stages": stage.stages, "skipped": run_plan.skipped,
         "registration": {"variant": registration.variant, "model_name": registration.model_name,
                          "version": registration.version, "reason": registration.reason,
                          "alias": getattr(registration, "alias", None)},

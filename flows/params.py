@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from flows.chains import CompressConfig
+from flows.chain_config import CompressConfig
 from flows.engines import EnginesConfig
 from tasks.techniques.benchmark import BenchmarkConfig
 from tasks.techniques.config import TechniqueConfig
@@ -61,6 +61,15 @@ class PipelineConfig(TechniqueConfig):
             raise ValueError("train.mix: 'tail' mixes data.new_source into the end of each epoch; set data.new_source")
         if self.compress.distill.train.init_from:
             raise ValueError("compress.distill.train.init_from: students start fresh; use train.init_from for the teacher")
+        m = self.model
+        if self.train.epochs == 0 and not (m.arch in ("huggingface", "onnx") or m.weights or self.train.init_from):
+            raise ValueError(f"train.epochs: 0 takes the given model as the FP32 baseline, but model.arch={m.arch} has "
+                             "no trained weights; set model.weights, model.arch=huggingface with model.path, "
+                             "model.arch=onnx, or train.init_from")
+        if m.arch == "onnx" and self.train.init_from:
+            raise ValueError("train.init_from: an ONNX model (model.arch=onnx) cannot be fine-tuned")
+        if self.data.new_source and (self.data.text_column or Path(self.data.source).is_dir()):
+            raise ValueError("data.new_source: new data for fine-tuning is supported for numeric tables only")
         return self
 
 

@@ -55,10 +55,10 @@ def serve_kwargs(args: argparse.Namespace) -> dict:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Check the servers, validate the config, then serve until interrupted."""
-    from flows.cli import _embedded_defaults
+    from flows.environment import embedded_defaults
     from flows.preflight import PreflightError, check_environment
 
-    _embedded_defaults()
+    embedded_defaults()
     if not os.environ.get("PREFECT_API_URL"):
         print("error: PREFECT_API_URL is not set: `optforge serve` registers a schedule with a Prefect server; "
               "start one (`prefect server start`) and set PREFECT_API_URL=http://HOST:4200/api", file=sys.stderr)

@@ -17,22 +17,32 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import ray
 import torch
 from ray.exceptions import RayActorError, RayTaskError
-from torch.utils.data import TensorDataset, default_collate
+from torch.utils.data import default_collate
 
 from tasks.techniques.data import load_splits
 from tasks.techniques.files import atomic_write
 from tasks.techniques.init_weights import apply_init, load_init_state
-from tasks.techniques.models import ModelSpec, build_model, save_model
+from tasks.techniques.contract import forward_logits, to_device
+from tasks.techniques.models import build_model, save_model
 from tasks.techniques.param_server import ParameterServer, Push, Reply, Work
-from tasks.techniques.training import Precision, TrainConfig, evaluate, precision_for
-from tasks.train_worker import CKPT_FILE, _mlflow_logger, ensure_ray, latest_checkpoint, train_dataset, training_summary
+from tasks.techniques.training import Precision, evaluate, precision_for
+from tasks.worker_common import (
+    CKPT_FILE,
+    PartDataset,
+    WorkerConfig,
+    ensure_ray,
+    latest_checkpoint,
+    mlflow_logger,
+    train_dataset,
+    training_summary,
+)
 
 POLL_S = 0.25  # how often the driver checks for finished epochs and dead workers
 KEEP_CHECKPOINTS = 2
@@ -51,25 +61,24 @@ class ParameterServerActor:
     Calls run one at a time (a plain actor), so every update and handout sees a consistent state.
     """
 
-    def __init__(self, cfg: dict, spec: dict, data_path: str, checkpoint_dir: str, resume_from: str | None,
-                 init_path: str | None):
+    def __init__(self, worker: WorkerConfig, checkpoint_dir: str, resume_from: str | None):
         torch.set_num_threads(1)  # num_cpus=0: it shares a CPU with the workers; its work is one step per push
-        self.cfg = TrainConfig.from_dict(cfg)
-        splits = load_splits(data_path)
+        self.cfg = worker.train_cfg
+        splits = load_splits(worker.data_path)
         torch.manual_seed(self.cfg.seed)
-        model = build_model(ModelSpec(**spec))
-        if init_path and not resume_from:
-            apply_init(model, load_init_state(init_path, ModelSpec(**spec)))
+        model = build_model(worker.model_spec)
+        if worker.init_path and not resume_from:
+            apply_init(model, load_init_state(worker.init_path, worker.model_spec))
         self.checkpoint_dir = Path(checkpoint_dir)
         self.pending: list[dict] = []
-        X_val, y_val = splits.X_val, splits.y_val
+        val = splits.val
         self.core = ParameterServer(
-            model, self.cfg, len(splits.y_train), len(splits.y_new), lambda m: evaluate(m, X_val, y_val),
+            model, self.cfg, len(splits.train), len(splits.new), lambda m: evaluate(m, val),
             self.cfg.num_workers, on_epoch_end=self._epoch_end,
         )
         if resume_from:
             self.core.load_state_dict(torch.load(resume_from, map_location="cpu", weights_only=True))
-        self.initial = evaluate(model, X_val, y_val)
+        self.initial = evaluate(model, val)
 
     def next(self, worker: int, push: Push | None) -> Reply:
         return self.core.next(worker, push)
@@ -113,9 +122,9 @@ class AsgdWorker:
     can make one worker artificially slow.
     """
 
-    def __init__(self, index: int, cfg: dict, spec: dict, data_path: str, extra_config: dict, delay_s: float = 0.0):
+    def __init__(self, index: int, worker: WorkerConfig, delay_s: float = 0.0):
         self.index, self.delay_s = index, delay_s
-        self.cfg = TrainConfig.from_dict(cfg)
+        self.cfg = worker.train_cfg
         torch.set_num_threads(self.cfg.threads_per_worker)
         torch.manual_seed(self.cfg.seed + index)  # dropout masks differ between workers
         self.device = torch.device("cuda" if self.cfg.use_gpu and torch.cuda.is_available() else "cpu")
@@ -125,10 +134,10 @@ class AsgdWorker:
             # optimizer step, and that step runs on the remote server. bf16 has fp32's range: no scaler.
             self.precision = Precision(self.device.type, torch.bfloat16, None)
         # The dataset is the old train split followed by data.new_source's train part, the index
-        # convention of ``epoch_order``; with ``kd`` in extra_config it carries the teacher's logits too.
-        self.dataset, loss_fn = train_dataset(extra_config, self.cfg, load_splits(data_path), self.device)
+        # convention of ``epoch_order``; with ``kd`` it carries the teacher's logits too.
+        self.dataset, loss_fn = train_dataset(worker, self.cfg, load_splits(worker.data_path), self.device)
         self.loss_fn = loss_fn or torch.nn.functional.cross_entropy
-        self.model = build_model(ModelSpec(**spec)).to(self.device)
+        self.model = build_model(worker.model_spec).to(self.device)
 
     def run(self, server) -> int:
         """The worker loop; returns the number of units it computed."""
@@ -151,9 +160,11 @@ class AsgdWorker:
         for idx in work.batches:
             if self.delay_s:
                 time.sleep(self.delay_s)
-            xb, yb, *extra = (t.to(self.device) for t in self._batch(idx))
+            xb, yb, *extra = self._batch(idx)
+            xb, yb = to_device(xb, self.device), yb.to(self.device)
+            extra = [to_device(e, self.device) if isinstance(e, dict) else e.to(self.device) for e in extra]
             with self.precision.autocast():
-                logits = model(xb)
+                logits = forward_logits(model, xb)
             loss = self.loss_fn(logits.float(), yb, *extra)
             (loss / n).backward()  # the pushed gradient is the mean over the unit's micro-batches
             loss_sum += loss.item() * len(yb)
@@ -164,27 +175,24 @@ class AsgdWorker:
         buffers = {k: b.detach().cpu() for k, b in model.named_buffers()}
         return Push(version, grads, buffers, loss_sum, correct, seen)
 
-    def _batch(self, idx: np.ndarray) -> list[torch.Tensor]:
-        index = torch.as_tensor(idx)
-        if isinstance(self.dataset, TensorDataset):
-            return [t[index] for t in self.dataset.tensors]
+    def _batch(self, idx: np.ndarray) -> list:
+        if isinstance(self.dataset, PartDataset) and not self.dataset.extra:  # one vectorised read, not N
+            part = self.dataset.part
+            inputs = {k: torch.from_numpy(v) for k, v in part.take(idx).items()}
+            return [inputs, torch.as_tensor(np.asarray(part.labels[idx]))]
         return default_collate([self.dataset[i] for i in idx.tolist()])
 
 
-def run_asgd(cfg: TrainConfig, spec: ModelSpec, data_path: str, storage: Path, name: str, out_dir: Path,
-             mlflow_tracking_uri: str | None = None, mlflow_run_id: str | None = None,
-             extra_config: dict | None = None, worker_delays_s: dict[int, float] | None = None) -> dict:
+def run_asgd(worker: WorkerConfig, storage: Path, name: str, out_dir: Path,
+             worker_delays_s: dict[int, float] | None = None) -> dict:
     """Train with asynchronous SGD on Ray actors; write the best model to ``out_dir``; return the summary.
 
     Args:
-        cfg: the training config (``cfg.num_workers`` workers of one CPU each; ``cfg.staleness_bound``).
-        spec: the model to train.
-        data_path: the splits file (``save_splits``); workers read it by path.
+        worker: what every actor reads: the training config (``num_workers`` workers of one CPU each,
+            ``staleness_bound``), the model spec, the split folder, the MLflow run, and optional
+            ``init_path`` (ignored when resuming) and ``kd``.
         storage, name: checkpoints go to ``storage / name``; a re-run with the same name resumes from them.
         out_dir: where the best model is saved (``save_model``).
-        mlflow_tracking_uri, mlflow_run_id: the MLflow run to log per-epoch metrics into (none: no logging).
-        extra_config: optional ``init_path`` (a model folder to start from, ignored when resuming) and
-            ``kd`` (distillation, see ``tasks.distill_worker.kd_dataset_and_loss``).
         worker_delays_s: {worker index: seconds slept per micro-batch}: only for tests and benchmarks that
             need an artificially slow worker.
 
@@ -197,20 +205,19 @@ def run_asgd(cfg: TrainConfig, spec: ModelSpec, data_path: str, storage: Path, n
         FloatingPointError: a worker's gradient became non-finite.
         RuntimeError: every worker died before training ended.
     """
-    extra = dict(extra_config or {})
+    cfg, spec = worker.train_cfg, worker.model_spec
     ensure_ray()
     found = latest_checkpoint(storage, name)
     resume_from = str(Path(found.path) / CKPT_FILE) if found else None
-    log = _mlflow_logger({"mlflow_run_id": mlflow_run_id, "mlflow_tracking_uri": mlflow_tracking_uri})
+    log = mlflow_logger(worker)
     delays = worker_delays_s or {}
     server = ParameterServerActor.options(name=actor_name(name, "server"), num_cpus=0).remote(
-        cfg.to_dict(), asdict(spec), data_path, str(storage / name), resume_from, extra.get("init_path"))
+        worker, str(storage / name), resume_from)
     # Workers start alongside the server (each actor is a fresh process importing torch, which takes
     # seconds); when a resumed run turns out to be finished, their first call already answers "stop".
-    worker_extra = {k: v for k, v in extra.items() if k != "init_path"}
     workers = [
         AsgdWorker.options(name=actor_name(name, f"worker-{i}"), num_cpus=1, num_gpus=int(cfg.use_gpu))
-        .remote(i, cfg.to_dict(), asdict(spec), data_path, worker_extra, float(delays.get(i, 0.0)))
+        .remote(i, replace(worker, init_path=None), float(delays.get(i, 0.0)))
         for i in range(cfg.num_workers)
     ]
     try:

@@ -18,10 +18,9 @@ import mlflow
 import torch
 
 from tasks.caching import stage_task
-from tasks.refs import DataRef, ModelRef, VariantResult
+from tasks.refs import DataRef, Format, ModelRef, VariantResult
 from tasks.techniques.benchmark import (
     BenchmarkConfig,
-    Predictor,
     count_params_onnx,
     count_params_torch,
     cpu_model,
@@ -30,11 +29,12 @@ from tasks.techniques.benchmark import (
     torch_predictor,
 )
 from tasks.techniques.data import load_splits
+from tasks.techniques.metrics import Predictor
 from tasks.techniques.models import load_model
 from tasks.techniques.ort_session import session_predictor, session_settings, tuned_session
 from tasks.tracking import child_run
 
-SKIPPED = "skipped"  # format of a variant that could not be built on this machine (see tasks/tensorrt.py)
+SKIPPED = Format.SKIPPED  # a variant that could not be built on this machine (see tasks/tensorrt.py)
 TIMED = ("accuracy", "latency_ms_p50_b1", "latency_ms_p95_b1", "throughput_sps_b64", "size_mb")
 
 
@@ -83,13 +83,14 @@ def _torch_cuda(ref: ModelRef, cfg: BenchmarkConfig, scratch: Path) -> Loaded:
 
 
 # Explicit dispatch on the artifact format.
-LOADERS = {"torch": _torch, "onnx": _onnx, "tensorrt": _tensorrt, "torch_cuda": _torch_cuda}
+LOADERS = {Format.TORCH: _torch, Format.ONNX: _onnx, Format.TENSORRT: _tensorrt, Format.TORCH_CUDA: _torch_cuda}
 
 
 def load_variant(ref: ModelRef, cfg: BenchmarkConfig, scratch: Path) -> Loaded:
     """The variant's ``Loaded`` by its format; ``scratch`` receives files the caller may keep."""
     if ref.format not in LOADERS:
-        raise ValueError(f"variant {ref.name}: no benchmark loader for format '{ref.format}' (known: {sorted(LOADERS)})")
+        raise ValueError(f"variant {ref.name}: no benchmark loader for format '{ref.format}' "
+                         f"(known: {sorted(map(str, LOADERS))})")
     return LOADERS[ref.format](ref, cfg, scratch)
 
 
@@ -108,7 +109,7 @@ def benchmark(cfg: BenchmarkConfig, variants: list[ModelRef], data: DataRef, par
     splits = load_splits(data.path)
     results = []
     for ref in variants:
-        tags = {"optforge.variant": ref.name, "optforge.format": ref.format, "optforge.source_run": ref.run_id or "",
+        tags = {"optforge.variant": ref.name, "optforge.format": str(ref.format), "optforge.source_run": ref.run_id or "",
                 **{f"optforge.{k}": str(v) for k, v in ref.info.get("lineage", {}).items()}}
         params = {"benchmark": cfg.to_dict(), "cpu_model": cpu_model()}
         with child_run(parent_run_id, "benchmark", run_name=ref.name, params=params, tags=tags) as run:
@@ -121,7 +122,7 @@ def benchmark(cfg: BenchmarkConfig, variants: list[ModelRef], data: DataRef, par
                     mlflow.log_params({f"runtime.{k}": v for k, v in loaded.settings.items()})
                     for path in loaded.artifacts:
                         mlflow.log_artifact(str(path), "runtime")
-                metrics = measure(loaded.predict, splits.X_test, splits.y_test, cfg)
+                metrics = measure(loaded.predict, splits.test, cfg)
                 metrics |= {"size_mb": loaded.size_mb, "params": float(loaded.params)}
                 if "flops" in ref.info:  # forward FLOPs per sample, counted on the PyTorch model the variant came from
                     metrics["flops"] = float(ref.info["flops"])

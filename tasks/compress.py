@@ -13,7 +13,7 @@ import numpy as np
 
 from tasks.caching import stage_dir, stage_task
 from tasks.distill import teacher_logits_file
-from tasks.refs import DataRef, ModelRef, file_sha256
+from tasks.refs import DataRef, Format, ModelRef, file_sha256
 from tasks.techniques.data import Splits, load_splits
 from tasks.techniques.distill import FinetuneConfig, finetune
 from tasks.techniques.factorize import FactorizeConfig
@@ -39,7 +39,7 @@ def _soft_targets(cfg: FinetuneConfig, teacher: ModelRef, data: DataRef, workdir
 def _tuner(cfg: FinetuneConfig, splits: Splits, soft: np.ndarray | None):
     """``finetune(model, round)`` for the techniques; logs each round's validation accuracy."""
     def tune(model, step: int = 0) -> dict:
-        result = finetune(model, splits.X_train, splits.y_train, splits.X_val, splits.y_val, cfg, soft)
+        result = finetune(model, splits.train, splits.val, cfg, soft)
         mlflow.log_metrics({"val_accuracy_before_finetune": result["val_accuracy_before"],
                             "val_accuracy": result["val_accuracy"]}, step=step)
         return result
@@ -47,10 +47,10 @@ def _tuner(cfg: FinetuneConfig, splits: Splits, soft: np.ndarray | None):
     return tune
 
 
-def _log_result(net, before: dict, acc_before: float, splits: Splits, num_features: int) -> dict:
+def _log_result(net, before: dict, acc_before: float, splits: Splits) -> dict:
     """Test accuracy, params, FLOPs and sparsity after the stage; ratios are against the stage's input model."""
-    after = model_stats(net, num_features)
-    acc = evaluate(net, splits.X_test, splits.y_test)["accuracy"]
+    after = model_stats(net, splits.contract)
+    acc = evaluate(net, splits.test)["accuracy"]
     mlflow.log_metrics({
         "accuracy_before": acc_before, "accuracy": acc, "params_before": before["params"], "params": after["params"],
         "flops_before": before["flops"], "flops": after["flops"], "sparsity": after["sparsity"],
@@ -60,7 +60,7 @@ def _log_result(net, before: dict, acc_before: float, splits: Splits, num_featur
 
 
 def _ref(name: str, folder, run_id: str, info: dict) -> ModelRef:
-    return ModelRef(name, "torch", str(folder), file_sha256(folder), run_id, info)
+    return ModelRef(name, Format.TORCH, str(folder), file_sha256(folder), run_id, info)
 
 
 @stage_task("prune")
@@ -72,11 +72,11 @@ def prune(cfg: PruneConfig, model: ModelRef, teacher: ModelRef, data: DataRef, w
     with child_run(parent_run_id, "prune", run_name=run_name, params={"prune": cfg.to_dict()}, tags=tags) as run:
         net, spec = load_model(model.path)
         splits = load_splits(data.path)
-        before = model_stats(net, data.num_features)
-        acc_before = evaluate(net, splits.X_test, splits.y_test)["accuracy"]
+        before = model_stats(net, splits.contract)
+        acc_before = evaluate(net, splits.test)["accuracy"]
         tune = _tuner(cfg.finetune, splits, _soft_targets(cfg.finetune, teacher, data, workdir))
         net, spec = prune_model(net, spec, cfg, tune)
-        info = _log_result(net, before, acc_before, splits, data.num_features)
+        info = _log_result(net, before, acc_before, splits)
         if cfg.method == "unstructured":
             mlflow.set_tag("optforge.note", UNSTRUCTURED_NOTE.format(info["sparsity"]))
         else:
@@ -95,14 +95,14 @@ def factorize(cfg: FactorizeConfig, model: ModelRef, teacher: ModelRef, data: Da
     with child_run(parent_run_id, "factorize", run_name=run_name, params={"factorize": cfg.to_dict()}, tags=tags) as run:
         net, spec = load_model(model.path)
         splits = load_splits(data.path)
-        before = model_stats(net, data.num_features)
-        acc_before = evaluate(net, splits.X_test, splits.y_test)["accuracy"]
+        before = model_stats(net, splits.contract)
+        acc_before = evaluate(net, splits.test)["accuracy"]
         net, spec, report = factorize_model(net, spec, cfg)
         mlflow.log_dict(report, "factorize_report.json")
         mlflow.log_params({f"rank.{name}": r["rank"] if r["factorized"] else "kept" for name, r in report.items()})
-        mlflow.log_metric("accuracy_before_finetune", evaluate(net, splits.X_test, splits.y_test)["accuracy"])
+        mlflow.log_metric("accuracy_before_finetune", evaluate(net, splits.test)["accuracy"])
         _tuner(cfg.finetune, splits, _soft_targets(cfg.finetune, teacher, data, workdir))(net)
-        info = _log_result(net, before, acc_before, splits, data.num_features)
+        info = _log_result(net, before, acc_before, splits)
         save_model(net, spec, out / "model")
         mlflow.log_artifacts(str(out / "model"), "model")
     return _ref("factorize", out / "model", run.info.run_id, info | {"ranks": dict(spec.factorized or {})})

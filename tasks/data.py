@@ -1,40 +1,52 @@
-"""Prefect task: load, validate and split the dataset; log its fingerprint with ``mlflow.log_input``."""
+"""Prefect task: read, validate and split the dataset; log its fingerprint with ``mlflow.log_input``."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import mlflow
+import numpy as np
 
 from tasks.caching import stage_task
 from tasks.refs import DataRef
-from tasks.techniques.data import DataConfig, fingerprint, load_arrays, load_new_arrays, save_splits, split
+from tasks.techniques.data import DataConfig, data_name, load_splits, prepare
 from tasks.tracking import child_run
+
+# Rows of each split handed to mlflow.data as a schema sample: the fingerprint covers the whole split.
+SCHEMA_ROWS = 8
 
 
 @stage_task("prepare_data")
 def prepare_data(cfg: DataConfig, source_sha256: str | None, workdir: str, parent_run_id: str | None,
-                 new_source_sha256: str | None = None) -> DataRef:
-    """Split ``cfg.source`` into train/val/test under ``<workdir>/data/<fingerprint>/``.
+                 new_source_sha256: str | None = None, tokenizer: str | None = None,
+                 tokenizer_sha256: str | None = None) -> DataRef:
+    """Split ``cfg.source`` into ``<workdir>/data/<fingerprint>/`` (a split folder, see tasks.techniques.data).
 
-    ``source_sha256`` (the user file's content hash, None for the built-in dataset) is here only so
-    that the cache key changes when the file's content does; ``new_source_sha256`` likewise for
-    ``cfg.new_source``.
+    ``source_sha256`` (the user file's or folder's content hash, None for the built-in dataset) is here
+    only so that the cache key changes when the content does; likewise ``new_source_sha256`` and
+    ``tokenizer_sha256``. ``tokenizer`` is the folder text is tokenized with when ``cfg.tokenizer`` is
+    unset (the Hugging Face model folder's own).
     """
     with child_run(parent_run_id, "prepare_data", params={"data": cfg.to_dict()}) as run:
-        X, y, image_shape = load_arrays(cfg)
-        new = load_new_arrays(cfg, X.shape[1]) if cfg.new_source else None
-        splits = split(X, y, image_shape, cfg, new)
-        digest = fingerprint(splits)
-        path = save_splits(splits, Path(workdir).resolve() / "data" / digest / "splits.npz")
-        sizes = {"train": len(splits.y_train), "val": len(splits.y_val), "test": len(splits.y_test),
-                 **({"new_train": len(splits.y_new)} if cfg.new_source else {})}
-        for context, (features, targets) in {
-            "training": (splits.X_train, splits.y_train), "validation": (splits.X_val, splits.y_val),
-            "testing": (splits.X_test, splits.y_test),
-        }.items():
-            dataset = mlflow.data.from_numpy(features, targets=targets, source=str(cfg.source), name=f"{Path(cfg.source).stem}-{context}", digest=digest)
+        folder = prepare(cfg, Path(workdir).resolve() / "data", tokenizer)
+        digest = folder.name
+        splits = load_splits(folder)
+        sizes = {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test),
+                 **({"new_train": len(splits.new)} if cfg.new_source else {})}
+        name = data_name(cfg)
+        for context, part in {"training": splits.train, "validation": splits.val, "testing": splits.test}.items():
+            sample = part.head(SCHEMA_ROWS)
+            features = {k: np.asarray(v) for k, v in sample.inputs.items()}
+            features = next(iter(features.values())) if len(features) == 1 else features
+            dataset = mlflow.data.from_numpy(features, targets=np.asarray(sample.labels), source=str(cfg.source),
+                                             name=f"{name}-{context}", digest=digest)
             mlflow.log_input(dataset, context=context)
-        mlflow.log_metrics({f"samples_{k}": v for k, v in sizes.items()} | {"num_classes": splits.num_classes})
-        mlflow.set_tag("optforge.data_fingerprint", digest)
-    return DataRef(str(path), digest, splits.num_features, splits.num_classes, image_shape, sizes, run.info.run_id)
+        mlflow.log_metrics({f"samples_{k}": v for k, v in sizes.items()} | {"num_classes": splits.num_classes}
+                           | {k: float(v) for k, v in splits.stats.items()})
+        mlflow.set_tags({"optforge.data_fingerprint": digest, "optforge.data_kind": splits.contract.kind,
+                         "optforge.inputs": ",".join(splits.contract.names)})
+        mlflow.log_dict(splits.contract.to_dict(), "contract.json")
+        if splits.stats.get("texts_truncated"):
+            mlflow.set_tag("optforge.note", f"{splits.stats['texts_truncated']} of {splits.stats['texts']} texts were "
+                           f"longer than data.max_length={cfg.max_length} tokens and were truncated")
+    return DataRef(str(folder), digest, splits.contract.to_dict(), name, sizes, run.info.run_id)

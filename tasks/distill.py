@@ -10,7 +10,7 @@ import numpy as np
 
 from tasks.caching import stage_dir, stage_task
 from tasks.distill_worker import run_distillation
-from tasks.refs import DataRef, ModelRef, file_sha256
+from tasks.refs import DataRef, Format, ModelRef, file_sha256
 from tasks.techniques.files import atomic_write
 from tasks.techniques.data import load_splits
 from tasks.techniques.distill import DistillConfig, check_student, teacher_logits
@@ -32,15 +32,15 @@ def teacher_logits_file(teacher: ModelRef, data: DataRef, workdir: str) -> Path:
         return path
     model, _ = load_model(teacher.path)
     splits = load_splits(data.path)
-    logits = teacher_logits(model, splits.X_fit)  # rows in the order the workers' datasets use
+    logits = teacher_logits(model, splits.fit)  # rows in the order the workers' datasets use
     return atomic_write(path, lambda tmp: np.savez(tmp, train=logits), suffix=".npz")
 
 
-def compare_to_teacher(student, teacher, splits, num_features: int) -> dict[str, float]:
+def compare_to_teacher(student, teacher, splits) -> dict[str, float]:
     """Test accuracy of both, retention (student / teacher accuracy) and the params and FLOPs ratios."""
-    s_acc = evaluate(student, splits.X_test, splits.y_test)["accuracy"]
-    t_acc = evaluate(teacher, splits.X_test, splits.y_test)["accuracy"]
-    s, t = model_stats(student, num_features), model_stats(teacher, num_features)
+    s_acc = evaluate(student, splits.test)["accuracy"]
+    t_acc = evaluate(teacher, splits.test)["accuracy"]
+    s, t = model_stats(student, splits.contract), model_stats(teacher, splits.contract)
     return {"student_accuracy": s_acc, "teacher_accuracy": t_acc, "retention": s_acc / t_acc if t_acc else 0.0,
             "params": s["params"], "flops": s["flops"], "teacher_params": t["params"], "teacher_flops": t["flops"],
             "params_ratio": s["params"] / t["params"], "flops_ratio": s["flops"] / t["flops"] if t["flops"] else 0.0}
@@ -54,7 +54,7 @@ def distill(cfg: DistillConfig, teacher: ModelRef, data: DataRef, workdir: str, 
     ``run_name`` names the MLflow child run (the chain step, e.g. "distill").
     """
     out = stage_dir(workdir, "distill", {"distill": cfg, "teacher": teacher, "data": data})
-    spec = ModelSpec(cfg.student.to_dict(), data.num_features, data.num_classes, data.image_shape)
+    spec = ModelSpec(cfg.student.to_dict(), data.contract)
     tags = {"optforge.source_run": teacher.run_id or ""}
     with child_run(parent_run_id, "distill", run_name=run_name, params={"distill": cfg.to_dict()}, tags=tags) as run:
         teacher_model, _ = load_model(teacher.path)
@@ -70,11 +70,11 @@ def distill(cfg: DistillConfig, teacher: ModelRef, data: DataRef, workdir: str, 
             out_dir=out / "model", mlflow_tracking_uri=tracking_uri(), mlflow_run_id=run.info.run_id,
         )
         student, _ = load_model(out / "model")
-        stats = compare_to_teacher(student, teacher_model, load_splits(data.path), data.num_features)
+        stats = compare_to_teacher(student, teacher_model, load_splits(data.path))
         mlflow.log_metrics({**stats, **{k: summary[k] for k in ("best_val_accuracy", "best_epoch", "epochs_run")}})
         mlflow.set_tag("optforge.resumed_from_checkpoint", str(summary["resumed"]).lower())
         mlflow.log_artifacts(str(out / "model"), "model")
     info = {k: stats[k] for k in ("params", "flops", "student_accuracy", "retention", "params_ratio", "flops_ratio")}
-    return ModelRef("distill", "torch", str(out / "model"), file_sha256(out / "model"), run.info.run_id,
+    return ModelRef("distill", Format.TORCH, str(out / "model"), file_sha256(out / "model"), run.info.run_id,
                     info | {"best_val_accuracy": summary["best_val_accuracy"]})
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlflow
 
 from tasks.caching import stage_dir, stage_task
-from tasks.refs import ModelRef, file_sha256
+from tasks.refs import Format, ModelRef, file_sha256
 from tasks.techniques.fp16 import Fp16Config, convert_fp16, fp16_initializer_share
 from tasks.tracking import child_run
 
@@ -22,4 +22,4 @@ def convert_to_fp16(cfg: Fp16Config, onnx_model: ModelRef, workdir: str, parent_
         mlflow.log_metric("fp16_initializer_share", fp16_initializer_share(path))
         mlflow.log_artifact(str(path), "onnx")
     info = {"lineage": {"parent_variant": onnx_model.name, "technique": "fp16"}}
-    return ModelRef(VARIANT, "onnx", str(path), file_sha256(path), run.info.run_id, info)
+    return ModelRef(VARIANT, Format.ONNX, str(path), file_sha256(path), run.info.run_id, info)

@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from prefect import task
 
-from tasks.refs import ModelRef, file_sha256
+from tasks.refs import Format, ModelRef, file_sha256
 from tasks.techniques.init_weights import FIELD
 from tasks.techniques.models import MODEL_FILES, missing_model_file
 
@@ -98,7 +98,7 @@ def fetch_init_model(init_from: str, workdir: str) -> ModelRef:
                 os.replace(staging, dest)  # a complete folder appears, or none
             except OSError:  # another run put the same content there first
                 shutil.rmtree(staging, ignore_errors=True)
-    return ModelRef("init", "torch", str(dest), sha, info={"init_from": init_from, "resolved": resolved})
+    return ModelRef("init", Format.TORCH, str(dest), sha, info={"init_from": init_from, "resolved": resolved})
 
 
 @task(name="resolve_init")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlflow
 
 from tasks.caching import stage_dir, stage_task
-from tasks.refs import ModelRef, file_sha256
+from tasks.refs import Format, ModelRef, file_sha256
 from tasks.techniques.quantization import DynamicQuantConfig, quantize_dynamic_int8
 from tasks.tracking import child_run
 
@@ -18,4 +18,4 @@ def quantize(cfg: DynamicQuantConfig, onnx_model: ModelRef, workdir: str, parent
         path = quantize_dynamic_int8(onnx_model.path, out / "model_int8.onnx", cfg)
         mlflow.log_artifact(str(path), "onnx")
     flops = {k: v for k, v in onnx_model.info.items() if k == "flops"}  # same graph, same FLOPs per sample
-    return ModelRef("onnx_int8_dynamic", "onnx", str(path), file_sha256(path), run.info.run_id, flops)
+    return ModelRef("onnx_int8_dynamic", Format.ONNX, str(path), file_sha256(path), run.info.run_id, flops)

@@ -9,9 +9,9 @@ from __future__ import annotations
 import mlflow
 
 from tasks.caching import stage_dir, stage_task
-from tasks.refs import DataRef, ModelRef, file_sha256
+from tasks.refs import DataRef, Format, ModelRef, file_sha256
 from tasks.techniques.data import load_splits
-from tasks.techniques.static_quant import StaticQuantConfig, count_qdq_nodes, quantize_static_int8
+from tasks.techniques.static_quant import StaticQuantConfig, count_qdq_nodes, quantize_static_int8, scaled_calibration
 from tasks.tracking import child_run
 
 VARIANT = "onnx_int8_static"
@@ -25,11 +25,13 @@ def quantize_static(cfg: StaticQuantConfig, onnx_model: ModelRef, data: DataRef,
     tags = {"optforge.source_run": onnx_model.run_id or ""}
     with child_run(parent_run_id, "quantize_static", params={"static_int8": cfg.to_dict()}, tags=tags) as run:
         splits = load_splits(data.path)
-        if cfg.calibration_samples > len(splits.X_train):
-            raise ValueError(f"engines.static_int8.calibration_samples: {cfg.calibration_samples} requested but the "
-                             f"training split has only {len(splits.X_train)} rows")
-        result = quantize_static_int8(onnx_model.path, out / "model_int8_static.onnx", splits.X_train, cfg,
-                                      eval_set=(splits.X_val, splits.y_val))
+        used = scaled_calibration(cfg, len(splits.train))
+        if used is not cfg:  # the default asks for more rows than a small dataset has: use them all, and say so
+            mlflow.set_tag("optforge.scaled.calibration_samples",
+                           f"{cfg.calibration_samples} -> {used.calibration_samples} (the training split's rows)")
+            mlflow.log_param("calibration_samples_used", used.calibration_samples)
+        result = quantize_static_int8(onnx_model.path, out / "model_int8_static.onnx", splits.train, used,
+                                      eval_set=splits.val)
         excluded = ",".join(result.excluded_nodes) or "none"
         mlflow.set_tags({"optforge.excluded_nodes": excluded, "optforge.gate_passed": str(result.gate_passed).lower()})
         mlflow.log_metrics({"val_accuracy_fp32": result.accuracy_fp32, "val_accuracy_int8": result.accuracy_int8,
@@ -40,4 +42,4 @@ def quantize_static(cfg: StaticQuantConfig, onnx_model: ModelRef, data: DataRef,
         mlflow.log_artifact(str(result.path), "onnx")
     info = {"excluded_nodes": list(result.excluded_nodes), "gate_passed": result.gate_passed,
             "lineage": {"parent_variant": onnx_model.name, "technique": f"static_int8_{cfg.method}"}}
-    return ModelRef(VARIANT, "onnx", str(result.path), file_sha256(result.path), run.info.run_id, info)
+    return ModelRef(VARIANT, Format.ONNX, str(result.path), file_sha256(result.path), run.info.run_id, info)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 
@@ -27,15 +28,37 @@ def file_sha256(path: str | Path) -> str:
 
 @dataclass(frozen=True)
 class DataRef:
-    """The split dataset (.npz) and the shapes models need."""
+    """The split folder and the input contract every stage builds its inputs from."""
 
     path: str
     sha256: str
-    num_features: int
-    num_classes: int
-    image_shape: tuple[int, int, int] | None
+    contract: dict  # InputContract.to_dict()
+    name: str = "data"  # short name of the source ('digits', a file's stem): registry and dataset names
     sizes: dict[str, int] = field(default_factory=dict)
     run_id: str | None = None
+
+    @property
+    def inputs(self):
+        from tasks.techniques.contract import InputContract
+
+        return InputContract.from_dict(self.contract)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.contract["num_classes"])
+
+
+class Format(str, Enum):
+    """What a variant's artifact is, and so how it is loaded, timed and registered: a closed set."""
+
+    TORCH = "torch"  # a model folder: model.pt + model.json
+    ONNX = "onnx"  # an .onnx file
+    TENSORRT = "tensorrt"  # a serialized engine (needs CUDA)
+    TORCH_CUDA = "torch_cuda"  # the baseline's folder, run by PyTorch on CUDA
+    SKIPPED = "skipped"  # could not be built here; ``info["skip_reason"]`` says why
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass(frozen=True)
@@ -43,11 +66,14 @@ class ModelRef:
     """A variant's artifact: a PyTorch model folder (model.pt + model.json) or an .onnx file."""
 
     name: str
-    format: str  # "torch" | "onnx"
+    format: Format
     path: str
     sha256: str
     run_id: str | None = None
     info: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        object.__setattr__(self, "format", Format(self.format))  # a typo fails here, not in a loader far away
 
     def exists(self) -> bool:
         return Path(self.path).exists()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import get_args
@@ -26,10 +27,13 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
 from tasks.caching import stage_task
-from tasks.refs import DataRef, ModelRef, Registration, VariantResult
-from tasks.techniques.benchmark import BenchmarkConfig, cpu_model, ort_predictor, torch_predictor
+from tasks.refs import DataRef, Format, ModelRef, Registration, VariantResult
+from tasks.techniques.benchmark import cpu_model, torch_predictor
 from tasks.techniques.data import Splits, load_splits
+from tasks.techniques.metrics import top1_accuracy
 from tasks.techniques.models import load_model
+from tasks.techniques.onnx_export import save_program
+from tasks.techniques.texts import raw_texts
 from tasks.techniques.selection import (
     CHAMPION,
     Incumbent,
@@ -41,9 +45,10 @@ from tasks.techniques.selection import (
 from tasks.tracking import child_run, registry_lock
 
 # Run by MLflow on load (a "model from code"); see that file for why ONNX is not logged with mlflow.onnx.
-ONNX_PYFUNC = Path(__file__).with_name("onnx_pyfunc.py")
+SERVING_PYFUNC = Path(__file__).with_name("serving_pyfunc.py")
 METRIC_TAGS = frozenset(get_args(RankMetric))
 SELECTION_FILE = "selection.json"
+CONTRACT_TAG = "input_contract"  # a hash of the input contract: versions of one name must take the same inputs
 # How the three base variants came to be; other variants say it in ModelRef.info["chain"].
 BASE_CHAINS = {
     "pytorch_fp32": "train",
@@ -77,9 +82,20 @@ def chain_of(ref: ModelRef) -> str:
     return BASE_CHAINS.get(ref.name, ref.name)
 
 
-def _log_torch(ref: ModelRef, example: np.ndarray, registered_name: str):
+def raw_example(data: DataRef, splits: Splits):
+    """What a user of the registered model passes in, four test rows of it: float rows (table), NCHW arrays
+    (image) or raw strings (text, kept by the data stage for this)."""
+    return next(_raw_batches(data, splits, rows=4))
+
+
+def _log_torch(ref: ModelRef, data: DataRef, splits: Splits, registered_name: str):
     model, _ = load_model(ref.path)
-    signature = infer_signature(example, torch_predictor(model, 1)(example))
+    if splits.contract.kind != "table":  # image and text: the pyfunc over an exported program takes raw inputs
+        with tempfile.TemporaryDirectory() as tmp:
+            program = save_program(model, splits.contract, splits.test.rows(0, 2), Path(tmp) / "model.pt2")
+            return _log_pyfunc({"torch_program": str(program)}, data, splits, registered_name, ["torch"])
+    example = raw_example(data, splits)
+    signature = infer_signature(example, torch_predictor(model, 1)({"input": example}))
     # The model folder (state_dict + spec) rides along as extra files, so that ``train.init_from`` can
     # fine-tune from a registered version without unpickling the flavor's whole-module file.
     extra = [str(Path(ref.path) / "model.json"), str(Path(ref.path) / "model.pt")]
@@ -89,24 +105,42 @@ def _log_torch(ref: ModelRef, example: np.ndarray, registered_name: str):
     )
 
 
-def _log_onnx(ref: ModelRef, example: np.ndarray, registered_name: str):
-    import onnxruntime
+def _log_onnx(ref: ModelRef, data: DataRef, splits: Splits, registered_name: str):
+    return _log_pyfunc({"onnx_model": ref.path}, data, splits, registered_name, ["onnxruntime"])
 
-    signature = infer_signature(example, ort_predictor(ref.path, BenchmarkConfig())(example))
+
+def _log_pyfunc(model_artifacts: dict, data: DataRef, splits: Splits, registered_name: str, runtimes: list[str]):
+    """Log ``tasks/serving_pyfunc.py`` with the model file, the contract and (text) the tokenizer."""
+    import importlib.metadata as md
+
+    artifacts = {**model_artifacts, "contract": str(Path(data.path) / "contract.json")}
+    if splits.contract.kind == "text":
+        artifacts["tokenizer"] = str(Path(data.path) / "tokenizer")
+        runtimes = [*runtimes, "transformers", "tokenizers"]
+    example = raw_example(data, splits)
     # Explicit requirements: inferring them would load the model in a subprocess (seconds) to learn the same.
-    requirements = [f"onnxruntime=={onnxruntime.__version__}", f"numpy=={np.__version__}"]
+    requirements = [f"{p}=={md.version(p)}" for p in runtimes] + [f"numpy=={np.__version__}"]
     return mlflow.pyfunc.log_model(
         name="model",
-        python_model=str(ONNX_PYFUNC),
-        artifacts={"onnx_model": ref.path},
-        signature=signature,
+        python_model=str(SERVING_PYFUNC),
+        artifacts=artifacts,
+        signature=_signature(example, splits),
         input_example=example,
         pip_requirements=requirements,
         registered_model_name=registered_name,
     )
 
 
-LOGGERS = {"torch": _log_torch, "onnx": _log_onnx}
+def _signature(example, splits: Splits):
+    """Input schema from the raw example; output: (N, num_classes) float32 logits."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    outputs = Schema([TensorSpec(np.dtype(np.float32), (-1, splits.num_classes))])
+    return ModelSignature(inputs=infer_signature(example).inputs, outputs=outputs)
+
+
+LOGGERS = {Format.TORCH: _log_torch, Format.ONNX: _log_onnx}
 
 
 def predict_logits(model_uri: str, X: np.ndarray) -> np.ndarray:
@@ -115,8 +149,13 @@ def predict_logits(model_uri: str, X: np.ndarray) -> np.ndarray:
     return np.asarray(next(iter(out.values())) if isinstance(out, dict) else out)
 
 
-def current_champion(client: MlflowClient, name: str, splits: Splits) -> Incumbent | None:
-    """The version holding ``champion``, scored on ``splits``' test data; None when no version holds it."""
+def current_champion(client: MlflowClient, name: str, splits: Splits, data: DataRef) -> Incumbent | None:
+    """The version holding ``champion``, scored on ``splits``' test data; None when no version holds it.
+
+    Raises:
+        ValueError: the champion takes other inputs (its ``input_contract`` tag differs): comparing it
+            with this run's models would be meaningless, so the registry name must differ.
+    """
     try:
         version = client.get_registered_model(name).aliases.get(CHAMPION)
     except MlflowException as exc:
@@ -126,6 +165,11 @@ def current_champion(client: MlflowClient, name: str, splits: Splits) -> Incumbe
     if version is None:
         return None
     tags = client.get_model_version(name, str(version)).tags
+    ours = contract_tag(splits.contract)
+    if tags.get(CONTRACT_TAG, ours) != ours:
+        raise ValueError(f"register.model_name: '{name}' holds models of other inputs (champion version {version}: "
+                         f"{tags.get('data_kind', '?')} data {tags.get('inputs', '?')}; this run: {splits.contract.kind} "
+                         f"data {','.join(splits.contract.names)}); set register.model_name to a name of its own")
     metrics = {}
     for key in METRIC_TAGS & set(tags):
         try:
@@ -133,11 +177,47 @@ def current_champion(client: MlflowClient, name: str, splits: Splits) -> Incumbe
         except ValueError:
             pass
     try:
-        logits = predict_logits(f"models:/{name}/{version}", splits.X_test)
-        accuracy = 100.0 * float((logits.argmax(1) == splits.y_test).mean())
+        logits = np.concatenate([predict_logits(f"models:/{name}/{version}", raw)
+                                 for raw in _raw_batches(data, splits)])
+        accuracy = top1_accuracy(logits, splits.test.labels)
     except Exception as exc:  # noqa: BLE001 - wrong input width, deleted artifacts, missing library: keep the champion
         return Incumbent(str(version), None, metrics, f"{type(exc).__name__}: {exc}"[:300])
     return Incumbent(str(version), accuracy, metrics)
+
+
+def contract_tag(contract) -> str:
+    return hashlib.sha256(contract.key().encode()).hexdigest()[:16]
+
+
+def describe_inputs(contract) -> str:
+    """The model version's description: what to pass to ``predict`` and what comes back."""
+    pre = contract.preprocessing
+    if contract.kind == "text":
+        how = f"a list of raw strings; they are tokenized with the logged tokenizer to {pre.get('max_length')} tokens"
+    elif contract.kind == "image":
+        how = (f"an (N, {', '.join(map(str, contract.inputs[0].sample_shape()))}) float32 array: {pre.get('mode')} "
+               f"images resized (shorter side {pre.get('resize')}), center-cropped to {pre.get('crop')}, scaled to "
+               f"[0, 1], minus mean {pre.get('mean')}, divided by std {pre.get('std')}")
+    else:
+        how = f"an (N, {contract.num_features}) float32 array of standardised features"
+    labels = pre.get("labels")
+    names = f" Classes, in order: {labels}." if labels else ""
+    return f"predict() takes {how}; it returns (N, {contract.num_classes}) logits.{names}"
+
+
+def _raw_batches(data: DataRef, splits: Splits, rows: int = 256):
+    """The test split in batches of what the registered pyfunc takes: feature rows or NCHW arrays, or for
+    text the raw strings the data stage kept (``test/texts.jsonl``)."""
+    if splits.contract.kind == "text":
+        from itertools import islice
+
+        texts = raw_texts(data.path)
+        while batch := list(islice(texts, rows)):
+            yield batch
+        return
+    (name,) = splits.contract.names
+    for inputs, _ in splits.test.batches(rows):
+        yield inputs[name]
 
 
 @stage_task("register")
@@ -198,8 +278,8 @@ def _register(
 
 
 def _register_locked(cfg, ref, chosen, data, why, run_id, parent_run_id, cfg_hash, client, splits) -> RegistryOutcome:
-    incumbent = current_champion(client, cfg.model_name, splits)  # before registering: the alias still points there
-    info = LOGGERS[ref.format](ref, splits.X_test[:4], cfg.model_name)
+    incumbent = current_champion(client, cfg.model_name, splits, data)  # before registering: the alias still points there
+    info = LOGGERS[ref.format](ref, data, splits, cfg.model_name)
     mlflow.log_metrics(chosen.metrics)
     version = str(info.registered_model_version)
     promotion = decide_promotion(chosen.metrics, incumbent, cfg)
@@ -212,12 +292,16 @@ def _register_locked(cfg, ref, chosen, data, why, run_id, parent_run_id, cfg_has
         "pipeline_run": parent_run_id or "",
         "benchmark_run": chosen.run_id or "",
         "cpu_model": cpu_model(),
+        CONTRACT_TAG: contract_tag(splits.contract),
+        "data_kind": splits.contract.kind,
+        "inputs": ",".join(splits.contract.names),
         "rank_by": cfg.rank_by,
         "decision": f"{promotion.alias}: {promotion.reason}",
         **{k: f"{v:.6g}" for k, v in chosen.metrics.items()},
     }
     for key, value in tags.items():
         client.set_model_version_tag(cfg.model_name, version, key, value)
+    client.update_model_version(cfg.model_name, version, description=describe_inputs(splits.contract))
     client.set_registered_model_alias(cfg.model_name, promotion.alias, version)
     if promotion.alias == CHAMPION and incumbent is not None:
         client.set_model_version_tag(cfg.model_name, incumbent.version, "replaced_by", version)

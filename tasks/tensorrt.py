@@ -16,10 +16,10 @@ from prefect.states import Completed
 
 from tasks.benchmark import SKIPPED
 from tasks.caching import stage_dir, stage_task
-from tasks.refs import DataRef, ModelRef, file_sha256
+from tasks.refs import DataRef, Format, ModelRef, file_sha256
 from tasks.techniques.data import load_splits
 from tasks.techniques.fp16 import Fp16Config, convert_fp16
-from tasks.techniques.static_quant import StaticQuantConfig, quantize_static_int8
+from tasks.techniques.static_quant import StaticQuantConfig, quantize_static_int8, scaled_calibration
 from tasks.techniques.tensorrt_engine import EngineRunner, TensorRTConfig, build_engine, parity, unavailable_reason
 from tasks.tracking import child_run
 
@@ -64,15 +64,16 @@ def build_engines(cfg: TensorRTConfig, quant_cfg: StaticQuantConfig, fp16_cfg: F
             fp16 = Fp16Config(keep_io_types=True, op_block_list=fp16_cfg.op_block_list)
             sources["fp16"] = convert_fp16(onnx_model.path, out / "model_fp16.onnx", fp16)
         if "int8" in cfg.precisions:
-            sources["int8"] = quantize_static_int8(onnx_model.path, out / "model_int8_qdq.onnx", splits.X_train,
-                                                   _int8_for_tensorrt(quant_cfg), (splits.X_val, splits.y_val)).path
+            int8_cfg = scaled_calibration(_int8_for_tensorrt(quant_cfg), len(splits.train))
+            sources["int8"] = quantize_static_int8(onnx_model.path, out / "model_int8_qdq.onnx", splits.train,
+                                                   int8_cfg, splits.val).path
         slug = re.sub(r"[^A-Za-z0-9.]+", "-", environment)[:120]
         timing = Path(workdir).resolve() / "tensorrt" / f"timing-{slug}.cache" if cfg.timing_cache else None
         refs = []
         for precision, source in sources.items():
             engine = out / f"model_{precision}.engine"
-            settings = build_engine(source, engine, cfg, timing)
-            check = parity(EngineRunner(engine), source, splits.X_val[: cfg.parity_samples])
+            settings = build_engine(source, engine, cfg, splits.contract, timing)
+            check = parity(EngineRunner(engine), source, splits.val.head(cfg.parity_samples))
             mlflow.log_metrics({f"{precision}_parity_max_abs_diff": check["max_abs_diff"],
                                 f"{precision}_parity_top1_agreement": check["top1_agreement"],
                                 f"{precision}_build_seconds": settings["build_seconds"]})
@@ -84,7 +85,7 @@ def build_engines(cfg: TensorRTConfig, quant_cfg: StaticQuantConfig, fp16_cfg: F
                                  f"on {check['top1_agreement']:.3f} of rows < {cfg.min_top1_agreement}")
             info = {"build": settings, "parity": check, "source_onnx": str(source),
                     "lineage": {"parent_variant": onnx_model.name, "technique": f"tensorrt_{precision}"}}
-            refs.append(ModelRef(f"trt_{precision}", "tensorrt", str(engine), file_sha256(engine), run.info.run_id, info))
+            refs.append(ModelRef(f"trt_{precision}", Format.TENSORRT, str(engine), file_sha256(engine), run.info.run_id, info))
         if timing is not None and timing.exists():
             mlflow.log_artifact(str(timing), "build")
     return Completed(message=f"built {', '.join(names)} ({environment})", data=refs)

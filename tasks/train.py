@@ -1,19 +1,29 @@
-"""Prefect task: data-parallel training on Ray Train, tracked in a child MLflow run."""
+"""Prefect task: the FP32 baseline: a given model taken as is, or trained / fine-tuned on Ray Train.
+
+The model comes from ``model`` (zoo, factory, Hugging Face folder, weights file) and, optionally,
+``train.init_from``. With ``train.epochs: 0`` the given model *is* the baseline: nothing is trained,
+its validation accuracy is measured and it is saved as a model folder like any trained one. With
+epochs > 0 training starts from its weights on Ray Train, with every strategy.
+"""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import mlflow
 
 from tasks.caching import stage_dir, stage_task
-from tasks.refs import DataRef, ModelRef, file_sha256
+from tasks.refs import DataRef, Format, ModelRef, file_sha256
+from tasks.techniques.data import load_splits
 from tasks.techniques.flops import count_flops
 from tasks.techniques.init_weights import load_init_state
-from tasks.techniques.models import ModelConfig, ModelSpec, build_model, count_params
-from tasks.techniques.training import TrainConfig
+from tasks.techniques.model_source import starting_model
+from tasks.techniques.models import ModelConfig, count_params, save_model
+from tasks.techniques.training import TrainConfig, evaluate
 from tasks.tracking import child_run, tracking_uri
-from tasks.train_worker import run_training
+from tasks.training_driver import run_training
+from tasks.worker_common import WorkerConfig
 
 # Whole-run figures the strategies report beside the per-epoch curves.
 STRATEGY_METRICS = ("staleness_mean", "staleness_max", "stale_dropped", "workers_lost", "updates",
@@ -22,37 +32,50 @@ STRATEGY_METRICS = ("staleness_mean", "staleness_max", "stale_dropped", "workers
 
 @stage_task("train")
 def train(cfg: TrainConfig, model_cfg: ModelConfig, data: DataRef, workdir: str, parent_run_id: str | None,
-          init: ModelRef | None = None) -> ModelRef:
-    """Train the FP32 baseline ("pytorch_fp32") and return a reference to its model folder.
+          init: ModelRef | None = None, model_sha256: str | None = None) -> ModelRef:
+    """The FP32 baseline ("pytorch_fp32"): a reference to its model folder.
 
     ``init`` (from ``resolve_init``) is the model ``train.init_from`` points at; training starts from its
-    weights. Its content hash is part of the cache key, so a moved alias means a new training.
+    weights. Its content hash is part of the cache key, so a moved alias means a new training;
+    ``model_sha256`` (of ``model.path`` / ``model.weights``) does the same for a user's model files.
     """
     key = {"train": cfg, "model": model_cfg, "data": data, **({"init": init} if init else {})}
     out = stage_dir(workdir, "train", key)
-    spec = ModelSpec(model_cfg.to_dict(), data.num_features, data.num_classes, data.image_shape)
-    tags = {"optforge.strategy": cfg.strategy,
+    tags = {"optforge.strategy": cfg.strategy if cfg.epochs else "none (train.epochs=0)",
             **({"optforge.init_from": init.info["init_from"], "optforge.init_resolved": init.info["resolved"]}
                if init else {})}
     with child_run(parent_run_id, "train", params={"train": cfg.to_dict(), "model": model_cfg.to_dict()},
                    tags=tags) as run:
-        # Build once here so a bad factory or shape fails in seconds, before Ray starts workers.
-        fresh = build_model(spec)
+        contract = data.inputs
+        # Build or load once here so a bad factory, folder or shape fails in seconds, before Ray starts workers.
+        model, spec, pretrained = starting_model(model_cfg, contract)
         if init:
-            load_init_state(init.path, spec, cfg.init_from)  # incompatible shapes: fail before Ray starts
-        params, flops = count_params(fresh), count_flops(fresh, data.num_features)
+            model.load_state_dict(load_init_state(init.path, spec, cfg.init_from))  # shapes checked first
+        params, flops = count_params(model), count_flops(model, contract)
         mlflow.log_params({"params": params, "flops": flops})
-        storage = Path(cfg.storage_path or Path(workdir) / "ray").resolve()
-        summary = run_training(
-            cfg, spec, data.path, storage, name=f"train-{out.name}", out_dir=out / "model",
-            mlflow_tracking_uri=tracking_uri(), mlflow_run_id=run.info.run_id,
-            extra_config={"init_path": init.path} if init else None,
-        )
+        if cfg.epochs == 0:
+            summary = _take_as_is(model, spec, data, out / "model")
+        else:
+            start = init.path if init else (str(save_model(model, spec, out / "start")) if pretrained else None)
+            storage = Path(cfg.storage_path or Path(workdir) / "ray").resolve()
+            worker = WorkerConfig(cfg.to_dict(), asdict(spec), data.path, tracking_uri(), run.info.run_id,
+                                  init_path=start)
+            summary = run_training(worker, storage, name=f"train-{out.name}", out_dir=out / "model")
+            strategy_stats = {k: v for k, v in summary.get("metrics", {}).items() if k in STRATEGY_METRICS}
+            if strategy_stats:
+                mlflow.log_metrics(strategy_stats)
+            mlflow.set_tag("optforge.resumed_from_checkpoint", str(summary["resumed"]).lower())
         mlflow.log_metrics({k: summary[k] for k in ("best_val_accuracy", "best_epoch", "epochs_run")})
-        strategy_stats = {k: v for k, v in summary.get("metrics", {}).items() if k in STRATEGY_METRICS}
-        if strategy_stats:
-            mlflow.log_metrics(strategy_stats)
-        mlflow.set_tag("optforge.resumed_from_checkpoint", str(summary["resumed"]).lower())
         mlflow.log_artifacts(str(out / "model"), "model")
-    info = {"params": params, "flops": flops, "best_val_accuracy": summary["best_val_accuracy"], "epochs_run": summary["epochs_run"]}
-    return ModelRef("pytorch_fp32", "torch", str(out / "model"), file_sha256(out / "model"), run.info.run_id, info)
+    info = {"params": params, "flops": flops, "best_val_accuracy": summary["best_val_accuracy"],
+            "epochs_run": summary["epochs_run"]}
+    return ModelRef("pytorch_fp32", Format.TORCH, str(out / "model"), file_sha256(out / "model"), run.info.run_id, info)
+
+
+def _take_as_is(model, spec, data: DataRef, folder: Path) -> dict:
+    """``train.epochs: 0``: save the given model as the baseline and measure it on the validation split."""
+    val = evaluate(model, load_splits(data.path).val)
+    save_model(model, spec, folder)
+    mlflow.log_metrics({"val_accuracy": val["accuracy"], "val_loss": val["loss"]})
+    mlflow.set_tag("optforge.note", "train.epochs=0: the given model is the FP32 baseline, not trained here")
+    return {"best_val_accuracy": val["accuracy"], "best_epoch": -1, "epochs_run": 0, "resumed": False}

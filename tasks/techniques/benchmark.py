@@ -1,14 +1,15 @@
 """Measuring a variant: accuracy, batch-1 latency percentiles, batch throughput, size, params.
 
-Every variant is wrapped as a ``Predictor`` (float32 rows -> logits) and measured by the same code
-with the same thread count, so the numbers compare across PyTorch and ONNX Runtime.
+Every variant is wrapped as a ``Predictor`` (``{input name: array}`` -> logits) and measured by the
+same code with the same thread count on rows of the same split, at the data's own shapes (an image
+at its crop size, a text at its tokenized length), so the numbers compare across PyTorch and ONNX
+Runtime.
 """
 
 from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -18,13 +19,8 @@ from pydantic import Field
 from torch import nn
 
 from tasks.techniques.config import TechniqueConfig
-
-# float32 (N, F) -> logits (N, C), as numpy arrays.
-Predictor = Callable[[np.ndarray], np.ndarray]
-
-# Rows per call when computing accuracy: bounds memory on large test sets, not a timed quantity.
-_ACCURACY_BATCH = 256
-
+from tasks.techniques.contract import as_tensors, forward_logits
+from tasks.techniques.metrics import Predictor, part_accuracy
 
 class BenchmarkConfig(TechniqueConfig):
     """How variants are timed. The same settings apply to every variant of a run."""
@@ -48,84 +44,51 @@ def torch_predictor(model: nn.Module, threads: int) -> Predictor:
     torch.set_num_threads(threads)
     model = model.eval()
 
-    def predict(x: np.ndarray) -> np.ndarray:
+    def predict(batch) -> np.ndarray:
         with torch.inference_mode():
-            return model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
+            return forward_logits(model, as_tensors(batch)).float().numpy()
 
     return predict
 
 
-def ort_session(onnx_path: str | Path, cfg: BenchmarkConfig):
-    """An ONNX Runtime CPU session with pinned threads (intra-op ``cfg.threads``, inter-op 1)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = cfg.threads
-    opts.inter_op_num_threads = 1  # our models are single chains: parallel branches would only add noise
-    opts.graph_optimization_level = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }[cfg.graph_optimization]
-    return ort.InferenceSession(str(onnx_path), sess_options=opts, providers=["CPUExecutionProvider"])
+def timing_rows(part, count: int, offset: int = 0) -> list[dict[str, np.ndarray]]:
+    """``count`` single-row batches of ``part``, taken in turn (cycled when the part is shorter)."""
+    return [part.take([offset + i]) for i in range(count)]
 
 
-def ort_predictor(onnx_path: str | Path, cfg: BenchmarkConfig) -> Predictor:
-    """Wrap an ONNX model (one input, logits as first output) as a ``Predictor``."""
-    if not Path(onnx_path).is_file():
-        raise FileNotFoundError(f"ONNX file not found: {onnx_path}")
-    session = ort_session(onnx_path, cfg)
-    name = session.get_inputs()[0].name
+def time_calls(predict: Predictor, batches: list, warmup: int = 0) -> np.ndarray:
+    """Seconds of each call of ``predict`` on ``batches`` after ``warmup`` untimed calls: the one timing loop."""
+    for k in range(warmup):
+        predict(batches[k % len(batches)])
+    seconds = np.empty(len(batches))
+    for k, batch in enumerate(batches):
+        t0 = time.perf_counter()
+        predict(batch)
+        seconds[k] = time.perf_counter() - t0
+    return seconds
 
-    def predict(x: np.ndarray) -> np.ndarray:
-        return session.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
-    return predict
+def measure(predict: Predictor, part, cfg: BenchmarkConfig) -> dict[str, float]:
+    """Accuracy, batch-1 latency percentiles and batch throughput of one variant on ``part`` (a data split).
 
-
-def measure(predict: Predictor, X: np.ndarray, y: np.ndarray, cfg: BenchmarkConfig) -> dict[str, float]:
-    """Accuracy, batch-1 latency percentiles and batch throughput of one variant.
-
-    Timing inputs are rows of ``X`` taken in turn (cycled when ``X`` is shorter than needed), so every
-    variant sees the same data. The throughput key stays ``throughput_sps_b64`` whatever
-    ``cfg.batch_size`` is, so MLflow columns line up across runs; the batch used is logged as the
-    ``benchmark.batch_size`` param.
+    Timing inputs are rows of ``part`` taken in turn, so every variant sees the same data. The
+    throughput key stays ``throughput_sps_b64`` whatever ``cfg.batch_size`` is, so MLflow columns line
+    up across runs; the batch used is logged as the ``benchmark.batch_size`` param.
 
     Returns:
-        ``accuracy`` (percent, 0-100, on all of X, y), ``latency_ms_p50_b1`` and ``latency_ms_p95_b1``
+        ``accuracy`` (percent, 0-100, on all of ``part``), ``latency_ms_p50_b1`` and ``latency_ms_p95_b1``
         (milliseconds per single-row call), ``throughput_sps_b64`` (samples per second at
         ``cfg.batch_size``).
 
     Raises:
-        ValueError: X is not a non-empty (N, F) array or y does not have N labels.
+        ValueError: ``part`` is empty.
     """
-    X = np.ascontiguousarray(X, dtype=np.float32)
-    y = np.asarray(y).reshape(-1)
-    if X.ndim != 2 or len(X) == 0:
-        raise ValueError(f"X: expected a non-empty (N, F) array, got shape {X.shape}")
-    if len(y) != len(X):
-        raise ValueError(f"y: expected {len(X)} labels (one per row of X), got {len(y)}")
-
-    preds = np.concatenate([predict(X[i : i + _ACCURACY_BATCH]).argmax(1) for i in range(0, len(X), _ACCURACY_BATCH)])
-    accuracy = 100.0 * float((preds == y).mean())
-
-    rows = [X[i % len(X)][None, :] for i in range(cfg.warmup + cfg.iters_b1)]
-    for row in rows[: cfg.warmup]:
-        predict(row)
-    lat_ms = np.empty(cfg.iters_b1)
-    for k, row in enumerate(rows[cfg.warmup :]):
-        t0 = time.perf_counter()
-        predict(row)
-        lat_ms[k] = (time.perf_counter() - t0) * 1e3
-
-    batch = np.ascontiguousarray(np.take(X, np.arange(cfg.batch_size) % len(X), axis=0))
-    for _ in range(cfg.warmup):
-        predict(batch)
-    t0 = time.perf_counter()
-    for _ in range(cfg.iters_batch):
-        predict(batch)
-    elapsed_s = time.perf_counter() - t0
+    if len(part) == 0:
+        raise ValueError("benchmark: the test split is empty")
+    accuracy = part_accuracy(predict, part)
+    lat_ms = time_calls(predict, timing_rows(part, cfg.iters_b1), cfg.warmup) * 1e3
+    batch = part.take(np.arange(cfg.batch_size))
+    elapsed_s = float(time_calls(predict, [batch] * cfg.iters_batch, cfg.warmup).sum())
     return {
         "accuracy": accuracy,
         "latency_ms_p50_b1": float(np.percentile(lat_ms, 50)),

@@ -1,242 +1,256 @@
-"""Datasets: the embedded default (scikit-learn's digits), user files, validation, split, fingerprint.
+"""Datasets: where they come from, how they are split, and the one on-disk form every stage reads.
 
-Everything downstream sees one shape of data: float32 features ``X`` of shape (N, F) and int64
-labels ``y`` in ``[0, num_classes)``. Image data stays flat; a model that wants images reshapes
-with ``image_shape``. Keeping one layout keeps ONNX export, quantization and benchmarking simple.
+Three kinds of source, each an adapter that ends in the same place:
+- numeric tables (``digits``, ``.npz``, ``.csv``, ``.parquet``): ``tasks.techniques.tables``;
+- an image folder with one sub-folder per class: ``tasks.techniques.images``;
+- text in CSV, JSONL or Parquet with a text and a label column, tokenized: ``tasks.techniques.texts``.
+
+Each writes a split folder: ``contract.json`` (the ``InputContract``), and per part (``train``,
+``val``, ``test``, ``new``) one ``.npy`` per input plus ``labels.npy``. Stages open those arrays
+memory-mapped (``load_splits``), so a dataset larger than memory is read a batch at a time, and the
+Ray workers read them from shared storage by path. Images and text are decoded and tokenized once,
+one file or one chunk at a time, straight into the memory-mapped arrays: memory does not grow with
+the dataset.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from pydantic import Field
 
 from tasks.techniques.config import TechniqueConfig
-from tasks.techniques.files import atomic_write
+from tasks.techniques.contract import DTYPES, InputContract, Kind, table_contract
+
+PARTS = ("train", "val", "test", "new")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class DataConfig(TechniqueConfig):
-    """Where the data comes from and how it is split."""
+    """Where the data comes from, how it becomes tensors, and how it is split."""
 
-    source: str = Field("digits", description="'digits' (ships with scikit-learn) or a path to .npz, .csv or .parquet")
-    label_column: str = Field("label", description="label column of a CSV/Parquet file; every other column is a feature")
+    source: str = Field("digits", description="'digits' (ships with scikit-learn), a .npz/.csv/.parquet table, a text "
+                        "file (.csv/.jsonl/.parquet with data.text_column), or an image folder (one sub-folder per class)")
+    label_column: str = Field("label", description="label column of a table or text file")
+    text_column: str | None = Field(None, description="text column: makes a CSV/JSONL/Parquet file text data")
+    tokenizer: str | None = Field(None, description="tokenizer folder for text (default: the Hugging Face model folder's own)")
+    max_length: int = Field(128, ge=2, description="text: tokens per sample; longer texts are truncated (and counted)")
+    image_size: int | None = Field(None, ge=8, description="images: side of the square center crop (default: the "
+                                   "first image's shorter side)")
+    resize: int | None = Field(None, ge=8, description="images: shorter side is resized to this before the crop "
+                               "(default: image_size)")
+    image_mode: Literal["RGB", "L"] = Field("RGB", description="images: colour (3 channels) or grey (1)")
+    mean: tuple[float, ...] = Field(IMAGENET_MEAN, description="images: per-channel mean subtracted after scaling to [0, 1]")
+    std: tuple[float, ...] = Field(IMAGENET_STD, description="images: per-channel std divided by")
     num_classes: int | None = Field(None, ge=2, description="number of classes; labels must be < it (default: max label + 1)")
     image_shape: tuple[int, int, int] | None = Field(
-        None, description="(C, H, W) of flattened images, for CNNs; digits sets (1, 8, 8) itself"
+        None, description="(C, H, W) of flattened images in a table, for CNNs; digits sets (1, 8, 8) itself"
     )
     val_fraction: float = Field(0.15, gt=0, lt=0.5, description="share of samples held out for validation")
     test_fraction: float = Field(0.15, gt=0, lt=0.5, description="share of samples held out for the final test")
     seed: int = Field(0, description="seed of the deterministic shuffle before splitting")
-    standardize: bool = Field(True, description="scale features by train-split mean/std (stored with the splits)")
-    new_source: str | None = Field(None, description="new data for fine-tuning (same format and features as source); "
-                                   "split the same way, its train part mixed in by train.mix")
+    standardize: bool = Field(True, description="tables: scale features by train-split mean/std")
+    new_source: str | None = Field(None, description="new table data for fine-tuning (same format and features as "
+                                   "source); split the same way, its train part mixed in by train.mix")
+
+
+def source_kind(cfg: DataConfig) -> Kind:
+    """Which adapter reads ``cfg.source``: a folder is images, a text column makes text, else a table."""
+    if cfg.source != "digits" and Path(cfg.source).is_dir():
+        return "image"
+    return "text" if cfg.text_column else "table"
+
+
+def data_name(cfg: DataConfig) -> str:
+    """A short name of the data for registry names and dataset names: 'digits', or the file/folder's stem."""
+    return "digits" if cfg.source == "digits" else Path(cfg.source.rstrip("/")).stem or "data"
+
+
+@dataclass(frozen=True)
+class Part:
+    """One split: named input arrays (in memory or memory-mapped) and their labels, row-aligned."""
+
+    inputs: dict[str, np.ndarray]
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def rows(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        """Inputs of rows ``start:stop`` as contiguous arrays (read from disk when memory-mapped)."""
+        return {k: np.ascontiguousarray(v[start:stop]) for k, v in self.inputs.items()}
+
+    def take(self, index) -> dict[str, np.ndarray]:
+        """Inputs of the rows ``index`` (cycled indices allowed), contiguous."""
+        index = np.asarray(index) % max(1, len(self))
+        return {k: np.ascontiguousarray(v[index]) for k, v in self.inputs.items()}
+
+    def head(self, n: int) -> Part:
+        return Part({k: v[:n] for k, v in self.inputs.items()}, self.labels[:n])
+
+    def batches(self, size: int) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
+        for start in range(0, len(self), size):
+            yield self.rows(start, start + size), np.asarray(self.labels[start : start + size])
+
+    @staticmethod
+    def concat(a: Part, b: Part) -> Part:
+        if not len(b):
+            return a
+        return Part({k: np.concatenate([a.inputs[k], b.inputs[k]]) for k in a.inputs}, np.concatenate([a.labels, b.labels]))
 
 
 @dataclass(frozen=True)
 class Splits:
-    """Train/val/test arrays plus what a model needs to know about them."""
+    """Train/val/test (and data.new_source's train part) plus the contract that describes their inputs."""
 
-    X_train: np.ndarray
-    y_train: np.ndarray
-    X_val: np.ndarray
-    y_val: np.ndarray
-    X_test: np.ndarray
-    y_test: np.ndarray
-    num_classes: int
-    image_shape: tuple[int, int, int] | None
-    # The train part of data.new_source (empty without one). Its val/test parts are already appended to
-    # X_val/X_test, so evaluation covers old and new data alike.
-    X_new: np.ndarray | None = None
-    y_new: np.ndarray | None = None
+    contract: InputContract
+    train: Part
+    val: Part
+    test: Part
+    new: Part = field(default=None)  # type: ignore[assignment]
+    stats: dict = field(default_factory=dict)  # what preparing the data counted (e.g. texts_truncated)
 
     def __post_init__(self):
-        if self.X_new is None:
-            object.__setattr__(self, "X_new", np.zeros((0, self.X_train.shape[1]), np.float32))
-            object.__setattr__(self, "y_new", np.zeros(0, np.int64))
+        if self.new is None:
+            empty = {t.name: np.zeros((0, *t.concrete(0, self.contract.sequence_length or 1)[1:]), DTYPES[t.dtype][0])
+                     for t in self.contract.inputs}
+            object.__setattr__(self, "new", Part(empty, np.zeros(0, np.int64)))
 
     @property
-    def X_fit(self) -> np.ndarray:
+    def fit(self) -> Part:
         """What training iterates over: the old train split, then data.new_source's train part. Sample
         indices (MixingSampler's, the teacher logits' rows, augmented copies' rows) refer to this order."""
-        return np.concatenate([self.X_train, self.X_new])
+        return Part.concat(self.train, self.new)
 
     @property
-    def y_fit(self) -> np.ndarray:
-        """The labels of ``X_fit``, in its order."""
-        return np.concatenate([self.y_train, self.y_new])
+    def num_classes(self) -> int:
+        return self.contract.num_classes
 
-    @property
-    def num_features(self) -> int:
-        return int(self.X_train.shape[1])
+    def part(self, name: str) -> Part:
+        return getattr(self, name)
 
 
-def load_new_arrays(cfg: DataConfig, num_features: int) -> tuple[np.ndarray, np.ndarray]:
-    """Read and validate ``data.new_source``: same feature count as ``source``, labels inside its classes."""
-    raw = _read_file(Path(cfg.new_source), cfg.label_column, "data.new_source")
-    X, y = validate_arrays(*raw, origin=cfg.new_source, field="data.new_source")
-    if X.shape[1] != num_features:
-        raise ValueError(f"data.new_source: {cfg.new_source} has {X.shape[1]} features per sample, "
-                         f"but data.source has {num_features}")
-    return X, y
+def write_part(folder: Path, part: Part) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, array in part.inputs.items():
+        np.save(folder / f"{name}.npy", np.ascontiguousarray(array))
+    np.save(folder / "labels.npy", np.asarray(part.labels, np.int64))
 
 
-def load_arrays(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int] | None]:
-    """Read (X, y, image_shape) from the configured source, validated."""
-    if cfg.source == "digits":
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        # Pixel values are 0..16; dividing keeps them in [0, 1] before standardisation.
-        X, y = digits.data / 16.0, digits.target
-        image_shape = cfg.image_shape or (1, 8, 8)
-    else:
-        X, y = _read_file(Path(cfg.source), cfg.label_column)
-        image_shape = cfg.image_shape
-    X, y = validate_arrays(X, y, origin=cfg.source)
-    if cfg.num_classes is not None and y.max() >= cfg.num_classes:
-        raise ValueError(f"data.num_classes: labels must be in 0..{cfg.num_classes - 1}, found {int(y.max())} in {cfg.source}")
-    if image_shape is not None and int(np.prod(image_shape)) != X.shape[1]:
-        raise ValueError(
-            f"data.image_shape: {list(image_shape)} holds {int(np.prod(image_shape))} values "
-            f"but {cfg.source} has {X.shape[1]} features per sample"
-        )
-    return X, y, image_shape
+def save_splits(splits: Splits, folder: str | Path) -> Path:
+    """Write ``splits`` as a split folder (module docstring), all or nothing (see ``publish``)."""
+    folder = Path(folder)
+    with staging(folder.parent) as tmp:
+        for name in PARTS:
+            write_part(tmp / name, splits.part(name))
+        write_meta(tmp, splits.contract, splits.stats)
+        return publish(tmp, folder)
 
 
-def _read_file(path: Path, label_column: str, field: str = "data.source") -> tuple[np.ndarray, np.ndarray]:
-    if not path.exists():
-        raise FileNotFoundError(f"{field}: file not found: {path}")
-    suffix = path.suffix.lower()
-    if suffix == ".npz":
-        try:
-            with np.load(path, allow_pickle=False) as archive:
-                arrays = {name: archive[name] for name in archive.files if name in ("X", "y")}
-        except Exception as exc:  # BadZipFile, OSError, or numpy refusing pickled data: not a valid .npz
-            raise ValueError(f"{field}: {path} is not a readable .npz file ({type(exc).__name__}: {exc})") from exc
-        missing = {"X", "y"} - set(arrays)
-        if missing:
-            raise ValueError(f"{field}: {path} lacks array(s) {sorted(missing)}; expected arrays 'X' and 'y'")
-        return arrays["X"], arrays["y"]
-    if suffix in (".csv", ".parquet"):
-        import pandas as pd
-
-        try:
-            frame = pd.read_csv(path) if suffix == ".csv" else pd.read_parquet(path)
-        except Exception as exc:
-            raise ValueError(f"{field}: cannot read {path} ({type(exc).__name__}: {exc})") from exc
-        if label_column not in frame.columns:
-            raise ValueError(
-                f"data.label_column: column '{label_column}' not in {path}; columns are {list(frame.columns)}"
-            )
-        features = frame.drop(columns=[label_column])
-        non_numeric = [c for c in features.columns if not np.issubdtype(features[c].dtype, np.number)]
-        if non_numeric:
-            raise ValueError(f"{field}: {path} has non-numeric feature columns {non_numeric}")
-        return features.to_numpy(), frame[label_column].to_numpy()
-    raise ValueError(f"{field}: unsupported file type '{suffix}' for {path}; expected .npz, .csv or .parquet")
+def write_meta(folder: Path, contract: InputContract, stats: dict) -> None:
+    (folder / "contract.json").write_text(json.dumps(contract.to_dict(), indent=2))
+    (folder / "stats.json").write_text(json.dumps(stats, indent=2, default=float))
 
 
-def validate_arrays(X: np.ndarray, y: np.ndarray, origin: str, field: str = "data.source") -> tuple[np.ndarray, np.ndarray]:
-    """Check shapes, finiteness and labels; return (float32 X, int64 y)."""
-    X, y = np.asarray(X), np.asarray(y)
-    if X.ndim != 2:
-        raise ValueError(f"{field}: {origin}: X must be 2-D (samples, features), got shape {X.shape}")
-    if y.ndim != 1:
-        raise ValueError(f"{field}: {origin}: y must be 1-D, got shape {y.shape}")
-    if len(X) != len(y):
-        raise ValueError(f"{field}: {origin}: X has {len(X)} rows but y has {len(y)}")
-    if len(X) == 0:
-        raise ValueError(f"{field}: {origin}: the dataset is empty")
-    if not np.issubdtype(X.dtype, np.number):
-        raise ValueError(f"{field}: {origin}: X must be numeric, got dtype {X.dtype}")
-    X = X.astype(np.float32)
-    bad = ~np.isfinite(X)
-    if bad.any():
-        rows = np.unique(np.nonzero(bad)[0])
-        raise ValueError(f"{field}: {origin}: X has NaN or infinite values in {len(rows)} rows (first: {rows[:5].tolist()})")
-    if not np.issubdtype(y.dtype, np.integer):
-        if np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
-            y = y.astype(np.int64)
-        else:
-            raise ValueError(f"{field}: {origin}: labels must be integers 0..C-1, got dtype {y.dtype}")
-    y = y.astype(np.int64)
-    if y.min() < 0:
-        raise ValueError(f"{field}: {origin}: labels must be in 0..C-1, found {int(y.min())}")
-    if len(np.unique(y)) < 2:
-        raise ValueError(f"{field}: {origin}: need at least 2 classes, found {len(np.unique(y))}")
-    return X, y
+class staging:
+    """A temporary folder beside the destination, removed unless ``publish`` moved it into place."""
+
+    def __init__(self, parent: Path):
+        parent.mkdir(parents=True, exist_ok=True)
+        self.path = Path(tempfile.mkdtemp(dir=parent, prefix=".staging-"))
+
+    def __enter__(self) -> Path:
+        return self.path
+
+    def __exit__(self, *exc) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
 
 
-def _split_indices(n: int, cfg: DataConfig, field: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    order = np.random.default_rng(cfg.seed).permutation(n)
-    n_test, n_val = max(1, round(n * cfg.test_fraction)), max(1, round(n * cfg.val_fraction))
-    if n - n_test - n_val < 1:
-        raise ValueError(f"{field}: {n} samples are too few for val_fraction and test_fraction")
-    return order[n_test + n_val :], order[n_test : n_test + n_val], order[:n_test]
+def publish(tmp: Path, folder: Path) -> Path:
+    """Rename the finished ``tmp`` to ``folder`` (atomic on one file system). A folder that already exists
+    holds the same content (it is named by it), so it is kept and ``tmp`` dropped."""
+    try:
+        os.rename(tmp, folder)
+    except OSError:
+        if not (folder / "contract.json").exists():
+            raise
+    return folder
 
 
-def split(X: np.ndarray, y: np.ndarray, image_shape, cfg: DataConfig,
-          new: tuple[np.ndarray, np.ndarray] | None = None) -> Splits:
-    """Deterministic shuffle-and-split by ``cfg.seed``; standardise with train statistics.
-
-    ``new`` (data.new_source's arrays) is split with the same fractions; its val and test parts join
-    the old ones and its train part becomes ``X_new``. The old train split's statistics scale both,
-    so a model trained on the old data sees the new data on the scale it knows.
-    """
-    train, val, test = _split_indices(len(X), cfg, "data.source")
-    num_classes = cfg.num_classes or int(y.max()) + 1
-    parts = {"train": (X[train], y[train]), "val": (X[val], y[val]), "test": (X[test], y[test])}
-    if new is not None:
-        Xn, yn = new
-        if yn.max() >= num_classes:
-            raise ValueError(f"data.new_source: labels must be in 0..{num_classes - 1} (the classes of data.source), "
-                             f"found {int(yn.max())} in {cfg.new_source}")
-        n_train, n_val, n_test = _split_indices(len(Xn), cfg, "data.new_source")
-        parts["val"] = tuple(np.concatenate([a, b[n_val]]) for a, b in zip(parts["val"], (Xn, yn)))
-        parts["test"] = tuple(np.concatenate([a, b[n_test]]) for a, b in zip(parts["test"], (Xn, yn)))
-        parts["new"] = (Xn[n_train], yn[n_train])
-    if cfg.standardize:
-        mean = parts["train"][0].mean(axis=0)
-        std = parts["train"][0].std(axis=0)
-        std[std < 1e-6] = 1.0  # constant columns (digits' border pixels) stay put instead of dividing by zero
-        parts = {k: (((Xp - mean) / std).astype(np.float32), yp) for k, (Xp, yp) in parts.items()}
-    new_part = parts.get("new", (None, None))
-    return Splits(*parts["train"], *parts["val"], *parts["test"], num_classes, image_shape, *new_part)
+def load_splits(folder: str | Path) -> Splits:
+    """Open a split folder; arrays are memory-mapped read-only (no pickle: ``allow_pickle=False``)."""
+    folder = Path(folder)
+    contract = InputContract.from_dict(json.loads((folder / "contract.json").read_text()))
+    stats_file = folder / "stats.json"
+    stats = json.loads(stats_file.read_text()) if stats_file.exists() else {}
+    parts = {}
+    for name in PARTS:
+        sub = folder / name
+        if not (sub / "labels.npy").exists():
+            parts[name] = None
+            continue
+        inputs = {t.name: np.load(sub / f"{t.name}.npy", mmap_mode="r", allow_pickle=False) for t in contract.inputs}
+        parts[name] = Part(inputs, np.load(sub / "labels.npy", allow_pickle=False))
+    return Splits(contract, parts["train"], parts["val"], parts["test"], parts["new"], stats)
 
 
-def fingerprint(splits: Splits) -> str:
-    """Content hash of the split arrays: same data and split -> same fingerprint (16 hex chars)."""
+def fingerprint(folder: str | Path) -> str:
+    """Content hash of a split folder's arrays and contract (16 hex chars), read in 1 MiB chunks."""
+    folder = Path(folder)
     h = hashlib.sha256()
-    names = ("X_train", "y_train", "X_val", "y_val", "X_test", "y_test")
-    # Without new data the fingerprint stays what it was before data.new_source existed.
-    for name in names + (("X_new", "y_new") if len(splits.y_new) else ()):
-        arr = np.ascontiguousarray(getattr(splits, name))
-        h.update(f"{name}:{arr.dtype}:{arr.shape};".encode())
-        h.update(arr.tobytes())
+    for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "stats.json"):
+        h.update(f.relative_to(folder).as_posix().encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()[:16]
 
 
-def save_splits(splits: Splits, path: str | Path) -> Path:
-    """Write the splits to one .npz, atomically (temp file + rename): never a half-written file."""
-    arrays = {
-        "X_train": splits.X_train, "y_train": splits.y_train, "X_val": splits.X_val, "y_val": splits.y_val,
-        "X_test": splits.X_test, "y_test": splits.y_test, "num_classes": np.int64(splits.num_classes),
-        "image_shape": np.asarray(splits.image_shape or (), dtype=np.int64),
-        "X_new": splits.X_new, "y_new": splits.y_new,
-    }
-    return atomic_write(path, lambda tmp: np.savez(tmp, **arrays), suffix=".npz")
+def prepare(cfg: DataConfig, root: str | Path, tokenizer: str | None = None) -> Path:
+    """Read ``cfg.source`` with its adapter and write the split folder ``<root>/<fingerprint>``.
+
+    ``tokenizer`` (text only) is the folder to tokenize with when ``cfg.tokenizer`` is not set (the
+    Hugging Face model folder's own). Returns the folder.
+    """
+    from tasks.techniques import images, tables, texts
+
+    root = Path(root)
+    kind = source_kind(cfg)
+    with staging(root) as tmp:
+        if kind == "image":
+            images.prepare_images(cfg, tmp)
+        elif kind == "text":
+            texts.prepare_texts(cfg, tmp, cfg.tokenizer or tokenizer)
+        else:
+            _prepare_table(cfg, tmp, tables)
+        return publish(tmp, root / fingerprint(tmp))
 
 
-def load_splits(path: str | Path) -> Splits:
-    """Inverse of ``save_splits`` (no pickle: ``allow_pickle=False``)."""
-    with np.load(path, allow_pickle=False) as z:
-        shape = tuple(int(v) for v in z["image_shape"]) or None
-        return Splits(
-            z["X_train"], z["y_train"], z["X_val"], z["y_val"], z["X_test"], z["y_test"],
-            int(z["num_classes"]), shape,
-            z["X_new"] if "X_new" in z.files else None, z["y_new"] if "y_new" in z.files else None,
-        )
-
+def _prepare_table(cfg: DataConfig, tmp: Path, tables) -> None:
+    X, y = tables.read_table(cfg.source, cfg.label_column)
+    image_shape = cfg.image_shape or ((1, 8, 8) if cfg.source == "digits" else None)
+    if cfg.num_classes is not None and y.max() >= cfg.num_classes:
+        raise ValueError(f"data.num_classes: labels must be in 0..{cfg.num_classes - 1}, found {int(y.max())} in {cfg.source}")
+    if image_shape is not None and int(np.prod(image_shape)) != X.shape[1]:
+        raise ValueError(f"data.image_shape: {list(image_shape)} holds {int(np.prod(image_shape))} values "
+                         f"but {cfg.source} has {X.shape[1]} features per sample")
+    num_classes = cfg.num_classes or int(y.max()) + 1
+    new = None
+    if cfg.new_source:
+        new = tables.read_table(cfg.new_source, cfg.label_column, field="data.new_source")
+        if new[0].shape[1] != X.shape[1]:
+            raise ValueError(f"data.new_source: {cfg.new_source} has {new[0].shape[1]} features per sample, "
+                             f"but data.source has {X.shape[1]}")
+    parts = tables.split_table(X, y, cfg, new, num_classes)
+    for name, (Xp, yp) in parts.items():
+        write_part(tmp / name, Part({"input": Xp}, yp))
+    write_meta(tmp, table_contract(X.shape[1], num_classes, image_shape), {})

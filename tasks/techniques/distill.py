@@ -25,6 +25,7 @@ from pydantic import Field
 from torch import nn
 
 from tasks.techniques.config import TechniqueConfig
+from tasks.techniques.contract import as_tensors, forward_logits
 from tasks.techniques.models import ModelConfig, count_params
 from tasks.techniques.training import TrainConfig, evaluate, make_optimizer, make_scheduler, precision_for, train_epoch
 
@@ -82,11 +83,12 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
 
 
 @torch.inference_mode()
-def teacher_logits(teacher: nn.Module, X: np.ndarray, batch_size: int = 512) -> np.ndarray:
-    """The teacher's float32 logits on ``X`` (eval mode: no dropout), computed once and reused every epoch."""
+def teacher_logits(teacher: nn.Module, part, batch_size: int = 256) -> np.ndarray:
+    """The teacher's float32 logits on every row of ``part`` (eval mode: no dropout), computed once and
+    reused every epoch."""
     teacher.eval()
-    return np.concatenate([teacher(torch.as_tensor(X[i : i + batch_size])).float().numpy()
-                           for i in range(0, len(X), batch_size)])
+    return np.concatenate([forward_logits(teacher, as_tensors(inputs)).float().numpy()
+                           for inputs, _ in part.batches(batch_size)])
 
 
 def check_student(student: nn.Module, teacher: nn.Module) -> tuple[int, int]:
@@ -98,20 +100,22 @@ def check_student(student: nn.Module, teacher: nn.Module) -> tuple[int, int]:
     return s, t
 
 
-def finetune(model: nn.Module, X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: np.ndarray,
-             cfg: FinetuneConfig, soft_targets: np.ndarray | None = None) -> dict[str, float]:
-    """Fine-tune ``model`` in place; keep the epoch with the best validation accuracy.
+def finetune(model: nn.Module, train, val, cfg: FinetuneConfig, soft_targets: np.ndarray | None = None
+             ) -> dict[str, float]:
+    """Fine-tune ``model`` in place on the ``train`` part; keep the epoch with the best accuracy on ``val``.
 
-    ``soft_targets`` are the teacher's logits on ``X``; without them (or with ``kd_alpha=0``) the
-    loss is plain cross-entropy. Returns the validation accuracy before and after.
+    ``soft_targets`` are the teacher's logits on ``train``'s rows; without them (or with ``kd_alpha=0``)
+    the loss is plain cross-entropy. Batches are read from the (memory-mapped) parts one at a time.
+    Returns the validation accuracy before and after.
     """
-    before = evaluate(model, X_val, y_val)["accuracy"]
+    before = evaluate(model, val)["accuracy"]
     if cfg.epochs == 0:
         return {"val_accuracy_before": before, "val_accuracy": before, "epochs": 0}
     use_kd = soft_targets is not None and cfg.kd_alpha > 0
-    tensors = [torch.as_tensor(X), torch.as_tensor(y)] + ([torch.as_tensor(soft_targets)] if use_kd else [])
+    soft = torch.as_tensor(soft_targets) if use_kd else None
     generator = torch.Generator().manual_seed(cfg.seed)
-    steps = -(-len(X) // cfg.batch_size)
+    n = len(train)
+    steps = -(-n // cfg.batch_size)
     train_cfg = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay, optimizer=cfg.optimizer,
                             batch_size=cfg.batch_size, warmup_epochs=0, scheduler="cosine")
     opt = make_optimizer(model, train_cfg)
@@ -126,10 +130,9 @@ def finetune(model: nn.Module, X: np.ndarray, y: np.ndarray, X_val: np.ndarray, 
     torch.set_num_threads(cfg.threads)
     try:
         for _ in range(cfg.epochs):
-            order = torch.randperm(len(X), generator=generator)
-            batches = [tuple(t[order[i : i + cfg.batch_size]] for t in tensors) for i in range(0, len(X), cfg.batch_size)]
-            train_epoch(model, batches, opt, sched, precision, 1, loss_fn=loss_fn)
-            acc = evaluate(model, X_val, y_val)["accuracy"]
+            order = torch.randperm(n, generator=generator).numpy()
+            train_epoch(model, _Batches(train, order, cfg.batch_size, soft), opt, sched, precision, 1, loss_fn=loss_fn)
+            acc = evaluate(model, val)["accuracy"]
             if acc > best:
                 best, best_state = acc, copy.deepcopy(model.state_dict())
     finally:
@@ -137,3 +140,20 @@ def finetune(model: nn.Module, X: np.ndarray, y: np.ndarray, X_val: np.ndarray, 
     model.load_state_dict(best_state)
     model.eval()
     return {"val_accuracy_before": before, "val_accuracy": best, "epochs": cfg.epochs}
+
+
+class _Batches:
+    """Shuffled batches ``(inputs, labels[, soft targets])`` of a part, read when iterated (sorted reads)."""
+
+    def __init__(self, part, order: np.ndarray, size: int, soft: torch.Tensor | None):
+        self.part, self.order, self.size, self.soft = part, order, size, soft
+
+    def __len__(self) -> int:
+        return -(-len(self.order) // self.size)
+
+    def __iter__(self):
+        for start in range(0, len(self.order), self.size):
+            idx = self.order[start : start + self.size]
+            inputs = as_tensors(self.part.take(idx))
+            labels = torch.as_tensor(np.asarray(self.part.labels[idx]))
+            yield (inputs, labels) + ((self.soft[idx],) if self.soft is not None else ())

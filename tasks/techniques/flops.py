@@ -13,14 +13,16 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from tasks.techniques.contract import InputContract, forward_logits
 from tasks.techniques.models import count_params
 
 # Layers whose weights pruning and sparsity talk about; biases and norms are a few hundred values.
 WEIGHTED = (nn.Linear, nn.Conv2d)
 
 
-def count_flops(model: nn.Module, num_features: int, batch_size: int = 1) -> int:
-    """Forward FLOPs for one batch of ``batch_size`` flat float32 rows (default: per sample).
+def count_flops(model: nn.Module, contract: InputContract, batch_size: int = 1) -> int:
+    """Forward FLOPs for one batch of ``batch_size`` samples at the contract's shapes (default: per sample;
+    text at the data's sequence length).
 
     Dense kernels do the same work whatever the values, so a model with zeroed (unstructurally
     pruned) weights counts the same FLOPs as before pruning: this is what it costs, not what it could.
@@ -29,7 +31,7 @@ def count_flops(model: nn.Module, num_features: int, batch_size: int = 1) -> int
     model.eval()
     try:
         with FlopCounterMode(display=False) as counter, torch.no_grad():
-            model(torch.zeros(batch_size, num_features))
+            forward_logits(model, contract.example(batch=batch_size))
     finally:
         model.train(was_training)
     return int(counter.get_total_flops())
@@ -45,7 +47,7 @@ def weight_sparsity(model: nn.Module) -> float:
     return zeros / total if total else 0.0
 
 
-def model_stats(model: nn.Module, num_features: int) -> dict[str, float]:
+def model_stats(model: nn.Module, contract: InputContract) -> dict[str, float]:
     """``params``, ``flops`` (per sample) and ``sparsity`` of a model: what every variant's info carries."""
-    return {"params": count_params(model), "flops": count_flops(model, num_features),
+    return {"params": count_params(model), "flops": count_flops(model, contract),
             "sparsity": round(weight_sparsity(model), 6)}

@@ -10,14 +10,14 @@ report is plain JSON so runs on different commits can be compared.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
 from pydantic import Field
 
-from tasks.techniques.benchmark import Predictor
+from tasks.techniques.benchmark import time_calls, timing_rows
 from tasks.techniques.config import TechniqueConfig
+from tasks.techniques.metrics import Predictor, part_accuracy
 
 BASELINE = "pytorch_fp32"
 # (label, variant, reference): the ratio is variant vs reference; "best" is resolved per report.
@@ -77,35 +77,23 @@ def _chunks(total: int, parts: int) -> list[int]:
     return [total // parts + (i < total % parts) for i in range(parts)]
 
 
-def measure_side_by_side(predictors: dict[str, Predictor], X: np.ndarray, y: np.ndarray,
-                         cfg: HarnessConfig) -> dict[str, dict[str, float]]:
-    """Accuracy, p50/p95/p99 batch-1 latency (ms) and throughput at ``batch_size`` for every predictor."""
-    X = np.ascontiguousarray(X, dtype=np.float32)
-    if X.ndim != 2 or len(X) == 0:
-        raise ValueError(f"X: expected a non-empty (N, F) array, got shape {X.shape}")
+def measure_side_by_side(predictors: dict[str, Predictor], part, cfg: HarnessConfig) -> dict[str, dict[str, float]]:
+    """Accuracy, p50/p95/p99 batch-1 latency (ms) and throughput at ``batch_size`` for every predictor on ``part``."""
+    if len(part) == 0:
+        raise ValueError("harness: the test split is empty")
     names = list(predictors)
-    accuracy = {n: 100.0 * float((np.concatenate([predictors[n](X[i : i + 256]) for i in range(0, len(X), 256)])
-                                   .argmax(1) == y).mean()) for n in names}
-    batch = np.ascontiguousarray(np.take(X, np.arange(cfg.batch_size) % len(X), axis=0))
+    accuracy = {n: part_accuracy(predictors[n], part) for n in names}
+    batch = part.take(np.arange(cfg.batch_size))
     for n in names:
-        for k in range(cfg.warmup):
-            predictors[n](X[k % len(X)][None, :])
-            predictors[n](batch)
+        time_calls(predictors[n], timing_rows(part, cfg.warmup) + [batch] * cfg.warmup)
     lat = {n: [] for n in names}
     batch_seconds = dict.fromkeys(names, 0.0)
     b1_rounds, batch_rounds = _chunks(cfg.iters_b1, cfg.rounds), _chunks(cfg.iters_batch, cfg.rounds)
     for r in range(cfg.rounds):
+        rows = timing_rows(part, b1_rounds[r], offset=r * 997)
         for n in names[r % len(names) :] + names[: r % len(names)]:  # rotate who goes first
-            predict = predictors[n]
-            for k in range(b1_rounds[r]):
-                row = X[(r * 997 + k) % len(X)][None, :]
-                t0 = time.perf_counter()
-                predict(row)
-                lat[n].append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            for _ in range(batch_rounds[r]):
-                predict(batch)
-            batch_seconds[n] += time.perf_counter() - t0
+            lat[n] += list(time_calls(predictors[n], rows))
+            batch_seconds[n] += float(time_calls(predictors[n], [batch] * batch_rounds[r]).sum())
     out = {}
     for n in names:
         ms = np.asarray(lat[n]) * 1e3

@@ -30,12 +30,9 @@ def load_init_state(folder: str | Path, spec: ModelSpec, source: str | None = No
     if missing := missing_model_file(folder):
         raise ValueError(f"{FIELD}: {source} is not a model folder: {folder} lacks {missing}")
     their_spec = read_spec(folder)
-    theirs = (their_spec.num_features, their_spec.num_classes)
-    if theirs != (spec.num_features, spec.num_classes):
-        raise ValueError(
-            f"{FIELD}: {source} takes {theirs[0]} features and predicts {theirs[1]} classes, but this run's data has "
-            f"{spec.num_features} features and {spec.num_classes} classes"
-        )
+    theirs, ours = their_spec.inputs, spec.inputs
+    if theirs.key() != ours.key():
+        raise ValueError(f"{FIELD}: {source} takes {_describe(theirs)}, but this run's data has {_describe(ours)}")
     state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
     expected = build_model(spec).state_dict()
     missing = sorted(set(expected) - set(state))
@@ -61,3 +58,11 @@ def apply_init(model: nn.Module, state: dict[str, torch.Tensor] | None) -> nn.Mo
     if state is not None:
         model.load_state_dict(state)
     return model
+
+
+def _describe(contract) -> str:
+    """'64 features and 10 classes' for tables, else the inputs with their sample shapes."""
+    if contract.kind == "table":
+        return f"{contract.num_features} features and {contract.num_classes} classes"
+    shapes = ", ".join(f"{t.name} {list(t.sample_shape())}" for t in contract.inputs)
+    return f"{contract.kind} inputs {shapes} and {contract.num_classes} classes"

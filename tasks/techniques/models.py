@@ -1,9 +1,12 @@
-"""The model zoo and user models by import path.
+"""Model sources: the zoo, Hugging Face folders, user factories; rebuilt from a JSON spec plus weights.
 
-Every model maps float32 features (N, F) to logits (N, C). Models are rebuilt from a small JSON spec
-plus a ``state_dict`` loaded with ``weights_only=True``: nothing is unpickled, so a checkpoint from
-elsewhere cannot run code. A user factory is the one place user code runs, by the user's own choice
-(its import path is in their config).
+A model's inputs are the data's ``InputContract``: the zoo MLP takes one flat ``input``, the zoo CNNs
+an image (flat rows reshaped by ``image_shape``, or ``pixel_values``), a Hugging Face model and a
+user factory whatever its ``forward`` names. Models are rebuilt from a small JSON spec plus a
+``state_dict`` loaded with ``weights_only=True``: nothing is unpickled, so a checkpoint from elsewhere
+cannot run code. A user factory is the one place user code runs, by the user's own choice (its
+import path is in their config). A Hugging Face model's spec carries its ``config.json`` content, so a
+saved variant rebuilds without the original folder.
 
 Compressed models stay rebuildable from their spec: a structurally pruned zoo model is the same
 architecture with smaller widths in ``config``, and a factorized model lists its low-rank layers in
@@ -13,28 +16,35 @@ architecture with smaller widths in ``config``, and a factorized model lists its
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from tasks.techniques.config import TechniqueConfig
+from tasks.techniques.contract import InputContract, table_contract
 from tasks.techniques.files import atomic_write
 
 ZOO = ("mlp", "cnn", "dscnn")
+HUGGINGFACE, ONNX = "huggingface", "onnx"
+SOURCES = (*ZOO, HUGGINGFACE, ONNX)
 
 
 class ModelConfig(TechniqueConfig):
-    """Which model to build; shapes come from the data."""
+    """Which model: a zoo architecture (shapes from the data), a Hugging Face folder, an ONNX file or a factory."""
 
     arch: str = Field(
-        "mlp", description="'mlp', 'cnn' or 'dscnn' (depthwise-separable; both need image data), or a user factory "
-        "'package.module:function'"
+        "mlp", description="'mlp', 'cnn' or 'dscnn' (both need image data), 'huggingface' (a save_pretrained folder "
+        "in model.path), 'onnx' (an .onnx file in model.path), or a user factory 'package.module:function'"
     )
+    path: str | None = Field(None, description="arch=huggingface: the save_pretrained folder; arch=onnx: the .onnx file")
+    weights: str | None = Field(None, description="starting weights for a zoo or factory model: .safetensors, or a "
+                                "state_dict file (loaded with weights_only=True)")
     # 2048-2048-1024 (6.4 M params, 26 MB): big enough that matrix work, not Python call overhead,
     # dominates batch-1 latency, so speed-ups of smaller variants mean something.
     hidden: tuple[int, ...] = Field((2048, 2048, 1024), description="MLP hidden layer widths")
@@ -42,13 +52,13 @@ class ModelConfig(TechniqueConfig):
         (32, 64), description="CNN conv channels, one 3x3 conv block each (dscnn: stem conv, then one separable block each)"
     )
     dropout: float = Field(0.1, ge=0, lt=1, description="dropout before each hidden Linear's activation output")
-    kwargs: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments for a user factory")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for a user factory")
 
     @field_validator("arch")
     @classmethod
     def _arch_known(cls, v: str) -> str:
-        if v not in ZOO and ":" not in v:
-            raise ValueError(f"expected one of {list(ZOO)} or an import path 'package.module:factory', got '{v}'")
+        if v not in SOURCES and ":" not in v:
+            raise ValueError(f"expected one of {list(SOURCES)} or an import path 'package.module:factory', got '{v}'")
         return v
 
     @field_validator("hidden", "channels")
@@ -58,18 +68,42 @@ class ModelConfig(TechniqueConfig):
             raise ValueError(f"expected a non-empty list of positive widths, got {list(v)}")
         return v
 
+    @model_validator(mode="after")
+    def _path_where_needed(self):
+        if self.arch in (HUGGINGFACE, ONNX) and not self.path:
+            raise ValueError(f"model.path: model.arch={self.arch} needs model.path "
+                             f"({'a save_pretrained folder' if self.arch == HUGGINGFACE else 'an .onnx file'})")
+        if self.weights and self.arch in (HUGGINGFACE, ONNX):
+            raise ValueError(f"model.weights: a {self.arch} model brings its own weights (model.path)")
+        return self
+
+    @property
+    def is_zoo(self) -> bool:
+        return self.arch in ZOO
+
+    @property
+    def is_factory(self) -> bool:
+        return ":" in self.arch
+
 
 @dataclass(frozen=True)
 class ModelSpec:
     """Everything needed to rebuild a model's architecture (saved next to its weights)."""
 
     config: dict[str, Any]
-    num_features: int
-    num_classes: int
-    image_shape: tuple[int, int, int] | None = None
-    # Low-rank layers of a factorized model: module path -> rank. None for every other model, so
-    # model.json files written before factorization existed still load.
+    contract: dict[str, Any]
+    # Low-rank layers of a factorized model: module path -> rank. None for every other model.
     factorized: dict[str, int] | None = None
+    # A Hugging Face model's config.json content (None for other models).
+    hf_config: dict[str, Any] | None = field(default=None)
+
+    @property
+    def inputs(self) -> InputContract:
+        return InputContract.from_dict(self.contract)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.contract["num_classes"])
 
 
 class MLP(nn.Module):
@@ -86,7 +120,7 @@ class MLP(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        return self.net(x.flatten(1))  # tables are (N, F) already; images (N, C, H, W) become rows
 
 
 class SmallCNN(nn.Module):
@@ -170,21 +204,31 @@ def apply_ranks(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
 
 
 def build_model(spec: ModelSpec) -> nn.Module:
-    """Build the (untrained) model a spec describes. Explicit dispatch: zoo names, else import path."""
+    """Build the (untrained) model a spec describes. Explicit dispatch: zoo names, Hugging Face, import path."""
     cfg = ModelConfig.from_dict(spec.config)
+    contract = spec.inputs
     if cfg.arch == "mlp":
-        model = MLP(spec.num_features, spec.num_classes, cfg.hidden, cfg.dropout)
+        model = MLP(contract.num_features, spec.num_classes, cfg.hidden, cfg.dropout)
     elif cfg.arch in ("cnn", "dscnn"):
-        if spec.image_shape is None:
-            raise ValueError(f"model.arch: '{cfg.arch}' needs image data; set data.image_shape (C, H, W) for this dataset")
+        if contract.image_shape is None:
+            raise ValueError(f"model.arch: '{cfg.arch}' needs image data (an image folder, or data.image_shape (C, H, W) "
+                             f"for a table of flat images); this data is {contract.kind} with inputs {list(contract.names)}")
         cls = SmallCNN if cfg.arch == "cnn" else DSCNN
-        model = cls(spec.image_shape, spec.num_classes, cfg.channels, cfg.dropout)
+        model = cls(contract.image_shape, spec.num_classes, cfg.channels, cfg.dropout)
+    elif cfg.arch == HUGGINGFACE:
+        from tasks.techniques.hf import from_config
+
+        model = from_config(spec.hf_config or {}, contract)
+    elif cfg.arch == ONNX:
+        raise ValueError("model.arch: an ONNX model has no PyTorch form; the PyTorch stages are skipped for it")
     else:
         model = _from_factory(cfg.arch, spec, cfg.kwargs)
     return apply_ranks(model, spec.factorized) if spec.factorized else model
 
 
 def _from_factory(path: str, spec: ModelSpec, kwargs: dict[str, Any]) -> nn.Module:
+    """Call the user's factory with ``model.kwargs``, plus the data's shapes where its signature names them
+    (``num_classes``, ``num_features``, ``image_shape``, ``contract``): none of them is required."""
     module_name, _, attr = path.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -193,10 +237,38 @@ def _from_factory(path: str, spec: ModelSpec, kwargs: dict[str, Any]) -> nn.Modu
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise ValueError(f"model.arch: module '{module_name}' has no callable '{attr}' (from '{path}')")
-    model = factory(num_features=spec.num_features, num_classes=spec.num_classes, **kwargs)
+    contract = spec.inputs
+    offered = {"num_classes": spec.num_classes, "image_shape": contract.image_shape, "contract": contract}
+    if contract.kind == "table":
+        offered["num_features"] = contract.num_features
+    params = inspect.signature(factory).parameters
+    takes_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    extra = {k: v for k, v in offered.items() if k in params and k not in kwargs}
+    if takes_any and not extra:  # a **kwargs factory written for the old num_features/num_classes call
+        extra = {k: v for k, v in offered.items() if k in ("num_classes", "num_features") and k in offered}
+    try:
+        model = factory(**extra, **kwargs)
+    except TypeError as exc:
+        raise ValueError(f"model.kwargs: factory '{path}' rejected its arguments {sorted({**extra, **kwargs})} ({exc})") from exc
     if not isinstance(model, nn.Module):
         raise ValueError(f"model.arch: factory '{path}' returned {type(model).__name__}, expected a torch.nn.Module")
     return model
+
+
+def load_weights_file(path: str | Path, field_name: str = "model.weights") -> dict[str, torch.Tensor]:
+    """A state_dict from ``.safetensors`` or a torch file read with ``weights_only=True`` (no code runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{field_name}: file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{field_name}: cannot read weights from {path} ({type(exc).__name__}: {exc}); expected "
+                         ".safetensors or a state_dict saved with torch.save") from exc
 
 
 def count_params(model: nn.Module) -> int:
@@ -212,10 +284,14 @@ def missing_model_file(folder: str | Path) -> str | None:
 
 
 def read_spec(folder: str | Path) -> ModelSpec:
-    """The ``ModelSpec`` in ``folder``'s model.json (without loading any weights)."""
+    """The ``ModelSpec`` in ``folder``'s model.json (without loading any weights).
+
+    Specs written before the input contract existed (``num_features``, ``image_shape``) read as tables.
+    """
     raw = json.loads((Path(folder) / "model.json").read_text())
-    shape = tuple(raw["image_shape"]) if raw.get("image_shape") else None
-    return ModelSpec(raw["config"], int(raw["num_features"]), int(raw["num_classes"]), shape, raw.get("factorized"))
+    contract = raw.get("contract") or table_contract(int(raw["num_features"]), int(raw["num_classes"]),
+                                                     raw.get("image_shape")).to_dict()
+    return ModelSpec(raw["config"], contract, raw.get("factorized"), raw.get("hf_config"))
 
 
 def save_model(model: nn.Module, spec: ModelSpec, folder: str | Path) -> Path:

@@ -1,7 +1,9 @@
-"""ONNX export with a dynamic batch axis, validation, and parity against PyTorch.
+"""ONNX export from the input contract, validation, and parity against PyTorch on real batches.
 
-Every exported model has one float32 input "input" of shape [batch, F] and one output "logits", so
-quantizers, ONNX Runtime and TensorRT treat all variants alike.
+Every exported model takes the contract's inputs under their names (``input`` for tables,
+``pixel_values`` for images, ``input_ids`` + ``attention_mask`` for text) with dynamic batch (and
+sequence) axes, and has one output ``logits``, so quantizers, ONNX Runtime and TensorRT treat all
+variants alike.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pydantic import Field
 from torch import nn
 
 from tasks.techniques.config import TechniqueConfig
+from tasks.techniques.contract import BATCH, InputContract, LogitsModule, as_tensors
 from tasks.techniques.files import atomic_write
 
 # The dynamo exporter implements opset 18 natively; lower opsets go through ONNX's version converter.
@@ -50,8 +53,9 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
         raise ValueError(f"{path} is not an ONNX model: {type(exc).__name__}: {_summary(exc)}") from exc
 
 
-def export_onnx(model: nn.Module, num_features: int, path: str | Path, cfg: ExportConfig) -> Path:
-    """Export ``model`` in eval mode to one self-contained .onnx file with a dynamic batch axis.
+def export_onnx(model: nn.Module, contract: InputContract, path: str | Path, cfg: ExportConfig,
+                example: dict[str, np.ndarray] | None = None) -> Path:
+    """Export ``model`` in eval mode to one self-contained .onnx file taking the contract's inputs.
 
     We use the dynamo exporter (torch's default; the TorchScript one is deprecated). It records each
     weight's shape in ``value_info`` as well as in the initializer. ORT's ``quantize_dynamic`` rewrites
@@ -63,10 +67,12 @@ def export_onnx(model: nn.Module, num_features: int, path: str | Path, cfg: Expo
     The file is written atomically (temp file + rename) so a crash never leaves a half-written model.
 
     Args:
-        model: maps float32 (N, num_features) to logits (N, C). Its train/eval mode is restored after.
-        num_features: F, the width of the input rows.
+        model: takes the contract's inputs (by name or, for one input, by position) and returns logits
+            (a tensor or a Hugging Face output). Its train/eval mode is restored after.
+        contract: the inputs: names, dtypes, which axes are dynamic.
         path: destination .onnx file; parent folders are created.
         cfg: export settings.
+        example: real rows to trace with (two or more; default: the contract's example tensors).
 
     Returns:
         ``path`` as a ``Path``.
@@ -77,27 +83,8 @@ def export_onnx(model: nn.Module, num_features: int, path: str | Path, cfg: Expo
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Batch 2, not 1: torch.export specializes size-1 dimensions to constants.
-    example = torch.randn(2, num_features)
-    batch = torch.export.Dim("batch", min=1)
+    program = export_program(model, contract, example, cfg.opset)
     name = type(model).__name__
-    try:
-        with _eval_mode(model):
-            program = torch.onnx.export(
-                model,
-                (example,),
-                dynamo=True,
-                opset_version=cfg.opset,
-                input_names=["input"],
-                output_names=["logits"],
-                dynamic_shapes=({0: batch},),
-                optimize=True,
-                verbose=False,
-            )
-    except Exception as exc:
-        op = _operator_in(exc)
-        where = f" at operator '{op}'" if op else ""
-        raise ValueError(f"ONNX export of {name} failed{where}: {_summary(exc)}") from exc
     proto = program.model_proto
     got = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     if got != cfg.opset:
@@ -115,28 +102,89 @@ def export_onnx(model: nn.Module, num_features: int, path: str | Path, cfg: Expo
     return atomic_write(path, lambda tmp: onnx.save(proto, tmp))
 
 
-def max_abs_diff(model: nn.Module, onnx_path: str | Path, inputs: np.ndarray) -> float:
-    """Largest absolute difference between PyTorch's and ONNX Runtime's logits on ``inputs`` (N, F)."""
-    import onnxruntime as ort
+def trace_inputs(contract: InputContract, example: dict[str, np.ndarray] | None) -> tuple[torch.Tensor, ...]:
+    """Tensors to trace with, in contract order. Batch 2, not 1: torch.export specializes size-1
+    dimensions to constants."""
+    if example is None:
+        tensors = contract.example(batch=2)
+    else:
+        rows = {k: np.asarray(v)[:2] for k, v in example.items()}
+        if any(len(v) < 2 for v in rows.values()):
+            rows = {k: np.concatenate([v, v])[:2] for k, v in rows.items()}
+        tensors = as_tensors(rows)
+    return tuple(tensors[n] for n in contract.names)
+
+
+def dynamic_shapes(contract: InputContract) -> tuple[dict[int, object], ...]:
+    """``torch.export`` dims per input, one ``Dim`` per symbolic name (shared across inputs: ``input_ids``
+    and ``attention_mask`` have the same sequence length)."""
+    dims = {}
+    out = []
+    for t in contract.inputs:
+        axes = {}
+        for i, d in enumerate(t.shape):
+            if isinstance(d, str):
+                dims.setdefault(d, torch.export.Dim(d, min=1 if d == BATCH else 2))
+                axes[i] = dims[d]
+        out.append(axes)
+    return tuple(out)
+
+
+def export_program(model: nn.Module, contract: InputContract, example: dict[str, np.ndarray] | None, opset: int):
+    """The dynamo exporter's ONNXProgram for ``model`` wrapped to take the contract's inputs in order."""
+    wrapped = LogitsModule(model, contract.names)
+    name = type(model).__name__
+    try:
+        with _eval_mode(model):
+            return torch.onnx.export(
+                wrapped,
+                trace_inputs(contract, example),
+                dynamo=True,
+                opset_version=opset,
+                input_names=list(contract.names),
+                output_names=["logits"],
+                dynamic_shapes=(dynamic_shapes(contract),),  # one entry: LogitsModule's *tensors
+                optimize=True,
+                verbose=False,
+            )
+    except Exception as exc:
+        op = _operator_in(exc)
+        where = f" at operator '{op}'" if op else ""
+        raise ValueError(f"ONNX export of {name} failed{where}: {_summary(exc)}") from exc
+
+
+def save_program(model: nn.Module, contract: InputContract, example: dict[str, np.ndarray] | None,
+                 path: str | Path) -> Path:
+    """``torch.export`` the model (contract inputs in order, logits out, dynamic axes as in ONNX export) and
+    save the program: it loads with ``torch.export.load`` alone, without optforge or the model's code."""
+    wrapped = LogitsModule(model, contract.names)
+    with _eval_mode(model):
+        program = torch.export.export(wrapped, trace_inputs(contract, example),
+                                      dynamic_shapes=(dynamic_shapes(contract),))
+    return atomic_write(path, lambda tmp: torch.export.save(program, tmp), suffix=".pt2")
+
+
+def max_abs_diff(model: nn.Module, onnx_path: str | Path, batch: dict[str, np.ndarray]) -> float:
+    """Largest absolute difference between PyTorch's and ONNX Runtime's logits on one batch of named inputs."""
+    from tasks.techniques.contract import forward_logits
+    from tasks.techniques.ort_session import session_predictor, tuned_session
 
     load_onnx(onnx_path)  # errors name the file
-    x = np.ascontiguousarray(inputs, dtype=np.float32)
-    if x.ndim != 2 or len(x) == 0:
-        raise ValueError(f"inputs: expected a non-empty (N, F) array, got shape {x.shape}")
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    ours = session.run(["logits"], {"input": x})[0]
+    if not batch or len(next(iter(batch.values()))) == 0:
+        raise ValueError("inputs: expected a non-empty batch of named inputs")
+    ours = session_predictor(tuned_session(onnx_path, threads=1))(batch)
     with _eval_mode(model), torch.inference_mode():
-        ref = model(torch.from_numpy(x)).numpy()
+        ref = forward_logits(model, as_tensors(batch)).float().numpy()
     return float(np.abs(ours - ref).max())
 
 
-def check_parity(model: nn.Module, onnx_path: str | Path, inputs: np.ndarray, atol: float) -> float:
+def check_parity(model: nn.Module, onnx_path: str | Path, batch: dict[str, np.ndarray], atol: float) -> float:
     """``max_abs_diff``, raising ``ValueError`` beyond ``atol`` so a broken export never ships.
 
     Returns:
         The max abs difference (for logging).
     """
-    diff = max_abs_diff(model, onnx_path, inputs)
+    diff = max_abs_diff(model, onnx_path, batch)
     if not diff <= atol:  # also catches NaN
         raise ValueError(f"ONNX parity check failed: max abs diff {diff:.3g} > parity_atol {atol}")
     return diff

@@ -1,8 +1,9 @@
-"""ONNX Runtime session tuning: graph optimization level and thread counts, read back for the record.
+"""The one place an ONNX Runtime session is built: graph optimization level and thread counts, read back.
 
-The benchmark builds every ONNX variant's session here, so each measurement states the settings it
-actually ran with (read from the session, not from the config) and can save the graph ONNX Runtime
-optimized, which shows what the fusions did (e.g. QDQ pairs folded into integer kernels).
+Export parity, calibration, the quantization gate, the benchmark and the harness all build their
+sessions here, so each measurement states the settings it actually ran with (read from the session,
+not from the config) and can save the graph ONNX Runtime optimized, which shows what the fusions did
+(e.g. QDQ pairs folded into integer kernels).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks.techniques.benchmark import Predictor
+from tasks.techniques.metrics import Predictor
 
 LEVELS = ("disable", "basic", "extended", "all")
 
@@ -31,7 +32,7 @@ def _level(name: str):
     return levels[name]
 
 
-def tuned_session(onnx_path: str | Path, threads: int, graph_optimization: str = "all", inter_op_threads: int = 1,
+def tuned_session(onnx_path: str | Path, threads: int = 1, graph_optimization: str = "all", inter_op_threads: int = 1,
                   optimized_model_path: str | Path | None = None):
     """A CPU session with the given level and thread counts.
 
@@ -74,11 +75,27 @@ def session_settings(session) -> dict[str, Any]:
     }
 
 
-def session_predictor(session) -> Predictor:
-    """float32 rows -> first output, the ``Predictor`` protocol the benchmark measures."""
-    name = session.get_inputs()[0].name
+ORT_DTYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32,
+              "tensor(float16)": np.float16}
 
-    def predict(x: np.ndarray) -> np.ndarray:
-        return session.run(None, {name: x})[0]
+
+def session_predictor(session) -> Predictor:
+    """``{input name: array}`` -> first output: the ``Predictor`` every runtime is measured as.
+
+    Arrays are cast to the dtypes the session declares (an FP16 model with FP32 inputs, int64 token
+    ids), and inputs the session does not take are left out.
+    """
+    wanted = {i.name: ORT_DTYPES.get(i.type, np.float32) for i in session.get_inputs()}
+
+    def predict(batch) -> np.ndarray:
+        feed = {name: np.ascontiguousarray(batch[name], dtype=dtype) for name, dtype in wanted.items()}
+        return session.run(None, feed)[0]
 
     return predict
+
+
+def onnx_predictor(onnx_path: str | Path, threads: int = 1, graph_optimization: str = "all") -> Predictor:
+    """A ``Predictor`` over a fresh session of ``onnx_path``."""
+    if not Path(onnx_path).is_file():
+        raise FileNotFoundError(f"ONNX file not found: {onnx_path}")
+    return session_predictor(tuned_session(onnx_path, threads, graph_optimization))

@@ -45,9 +45,10 @@ class RegisterConfig(TechniqueConfig):
 
     enabled: bool = Field(True, description="register the selected variant in the MLflow Model Registry")
     # A safe name: it ends up in registry URIs and artifact paths, so "/" and a leading "." are refused.
-    model_name: str = Field(
-        "optforge-digits", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$", description="registered model name"
-    )
+    model_name: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$",
+        description="registered model name (default: from the data and model, e.g. optforge-digits; one name "
+        "per kind of input, so a champion is only compared with models of the same data)")
     baseline: str = Field("pytorch_fp32", description="variant whose accuracy and latency the goals compare against")
     max_accuracy_drop: float = Field(
         1.0, ge=0, description="allowed accuracy drop vs the baseline (see accuracy_drop_mode)"

@@ -63,55 +63,65 @@ class StaticQuantResult:
         return {**asdict(self), "path": str(self.path), "excluded_nodes": list(self.excluded_nodes), "steps": list(self.steps)}
 
 
-def calibration_rows(data: np.ndarray, samples: int) -> np.ndarray:
-    """The first ``samples`` rows of ``data`` as contiguous float32; errors name the field."""
-    data = np.asarray(data)
-    if data.ndim != 2 or len(data) == 0:
-        raise ValueError(f"calibration_samples: the calibration data is empty (shape {data.shape}); need rows of features")
+def scaled_calibration(cfg: StaticQuantConfig, train_rows: int) -> StaticQuantConfig:
+    """``cfg`` with ``calibration_samples`` lowered to the training split's size where the data is smaller:
+    calibration ranges settle after a few hundred rows, and a small dataset must still quantize."""
+    if cfg.calibration_samples <= train_rows:
+        return cfg
+    return cfg.model_copy(update={"calibration_samples": train_rows})
+
+
+def calibration_part(data, samples: int):
+    """The first ``samples`` rows of ``data`` (a ``Part``); errors name the field."""
+    if len(data) == 0:
+        raise ValueError("calibration_samples: the calibration data is empty")
     if samples > len(data):
         raise ValueError(f"calibration_samples: {samples} requested but the calibration data has only {len(data)} rows")
-    return np.ascontiguousarray(data[:samples], dtype=np.float32)
+    return data.head(samples)
 
 
-def _reader(input_name: str, rows: np.ndarray, batch: int):
+def _reader(part, batch: int):
+    """ORT's reader protocol (``get_next`` until None) over ``part``, one batch read from disk at a time."""
     from onnxruntime.quantization import CalibrationDataReader
 
-    class ArrayReader(CalibrationDataReader):
-        """Feeds ``rows`` to the calibrator in batches (ORT's reader protocol: ``get_next`` until None)."""
-
-        def __init__(self):
-            self._batches = iter([{input_name: rows[i : i + batch]} for i in range(0, len(rows), batch)])
+    class PartReader(CalibrationDataReader):
+        def __init__(self, names: dict[str, type]):
+            self.names = names
+            self._starts = iter(range(0, len(part), batch))
 
         def get_next(self):
-            return next(self._batches, None)
+            start = next(self._starts, None)
+            if start is None:
+                return None
+            rows = part.rows(start, start + batch)
+            return {n: np.ascontiguousarray(rows[n], dtype=d) for n, d in self.names.items()}
 
-    return ArrayReader()
-
-
-def _session(path: Path):
-    import onnxruntime as ort
-
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return PartReader
 
 
-def logits(path: Path, X: np.ndarray) -> np.ndarray:
-    """Run an ONNX model on ``X`` (in chunks of 256 rows) and return its first output."""
-    session = _session(path)
-    name = session.get_inputs()[0].name
-    X = np.ascontiguousarray(X, dtype=np.float32)
-    return np.concatenate([session.run(None, {name: X[i : i + 256]})[0] for i in range(0, len(X), 256)])
+def logits(path: Path, part) -> np.ndarray:
+    """Run an ONNX model over every row of ``part`` (in batches) and return its first output."""
+    from tasks.techniques.metrics import predict_part
+    from tasks.techniques.ort_session import onnx_predictor
+
+    return predict_part(onnx_predictor(path), part)
 
 
-def accuracy(path: Path, X: np.ndarray, y: np.ndarray) -> float:
-    return 100.0 * float((logits(path, X).argmax(1) == y).mean())
+def accuracy(path: Path, part) -> float:
+    from tasks.techniques.metrics import top1_accuracy
+
+    return top1_accuracy(logits(path, part), part.labels)
 
 
 class _Quantizer:
     """Calibrates once (ranges cached as JSON), then re-quantizes cheaply with different node sets."""
 
-    def __init__(self, fp32: Path, rows: np.ndarray, cfg: StaticQuantConfig, tmp: Path):
+    def __init__(self, fp32: Path, rows, cfg: StaticQuantConfig, tmp: Path):
+        from tasks.techniques.ort_session import ORT_DTYPES, tuned_session
+
         self.fp32, self.rows, self.cfg, self.tmp = fp32, rows, cfg, tmp
-        self.input_name = load_onnx(fp32).graph.input[0].name
+        session = tuned_session(fp32)
+        self.inputs = {i.name: ORT_DTYPES.get(i.type, np.float32) for i in session.get_inputs()}
         self.cache = tmp / "calibration.json"
         self.count = 0
 
@@ -121,7 +131,7 @@ class _Quantizer:
         cfg = self.cfg
         self.count += 1
         out = self.tmp / f"int8_{self.count}.onnx"
-        reader = None if self.cache.exists() else _reader(self.input_name, self.rows, cfg.calibration_batch_size)
+        reader = None if self.cache.exists() else _reader(self.rows, cfg.calibration_batch_size)(self.inputs)
         quantize_static(
             str(self.fp32), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=cfg.per_channel,
             activation_type=QuantType.QUInt8 if cfg.activation_type == "quint8" else QuantType.QInt8,
@@ -133,29 +143,30 @@ class _Quantizer:
         return out
 
 
-def node_sensitivity(fp32: Path, quantize, X: np.ndarray) -> dict[str, float]:
+def node_sensitivity(fp32: Path, quantize, part) -> dict[str, float]:
     """Per-node error against FP32: relative L2 error of the logits when only that node is quantized.
 
     Quantizing one node at a time isolates its own contribution; comparing activations of the fully
     quantized model instead would blame the last layers for error accumulated upstream.
     """
-    X = X[:SENSITIVITY_ROWS]
+    X = part.head(SENSITIVITY_ROWS)
     reference = logits(fp32, X)
     norm = float(np.linalg.norm(reference)) or 1.0
     candidates = [n.name for n in load_onnx(fp32).graph.node if n.op_type in FALLBACK_OPS and n.name]
     return {name: float(np.linalg.norm(logits(quantize(only=[name]), X) - reference)) / norm for name in candidates}
 
 
-def quantize_static_int8(src: str | Path, dst: str | Path, calibration: np.ndarray, cfg: StaticQuantConfig,
-                         eval_set: tuple[np.ndarray, np.ndarray] | None = None) -> StaticQuantResult:
+def quantize_static_int8(src: str | Path, dst: str | Path, calibration, cfg: StaticQuantConfig,
+                         eval_set=None) -> StaticQuantResult:
     """Quantize ``src`` to a QDQ INT8 model at ``dst`` (written atomically).
 
     Args:
         src: FP32 ONNX model.
         dst: output path; appears only when complete.
-        calibration: rows of features; the first ``cfg.calibration_samples`` calibrate the ranges.
+        calibration: a data ``Part``; its first ``cfg.calibration_samples`` rows calibrate the ranges, read
+            from disk a batch at a time.
         cfg: quantization settings and the gate.
-        eval_set: held-out ``(X, y)`` for the accuracy gate; without it the gate and fallback are skipped.
+        eval_set: a held-out ``Part`` for the accuracy gate; without it the gate and fallback are skipped.
 
     Returns:
         The result with gate accuracies and the nodes kept in FP32 (most sensitive first).
@@ -164,7 +175,7 @@ def quantize_static_int8(src: str | Path, dst: str | Path, calibration: np.ndarr
 
     src, dst = Path(src), Path(dst)
     load_onnx(src)  # clear error naming the file when it is missing or not ONNX
-    rows = calibration_rows(calibration, cfg.calibration_samples)
+    rows = calibration_part(calibration, cfg.calibration_samples)
     dst.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
         fp32 = src
@@ -176,16 +187,15 @@ def quantize_static_int8(src: str | Path, dst: str | Path, calibration: np.ndarr
         if eval_set is None:
             os.replace(path, dst)
             return StaticQuantResult(dst)
-        X, y = eval_set
-        acc_fp32, acc = accuracy(fp32, X, y), accuracy(path, X, y)
+        acc_fp32, acc = accuracy(fp32, eval_set), accuracy(path, eval_set)
         passed = acc_fp32 - acc <= cfg.max_accuracy_drop
         steps, excluded, sensitivity = [{"excluded": [], "accuracy": acc}], [], {}
         if not passed and cfg.max_fallback_nodes:
-            sensitivity = node_sensitivity(fp32, quantize, X)
+            sensitivity = node_sensitivity(fp32, quantize, eval_set)
             for name in sorted(sensitivity, key=sensitivity.get, reverse=True)[: cfg.max_fallback_nodes]:
                 excluded.append(name)
                 path = quantize(exclude=excluded)
-                acc = accuracy(path, X, y)
+                acc = accuracy(path, eval_set)
                 steps.append({"excluded": list(excluded), "accuracy": acc})
                 passed = acc_fp32 - acc <= cfg.max_accuracy_drop
                 if passed:

@@ -76,18 +76,27 @@ def _logger():
     return trt.Logger(trt.Logger.WARNING)
 
 
-def build_engine(onnx_path: str | Path, engine_path: str | Path, cfg: TensorRTConfig,
+def profile_shapes(contract, cfg: TensorRTConfig) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """(min, opt, max) shape per input: batch from ``cfg``; a sequence axis spans 2 .. the data's length,
+    tuned at the data's length (what the data was tokenized to)."""
+    seq = contract.sequence_length
+    return {t.name: (t.concrete(cfg.min_batch, 2 if seq else None), t.concrete(cfg.opt_batch, seq),
+                     t.concrete(cfg.max_batch, seq)) for t in contract.inputs}
+
+
+def build_engine(onnx_path: str | Path, engine_path: str | Path, cfg: TensorRTConfig, contract,
                  timing_cache_path: str | Path | None = None) -> dict:
     """Build a serialized engine from a typed ONNX model (FP16, or INT8 QDQ); return the build settings.
 
-    One optimization profile spans ``min_batch..max_batch`` on the batch axis, tuned at ``opt_batch``.
+    One optimization profile per input (``profile_shapes``) spans ``min_batch..max_batch`` on the batch
+    axis, tuned at ``opt_batch``, and a text input's sequence axis up to the data's length.
     The timing cache is read before and written after the build, so later builds skip layer timing.
     """
     import tensorrt as trt
 
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
-    graph_input = load_onnx(onnx_path).graph.input[0]  # clear error naming the file when missing or not ONNX
-    features = [d.dim_value for d in graph_input.type.tensor_type.shape.dim[1:]]
+    load_onnx(onnx_path)  # clear error naming the file when missing or not ONNX
+    shapes = profile_shapes(contract, cfg)
     logger = _logger()
     builder = trt.Builder(logger)
     major = int(trt.__version__.split(".")[0])
@@ -103,7 +112,8 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, cfg: TensorRTCo
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, cfg.workspace_mb << 20)
     config.builder_optimization_level = cfg.optimization_level
     profile = builder.create_optimization_profile()
-    profile.set_shape(graph_input.name, (cfg.min_batch, *features), (cfg.opt_batch, *features), (cfg.max_batch, *features))
+    for name, (low, opt, high) in shapes.items():
+        profile.set_shape(name, low, opt, high)
     config.add_optimization_profile(profile)
     cache = None
     if timing_cache_path is not None:
@@ -121,7 +131,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, cfg: TensorRTCo
         atomic_write(timing_cache_path, lambda tmp: Path(tmp).write_bytes(bytes(config.get_timing_cache().serialize())))
     return {
         "tensorrt_version": trt.__version__, "strongly_typed": True, "source_onnx": onnx_path.name,
-        "input": graph_input.name, "profile_min_opt_max": [cfg.min_batch, cfg.opt_batch, cfg.max_batch],
+        "inputs": list(shapes), "profile_min_opt_max": {n: [list(x) for x in v] for n, v in shapes.items()},
         "workspace_mb": cfg.workspace_mb, "optimization_level": cfg.optimization_level,
         "timing_cache": str(timing_cache_path) if cache is not None else None, "build_seconds": round(seconds, 2),
     }
@@ -143,26 +153,31 @@ class EngineRunner:
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         is_input = {n: self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
-        self.input = next(n for n in names if is_input[n])
+        self.inputs = [n for n in names if is_input[n]]
         self.output = next(n for n in names if not is_input[n])
-        dtypes = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int32: torch.int32}
-        self.in_dtype = dtypes[self.engine.get_tensor_dtype(self.input)]
+        dtypes = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int32: torch.int32, trt.int64: torch.int64}
+        self.dtypes = {n: dtypes[self.engine.get_tensor_dtype(n)] for n in self.inputs}
         self.out_dtype = dtypes[self.engine.get_tensor_dtype(self.output)]
-        self.max_batch = int(self.engine.get_tensor_profile_shape(self.input, 0)[2][0])
+        self.max_batch = int(self.engine.get_tensor_profile_shape(self.inputs[0], 0)[2][0])
         self.stream = torch.cuda.Stream()
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        """Logits for float32 rows; batches above the profile's maximum run in slices."""
-        return np.concatenate([self._run(x[i : i + self.max_batch]) for i in range(0, len(x), self.max_batch)])
+    def __call__(self, batch) -> np.ndarray:
+        """Logits for a batch of named inputs; batches above the profile's maximum run in slices."""
+        n = len(next(iter(batch.values())))
+        return np.concatenate([self._run({k: v[i : i + self.max_batch] for k, v in batch.items()})
+                               for i in range(0, n, self.max_batch)])
 
-    def _run(self, x: np.ndarray) -> np.ndarray:
+    def _run(self, batch) -> np.ndarray:
         import torch
 
         with torch.cuda.stream(self.stream):
-            inp = torch.from_numpy(np.ascontiguousarray(x)).to("cuda", self.in_dtype, non_blocking=True)
-            self.context.set_input_shape(self.input, tuple(inp.shape))
+            keep = []
+            for name in self.inputs:
+                t = torch.from_numpy(np.ascontiguousarray(batch[name])).to("cuda", self.dtypes[name], non_blocking=True)
+                keep.append(t)
+                self.context.set_input_shape(name, tuple(t.shape))
+                self.context.set_tensor_address(name, t.data_ptr())
             out = torch.empty(tuple(self.context.get_tensor_shape(self.output)), dtype=self.out_dtype, device="cuda")
-            self.context.set_tensor_address(self.input, inp.data_ptr())
             self.context.set_tensor_address(self.output, out.data_ptr())
             if not self.context.execute_async_v3(self.stream.cuda_stream):
                 raise RuntimeError("TensorRT execution failed")
@@ -170,10 +185,11 @@ class EngineRunner:
         return result.numpy()
 
 
-def parity(runner, onnx_path: str | Path, X: np.ndarray) -> dict[str, float]:
-    """Engine vs ONNX Runtime on the same ONNX model: max abs logit difference, top-1 agreement."""
+def parity(runner, onnx_path: str | Path, part) -> dict[str, float]:
+    """Engine vs ONNX Runtime on the same ONNX model over ``part``: max abs logit difference, top-1 agreement."""
+    from tasks.techniques.metrics import predict_part
     from tasks.techniques.static_quant import logits
 
-    ours = runner(np.ascontiguousarray(X, dtype=np.float32))
-    ref = logits(Path(onnx_path), X)
+    ours = predict_part(runner, part)
+    ref = logits(Path(onnx_path), part)
     return {"max_abs_diff": float(np.abs(ours - ref).max()), "top1_agreement": float((ours.argmax(1) == ref.argmax(1)).mean())}

@@ -15,7 +15,8 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from tasks.techniques.benchmark import Predictor
+from tasks.techniques.contract import forward_logits
+from tasks.techniques.metrics import Predictor
 from tasks.techniques.config import TechniqueConfig
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -58,7 +59,8 @@ def gpu_variants(cfg: TorchGpuConfig) -> list[GpuVariant]:
 
 def device_predictor(model: nn.Module, device: str, dtype: str, compiled: bool = False,
                      compile_mode: str = "default") -> Predictor:
-    """float32 rows -> float32 logits, computed on ``device`` in ``dtype``.
+    """Named inputs -> float32 logits, computed on ``device`` in ``dtype`` (integer inputs such as token ids
+    keep their dtype).
 
     ``model`` is moved and cast in place (the benchmark loads a fresh copy per variant). Inputs are
     copied per call and outputs copied back, so the timing includes the transfers a real caller
@@ -71,9 +73,13 @@ def device_predictor(model: nn.Module, device: str, dtype: str, compiled: bool =
     # dynamic=True: one graph for every batch size (accuracy chunks, batch 1, batch 64) instead of a recompile each.
     forward = torch.compile(model, mode=compile_mode, dynamic=True) if compiled else model
 
-    def predict(x: np.ndarray) -> np.ndarray:
+    def predict(batch) -> np.ndarray:
         with torch.inference_mode():
-            inp = torch.from_numpy(x).to(device=device, dtype=torch_dtype, non_blocking=True)
-            return forward(inp).float().cpu().numpy()
+            inputs = {}
+            for name, x in batch.items():
+                t = torch.from_numpy(np.ascontiguousarray(x))
+                inputs[name] = t.to(device=device, dtype=torch_dtype if t.is_floating_point() else t.dtype,
+                                    non_blocking=True)
+            return forward_logits(forward, inputs).float().cpu().numpy()
 
     return predict

@@ -17,13 +17,15 @@ from pydantic import Field
 from torch import nn
 
 from tasks.techniques.config import TechniqueConfig
+from tasks.techniques.contract import as_tensors, forward_logits, to_device
 from tasks.techniques.loader import LoaderConfig
 
 
 class TrainConfig(TechniqueConfig):
     """Ray Train data-parallel training of the teacher model."""
 
-    epochs: int = Field(30, ge=1, description="maximum epochs (early stopping may end sooner)")
+    epochs: int = Field(30, ge=0, description="maximum epochs (early stopping may end sooner); 0: take the given model "
+                        "(model.path, model.weights or train.init_from) as the FP32 baseline without training")
     batch_size: int = Field(64, ge=1, description="micro-batch per worker; global batch = this x workers x accumulation")
     lr: float = Field(1e-3, gt=0, description="peak learning rate (after warm-up)")
     weight_decay: float = Field(1e-4, ge=0, description="decoupled weight decay (AdamW, LAMB) or L2 (SGD, LARS)")
@@ -141,8 +143,8 @@ def train_epoch(
 ) -> dict[str, float]:
     """One pass over ``batches`` with gradient accumulation; returns loss, accuracy (%), samples.
 
-    Batches are ``(x, y, *extra)``; the loss is ``loss_fn(logits, y, *extra)``, cross-entropy by
-    default (distillation passes the teacher's logits as the extra column and its own loss).
+    Batches are ``(inputs, y, *extra)`` with ``inputs`` a ``{name: tensor}`` mapping (the data's input
+    contract); the loss is ``loss_fn(logits, y, *extra)``, cross-entropy by default (distillation passes the teacher's logits as the extra column and its own loss).
 
     ``no_sync`` (DDP's ``model.no_sync``) skips the gradient all-reduce on micro-batches that do not
     end an accumulation window: with 4 accumulation steps only every 4th backward talks to peers.
@@ -158,15 +160,17 @@ def train_epoch(
     model.train()
     loss_fn = loss_fn or nn.functional.cross_entropy
     total_loss, correct, seen = 0.0, 0, 0
-    batches = list(batches)
+    if not hasattr(batches, "__len__"):
+        batches = list(batches)
+    total = len(batches)  # a DataLoader knows its length without loading anything
     opt.zero_grad(set_to_none=True)
     for i, (xb, yb, *extra) in enumerate(batches):
-        xb, yb, extra = xb.to(device), yb.to(device), [e.to(device) for e in extra]
-        last_in_window = (i + 1) % accum_steps == 0 or i + 1 == len(batches)
+        xb, yb, extra = to_device(xb, device), yb.to(device), [_to(e, device) for e in extra]
+        last_in_window = (i + 1) % accum_steps == 0 or i + 1 == total
         sync = contextlib.nullcontext() if (last_in_window or no_sync is None) else no_sync()
         with sync:
             with precision.autocast():
-                logits = model(xb)
+                logits = forward_logits(model, xb)
             loss = loss_fn(logits.float(), yb, *extra)
             scaled = loss / accum_steps
             (precision.scaler.scale(scaled) if precision.scaler else scaled).backward()
@@ -204,18 +208,24 @@ def _grads_finite(model: nn.Module) -> bool:
     return all_finite(p.grad for p in model.parameters() if p.grad is not None)
 
 
+def _to(value, device):
+    """An extra batch column to ``device``: a tensor, or a mapping of them (a live teacher's inputs)."""
+    return to_device(value, device) if isinstance(value, dict) else value.to(device)
+
+
 @torch.inference_mode()
-def evaluate(model: nn.Module, X: np.ndarray, y: np.ndarray, batch_size: int = 512, device="cpu") -> dict[str, float]:
-    """Mean cross-entropy and accuracy (%) over the whole of (X, y)."""
+def evaluate(model: nn.Module, part, batch_size: int = 256, device="cpu") -> dict[str, float]:
+    """Mean cross-entropy and accuracy (%) over the whole of ``part`` (a data split), read a batch at a time."""
+    from tasks.techniques.metrics import top1_accuracy
+
     model.eval()
-    loss_sum, correct = 0.0, 0
-    for start in range(0, len(X), batch_size):
-        xb = torch.as_tensor(X[start : start + batch_size], device=device)
-        yb = torch.as_tensor(y[start : start + batch_size], device=device)
-        logits = model(xb).float()
+    loss_sum, logits_all = 0.0, []
+    for inputs, labels in part.batches(batch_size):
+        logits = forward_logits(model, to_device(as_tensors(inputs), device)).float()
+        yb = torch.as_tensor(labels, device=device)
         loss_sum += nn.functional.cross_entropy(logits, yb, reduction="sum").item()
-        correct += (logits.argmax(1) == yb).sum().item()
-    return {"loss": loss_sum / len(X), "accuracy": 100.0 * correct / len(X)}
+        logits_all.append(logits.cpu().numpy())
+    return {"loss": loss_sum / len(part), "accuracy": top1_accuracy(np.concatenate(logits_all), part.labels)}
 
 
 @dataclass
