@@ -109,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--last", type=int, default=10)
     runs.set_defaults(func=cmd_runs)
     from flows.bench import add_parser as add_bench_parser
+    from flows.examples import add_parser as add_examples_parser
     from flows.inspect_cmds import add_parsers
 
     from flows.serve_cmd import add_parser as add_serve_parser
@@ -116,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_parsers(sub)  # report RUN_ID, compare
     add_bench_parser(sub)
     add_serve_parser(sub)  # serve: the flow on a schedule from this machine
+    add_examples_parser(sub)  # examples: data and small models for configs/examples/
     return parser
 
 

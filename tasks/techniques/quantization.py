@@ -24,6 +24,25 @@ class DynamicQuantConfig(TechniqueConfig):
     preprocess: bool = Field(True, description="run ORT's pre-processing (symbolic shape inference + optimization)")
 
 
+def preprocess(src: str | Path, dst: str | Path) -> bool:
+    """ORT's ``quant_pre_process`` of ``src`` into ``dst``; returns whether symbolic shape inference ran.
+
+    Its symbolic shape inference does not finish on some dynamo exports with a dynamic sequence axis
+    (the BERT export: "Incomplete symbolic shape inference"); ONNX's own shape inference and the graph
+    optimization still run then, which is what the quantizers need.
+    """
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
+        return True
+    except Exception as exc:  # noqa: BLE001 - ORT raises a bare Exception here
+        if "symbolic shape" not in str(exc).lower():
+            raise
+        quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+        return False
+
+
 def quantize_dynamic_int8(src: str | Path, dst: str | Path, cfg: DynamicQuantConfig) -> Path:
     """Quantize the ONNX model ``src`` to dynamic INT8 in ``dst``.
 
@@ -49,7 +68,6 @@ def quantize_dynamic_int8(src: str | Path, dst: str | Path, cfg: DynamicQuantCon
         ValueError: ``src`` is not an ONNX model, or quantization fails (names ``src``).
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     src, dst = Path(src), Path(dst)
     load_onnx(src)  # clear error naming the file when it is missing or not ONNX
@@ -60,7 +78,7 @@ def quantize_dynamic_int8(src: str | Path, dst: str | Path, cfg: DynamicQuantCon
         try:
             if cfg.preprocess:
                 model_in = Path(tmp) / "preprocessed.onnx"
-                quant_pre_process(str(src), str(model_in), skip_symbolic_shape=False)
+                preprocess(src, model_in)
             out = Path(tmp) / "quantized.onnx"
             quantize_dynamic(str(model_in), str(out), weight_type=weight_type, per_channel=cfg.per_channel)
         except Exception as exc:

@@ -171,7 +171,7 @@ def quantize_static_int8(src: str | Path, dst: str | Path, calibration, cfg: Sta
     Returns:
         The result with gate accuracies and the nodes kept in FP32 (most sensitive first).
     """
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    from tasks.techniques.quantization import preprocess
 
     src, dst = Path(src), Path(dst)
     load_onnx(src)  # clear error naming the file when it is missing or not ONNX
@@ -181,7 +181,7 @@ def quantize_static_int8(src: str | Path, dst: str | Path, calibration, cfg: Sta
         fp32 = src
         if cfg.preprocess:
             fp32 = Path(tmp) / "preprocessed.onnx"
-            quant_pre_process(str(src), str(fp32), skip_symbolic_shape=False)
+            preprocess(src, fp32)
         quantize = _Quantizer(fp32, rows, cfg, Path(tmp))
         path = quantize()
         if eval_set is None:
