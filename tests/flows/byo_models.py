@@ -1,0 +1,18 @@
+"""A user's own model for tests/flows/test_bring_your_own.py: a factory whose forward takes ``pixel_values``
+and which asks for no feature count."""
+
+from torch import nn
+
+
+class PixelNet(nn.Module):
+    def __init__(self, num_classes: int, width: int = 16):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, pixel_values):
+        return self.head(self.body(pixel_values))
+
+
+def pixel_net(num_classes: int, width: int = 16) -> nn.Module:
+    return PixelNet(num_classes, width)
