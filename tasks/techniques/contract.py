@@ -142,7 +142,7 @@ def text_contract(max_length: int, num_classes: int, preprocessing: dict) -> Inp
 def _forward_params(model: nn.Module) -> tuple[list[str], bool]:
     """(named parameters of ``model.forward``, whether it takes ``**kwargs``)."""
     params = inspect.signature(model.forward).parameters.values()
-    names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY, p.POSITIONAL_ONLY)]
     return names, any(p.kind == p.VAR_KEYWORD for p in params)
 
 
@@ -157,9 +157,12 @@ def call_style(model: nn.Module, names: tuple[str, ...]) -> Literal["keyword", "
     params, var_kw = _forward_params(target)
     if var_kw or all(n in params for n in names):
         return "keyword"
-    required = [p.name for p in inspect.signature(target.forward).parameters.values()
-                if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if len(names) == 1 and len(required) <= 1 and params:
+    positional = [p for p in inspect.signature(target.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)]
+    required = [p for p in positional if p.default is p.empty and p.kind != p.VAR_POSITIONAL]
+    # One input by position only into a forward that has exactly one place for it: forward(x), forward(x, /),
+    # forward(*xs). An HF-style forward(input_ids=None, ...) must not swallow a table's "input" silently.
+    if len(names) == 1 and (len(required) == 1 or (len(positional) == 1 and not required)):
         return "positional"
     raise ValueError(f"model.arch: {type(target).__name__}.forward takes {params} but the data's inputs are "
                      f"{list(names)}; name the forward's arguments after the inputs")
@@ -173,7 +176,7 @@ def _unwrapped(model: nn.Module) -> nn.Module:
     return model
 
 
-_STYLE_CACHE: dict[tuple[int, tuple[str, ...]], str] = {}
+_STYLE_CACHE: dict[tuple[type, tuple[str, ...]], str] = {}
 
 
 def logits_of(out: Any) -> torch.Tensor:
@@ -190,7 +193,7 @@ def logits_of(out: Any) -> torch.Tensor:
 def forward_logits(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """``model``'s logits for a batch given as ``{input name: tensor}`` (see ``call_style``)."""
     names = tuple(inputs)
-    key = (id(type(_unwrapped(model))), names)
+    key = (type(_unwrapped(model)), names)
     style = _STYLE_CACHE.get(key) or _STYLE_CACHE.setdefault(key, call_style(model, names))
     out = model(**inputs) if style == "keyword" else model(*inputs.values())
     return logits_of(out)

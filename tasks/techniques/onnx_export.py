@@ -133,6 +133,7 @@ def dynamic_shapes(contract: InputContract) -> tuple[dict[int, object], ...]:
 def export_program(model: nn.Module, contract: InputContract, example: dict[str, np.ndarray] | None, opset: int):
     """The dynamo exporter's ONNXProgram for ``model`` wrapped to take the contract's inputs in order."""
     wrapped = LogitsModule(model, contract.names)
+    wrapped.training = False  # the wrapper's own flag only: _eval_mode restores the caller's model afterwards
     name = type(model).__name__
     try:
         with _eval_mode(model):
@@ -158,6 +159,7 @@ def save_program(model: nn.Module, contract: InputContract, example: dict[str, n
     """``torch.export`` the model (contract inputs in order, logits out, dynamic axes as in ONNX export) and
     save the program: it loads with ``torch.export.load`` alone, without optforge or the model's code."""
     wrapped = LogitsModule(model, contract.names)
+    wrapped.training = False
     with _eval_mode(model):
         program = torch.export.export(wrapped, trace_inputs(contract, example),
                                       dynamic_shapes=(dynamic_shapes(contract),))

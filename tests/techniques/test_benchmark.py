@@ -13,12 +13,13 @@ from tasks.techniques.benchmark import (
     count_params_torch,
     cpu_model,
     measure,
-    ort_predictor,
-    ort_session,
     size_mb,
     torch_predictor,
 )
+from tasks.techniques.contract import table_contract
 from tasks.techniques.onnx_export import ExportConfig, export_onnx
+from tasks.techniques.ort_session import onnx_predictor, tuned_session
+from tests.techniques.helpers import rows, table_part
 
 F, C = 16, 4
 KEYS = {"accuracy", "latency_ms_p50_b1", "latency_ms_p95_b1", "throughput_sps_b64"}
@@ -47,7 +48,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def onnx_path(model, tmp_path_factory):
-    return export_onnx(model, F, tmp_path_factory.mktemp("bench") / "model.onnx", ExportConfig())
+    return export_onnx(model, table_contract(F, C), tmp_path_factory.mktemp("bench") / "model.onnx", ExportConfig())
 
 
 @pytest.fixture(autouse=True)
@@ -59,7 +60,7 @@ def _keep_torch_threads():
 
 def test_measure_torch_returns_exact_keys_and_true_accuracy(model):
     X, y = toy_data(300, seed=1)
-    metrics = measure(torch_predictor(model, threads=1), X, y, FAST)
+    metrics = measure(torch_predictor(model, threads=1), table_part(X, y), FAST)
     assert set(metrics) == KEYS
     assert all(isinstance(v, float) and v > 0 for v in metrics.values())
     with torch.no_grad():
@@ -73,46 +74,50 @@ def test_measure_torch_returns_exact_keys_and_true_accuracy(model):
 def test_measure_calls_with_cycled_rows_and_configured_batch():
     X = np.arange(3 * F, dtype=np.float32).reshape(3, F)
     y = np.array([0, 1, 1])
-    shapes = []
+    shapes, firsts = [], []
 
-    def predict(x):
+    def predict(batch):
+        x = batch["input"]
         shapes.append(x.shape)
+        firsts.append(float(x[0, 0]))
         logits = np.zeros((len(x), C), np.float32)
         logits[:, 1] = 1.0  # always class 1: 2 of 3 right
         return logits
 
     cfg = BenchmarkConfig(warmup=2, iters_b1=5, batch_size=10, iters_batch=4)
-    metrics = measure(predict, X, y, cfg)
+    metrics = measure(predict, table_part(X, y), cfg)
     assert metrics["accuracy"] == pytest.approx(200 / 3)
     assert shapes == [(3, F)] + [(1, F)] * 7 + [(10, F)] * 6  # accuracy, warmup+timed b1, warmup+timed batch
+    # Batch-1 rows are the part's rows in turn, cycled: warm-up on rows 0, 1, then timed on 0, 1, 2, 0, 1.
+    assert firsts[1:8] == [X[i, 0] for i in (0, 1, 0, 1, 2, 0, 1)]
     assert metrics["throughput_sps_b64"] > 0
 
 
-def test_measure_rejects_mismatched_labels():
-    with pytest.raises(ValueError, match="y: expected 4 labels"):
-        measure(lambda x: np.zeros((len(x), C)), np.zeros((4, F), np.float32), np.zeros(3), FAST)
+def test_measure_rejects_an_empty_split():
+    with pytest.raises(ValueError, match="benchmark: the test split is empty"):
+        measure(lambda b: np.zeros((len(b["input"]), C)), table_part(np.zeros((0, F))), FAST)
 
 
 @pytest.mark.parametrize("level", ["disable", "all"])
 def test_ort_predictor_matches_torch_and_pins_threads(model, onnx_path, level):
     cfg = FAST.model_copy(update={"graph_optimization": level, "threads": 2})
     X, y = toy_data(100, seed=2)
-    ort_logits = ort_predictor(onnx_path, cfg)(X)
-    np.testing.assert_allclose(ort_logits, torch_predictor(model, 2)(X), atol=1e-4)
-    opts = ort_session(onnx_path, cfg).get_session_options()
+    ort_logits = onnx_predictor(onnx_path, cfg.threads, cfg.graph_optimization)(rows(X))
+    np.testing.assert_allclose(ort_logits, torch_predictor(model, 2)(rows(X)), atol=1e-4)
+    opts = tuned_session(onnx_path, cfg.threads, cfg.graph_optimization).get_session_options()
     assert (opts.intra_op_num_threads, opts.inter_op_num_threads) == (2, 1)
     expected_level = {
         "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }
     assert opts.graph_optimization_level == expected_level[level]
-    metrics = measure(ort_predictor(onnx_path, cfg), X, y, cfg)
+    metrics = measure(onnx_predictor(onnx_path, cfg.threads, cfg.graph_optimization), table_part(X, y), cfg)
     assert set(metrics) == KEYS and metrics["accuracy"] > 90
 
 
 def test_ort_predictor_names_a_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.onnx"):
-        ort_predictor(tmp_path / "nope.onnx", FAST)
+        onnx_predictor(tmp_path / "nope.onnx", FAST.threads)
 
 
 def test_sizes_and_params(model, onnx_path, tmp_path):

@@ -8,7 +8,7 @@ import yaml
 from pydantic import ValidationError
 from torch import nn
 
-from tasks.techniques.data import DataConfig, load_arrays, split
+from tasks.techniques.data import DataConfig, load_splits, prepare
 from tasks.techniques.distill import (
     DistillConfig,
     FinetuneConfig,
@@ -19,6 +19,7 @@ from tasks.techniques.distill import (
 )
 from tasks.techniques.models import ModelConfig, ModelSpec, build_model
 from tasks.techniques.training import evaluate, precision_for, train_epoch
+from tests.techniques.helpers import table_part
 
 
 def _softmax(v):
@@ -52,7 +53,9 @@ def test_kd_epoch_accumulation_matches_one_big_batch():
     X, y, soft = torch.randn(32, 6), torch.randint(0, 3, (32,)), torch.randn(32, 3)
     loss_fn = lambda logits, labels, t: kd_loss(logits, t, labels, 2.0, 0.5)
     grads = []
-    for batches, accum in (([(X, y, soft)], 1), ([(X[i : i + 8], y[i : i + 8], soft[i : i + 8]) for i in range(0, 32, 8)], 4)):
+    one = [({"input": X}, y, soft)]
+    four = [({"input": X[i : i + 8]}, y[i : i + 8], soft[i : i + 8]) for i in range(0, 32, 8)]
+    for batches, accum in ((one, 1), (four, 4)):
         torch.manual_seed(1)
         model = nn.Linear(6, 3)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -67,22 +70,23 @@ def test_kd_epoch_accumulation_matches_one_big_batch():
 MARGIN = 1.0  # points: the distilled student must beat the label-only one or trail it by at most this
 
 
-def test_distilled_student_beats_or_matches_label_only_student():
-    X, y, shape = load_arrays(DataConfig())
-    s = split(X, y, shape, DataConfig())
+def test_distilled_student_beats_or_matches_label_only_student(tmp_path):
+    s = load_splits(prepare(DataConfig(), tmp_path))
+    contract = s.contract.to_dict()
     torch.manual_seed(0)
-    teacher = build_model(ModelSpec(ModelConfig(hidden=(128,)).to_dict(), 64, 10))
-    finetune(teacher, s.X_train, s.y_train, s.X_val, s.y_val, FinetuneConfig(epochs=15, lr=3e-3, kd_alpha=0))
-    assert evaluate(teacher, s.X_test, s.y_test)["accuracy"] > 94
-    Xs, ys = s.X_train[:120], s.y_train[:120]
-    soft = teacher_logits(teacher, Xs)
+    teacher = build_model(ModelSpec(ModelConfig(hidden=(128,)).to_dict(), contract))
+    finetune(teacher, s.train, s.val, FinetuneConfig(epochs=15, lr=3e-3, kd_alpha=0))
+    assert evaluate(teacher, s.test)["accuracy"] > 94
+    few = s.train.head(120)
+    soft = teacher_logits(teacher, few)
+    assert soft.shape == (120, 10) and soft.dtype == np.float32
     accuracy = {}
     for alpha in (0.0, 0.5):
         torch.manual_seed(0)
-        student = build_model(ModelSpec(ModelConfig(hidden=(16,)).to_dict(), 64, 10))
+        student = build_model(ModelSpec(ModelConfig(hidden=(16,)).to_dict(), contract))
         cfg = FinetuneConfig(epochs=60, lr=1e-2, batch_size=32, kd_alpha=alpha, temperature=4.0)
-        finetune(student, Xs, ys, s.X_val, s.y_val, cfg, soft)
-        accuracy[alpha] = evaluate(student, s.X_test, s.y_test)["accuracy"]
+        finetune(student, few, s.val, cfg, soft)
+        accuracy[alpha] = evaluate(student, s.test)["accuracy"]
     assert accuracy[0.5] >= accuracy[0.0] - MARGIN, accuracy
 
 
@@ -90,13 +94,14 @@ def test_finetune_keeps_the_best_epoch_and_zero_epochs_is_a_no_op():
     rng = np.random.default_rng(0)
     X = rng.normal(size=(128, 4)).astype(np.float32)
     y = (X[:, 0] > 0).astype(np.int64)
+    part = table_part(X, y)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    out = finetune(model, X, y, X, y, FinetuneConfig(epochs=0))
+    out = finetune(model, part, part, FinetuneConfig(epochs=0))
     assert out["epochs"] == 0 and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    out = finetune(model, X, y, X, y, FinetuneConfig(epochs=10, lr=1e-2))
+    out = finetune(model, part, part, FinetuneConfig(epochs=10, lr=1e-2))
     assert out["val_accuracy"] >= out["val_accuracy_before"]
-    assert out["val_accuracy"] == pytest.approx(evaluate(model, X, y)["accuracy"])
+    assert out["val_accuracy"] == pytest.approx(evaluate(model, part)["accuracy"])
 
 
 def test_student_bigger_than_teacher_warns_and_continues():

@@ -4,11 +4,12 @@ from pydantic import ValidationError
 from torch import nn
 
 from tasks.techniques.factorize import FactorizeConfig, breaks_even, choose_rank, factorize, factorize_layer
-from tasks.techniques.models import LowRank, ModelConfig, ModelSpec, build_model, count_params, load_model, save_model
+from tasks.techniques.models import LowRank, ModelConfig, build_model, count_params, load_model, save_model
+from tests.techniques.helpers import table_spec
 
 
 def spec(arch="mlp", **cfg):
-    return ModelSpec(ModelConfig(arch=arch, **cfg).to_dict(), 64, 10, (1, 8, 8))
+    return table_spec(ModelConfig(arch=arch, **cfg).to_dict(), 64, 10, (1, 8, 8))
 
 
 def test_full_rank_reproduces_the_linear_layer():

@@ -1,26 +1,30 @@
 import torch
 from torch import nn
 
+from tasks.techniques.contract import table_contract
 from tasks.techniques.factorize import factorize_layer
 from tasks.techniques.flops import count_flops, model_stats, weight_sparsity
-from tasks.techniques.models import ModelConfig, ModelSpec, build_model, count_params
+from tasks.techniques.models import ModelConfig, build_model, count_params
+from tests.techniques.helpers import table_spec
 
 
 def test_mlp_flops_are_two_per_multiply_add():
-    model = build_model(ModelSpec(ModelConfig(hidden=(32,)).to_dict(), 64, 10))
-    assert count_flops(model, 64) == 2 * (64 * 32 + 32 * 10)
-    assert count_flops(model, 64, batch_size=4) == 4 * 2 * (64 * 32 + 32 * 10)
+    spec = table_spec(ModelConfig(hidden=(32,)).to_dict(), 64, 10)
+    model = build_model(spec)
+    assert count_flops(model, spec.inputs) == 2 * (64 * 32 + 32 * 10)
+    assert count_flops(model, spec.inputs, batch_size=4) == 4 * 2 * (64 * 32 + 32 * 10)
 
 
 def test_factorized_layer_counts_what_runs():
     pair = nn.Sequential(factorize_layer(nn.Linear(64, 64), 8))
-    assert count_flops(pair, 64) == 2 * 8 * (64 + 64)
+    assert count_flops(pair, table_contract(64, 64)) == 2 * 8 * (64 + 64)
 
 
 def test_conv_flops_and_training_mode_is_restored():
-    model = build_model(ModelSpec(ModelConfig(arch="cnn", channels=(4,)).to_dict(), 64, 10, (1, 8, 8))).train()
+    spec = table_spec(ModelConfig(arch="cnn", channels=(4,)).to_dict(), 64, 10, (1, 8, 8))
+    model = build_model(spec).train()
     # 3x3 conv, 1 -> 4 channels over 8x8 pixels, then the 4 -> 10 head.
-    assert count_flops(model, 64) == 2 * (8 * 8 * 4 * 9) + 2 * 4 * 10
+    assert count_flops(model, spec.inputs) == 2 * (8 * 8 * 4 * 9) + 2 * 4 * 10
     assert model.training
 
 
@@ -29,5 +33,5 @@ def test_sparsity_and_stats():
     with torch.no_grad():
         layer.weight[:2] = 0
     assert weight_sparsity(layer) == 0.5
-    assert model_stats(layer, 4) == {"params": 20, "flops": 32, "sparsity": 0.5}  # zeros still cost dense FLOPs
+    assert model_stats(layer, table_contract(4, 4)) == {"params": 20, "flops": 32, "sparsity": 0.5}  # zeros still cost dense FLOPs
     assert count_params(layer) == 20

@@ -7,16 +7,18 @@ import pytest
 import torch
 from onnx import TensorProto
 
+from tasks.techniques.contract import table_contract
 from tasks.techniques.fp16 import Fp16Config, convert_fp16, fp16_initializer_share, topological_sort
 from tasks.techniques.models import MLP
 from tasks.techniques.onnx_export import ExportConfig, export_onnx
 from tasks.techniques.static_quant import logits
+from tests.techniques.helpers import table_part
 
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     torch.manual_seed(0)
-    return export_onnx(MLP(16, 3, (64, 64), dropout=0.0), 16, tmp_path_factory.mktemp("toy") / "model.onnx", ExportConfig())
+    return export_onnx(MLP(16, 3, (64, 64), dropout=0.0), table_contract(16, 3), tmp_path_factory.mktemp("toy") / "model.onnx", ExportConfig())
 
 
 def _io_types(path):
@@ -29,7 +31,7 @@ def test_fp16_has_fp16_weights_fp32_edges_and_runs(toy, tmp_path):
     assert fp16_initializer_share(path) == 1.0
     assert _io_types(path) == [TensorProto.FLOAT, TensorProto.FLOAT]
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)  # topologically sorted, unlike the raw converter output
-    x = np.random.default_rng(0).normal(size=(8, 16)).astype(np.float32)
+    x = table_part(np.random.default_rng(0).normal(size=(8, 16)))
     out, ref = logits(path, x), logits(toy, x)
     assert out.dtype == np.float32 and np.allclose(out, ref, atol=1e-2, rtol=1e-2)
     assert _weight_bytes(path) * 2 == _weight_bytes(toy)

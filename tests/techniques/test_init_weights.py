@@ -3,14 +3,16 @@
 import pytest
 import torch
 
+from tasks.techniques.contract import image_contract
 from tasks.techniques.init_weights import apply_init, load_init_state
 from tasks.techniques.models import ModelSpec, build_model, save_model
+from tests.techniques.helpers import table_spec
 
 MLP = {"arch": "mlp", "hidden": [16], "channels": [8], "dropout": 0.0, "kwargs": {}}
 
 
 def test_fitting_weights_load(tmp_path):
-    spec = ModelSpec(MLP, 8, 3)
+    spec = table_spec(MLP, 8, 3)
     torch.manual_seed(1)
     trained = build_model(spec)
     save_model(trained, spec, tmp_path / "m")
@@ -20,17 +22,19 @@ def test_fitting_weights_load(tmp_path):
 
 
 @pytest.mark.parametrize("other, message", [
-    (ModelSpec(MLP, 9, 3), "takes 9 features and predicts 3 classes, but this run's data has 8 features and 3"),
-    (ModelSpec(MLP, 8, 4), "predicts 4 classes"),
-    (ModelSpec({**MLP, "hidden": [32]}, 8, 3), "do not fit the configured model"),
+    (table_spec(MLP, 9, 3), "takes 9 features and 3 classes, but this run's data has 8 features and 3 classes"),
+    (table_spec(MLP, 8, 4), "takes 8 features and 4 classes"),
+    (table_spec({**MLP, "hidden": [32]}, 8, 3), "do not fit the configured model"),
+    (ModelSpec(MLP, image_contract(2, 2, 3, {}).to_dict()),  # 8 values per sample too, but another kind of input
+     "takes image inputs pixel_values [2, 2, 2] and 3 classes, but this run's data has 8 features and 3 classes"),
 ])
 def test_incompatible_shapes_name_the_field(tmp_path, other, message):
     save_model(build_model(other), other, tmp_path / "m")
     with pytest.raises(ValueError, match="train.init_from") as err:
-        load_init_state(tmp_path / "m", ModelSpec(MLP, 8, 3), "runs:/abc/model")
+        load_init_state(tmp_path / "m", table_spec(MLP, 8, 3), "runs:/abc/model")
     assert message in str(err.value) and "runs:/abc/model" in str(err.value)
 
 
 def test_not_a_model_folder(tmp_path):
     with pytest.raises(ValueError, match="train.init_from: .* lacks model.json"):
-        load_init_state(tmp_path, ModelSpec(MLP, 8, 3))
+        load_init_state(tmp_path, table_spec(MLP, 8, 3))

@@ -1,4 +1,5 @@
 import datetime
+import json
 import pickle
 import sys
 
@@ -6,11 +7,13 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from tasks.techniques.models import ModelConfig, ModelSpec, build_model, count_params, load_model, save_model
+from tasks.techniques.contract import table_contract
+from tasks.techniques.models import ModelConfig, build_model, count_params, load_model, read_spec, save_model
+from tests.techniques.helpers import table_spec
 
 
 def spec(**cfg):
-    return ModelSpec(ModelConfig(**cfg).to_dict(), 64, 10, (1, 8, 8))
+    return table_spec(ModelConfig(**cfg).to_dict(), 64, 10, (1, 8, 8))
 
 
 @pytest.mark.parametrize("arch", ["mlp", "cnn"])
@@ -22,7 +25,7 @@ def test_zoo_shapes_and_round_trip(tmp_path, arch):
     loaded, loaded_spec = load_model(tmp_path)
     model.eval()
     torch.testing.assert_close(loaded(x), model(x))
-    assert loaded_spec.image_shape == (1, 8, 8)
+    assert loaded_spec.inputs.image_shape == (1, 8, 8) and loaded_spec.num_classes == 10
 
 
 def test_mlp_widths():
@@ -37,26 +40,42 @@ def test_user_factory(tmp_path, monkeypatch):
         "    return torch.nn.Sequential(torch.nn.Linear(num_features, width), torch.nn.Linear(width, num_classes))\n"
         "def not_a_model(num_features, num_classes):\n"
         "    return 42\n"
+        "def fixed(width):\n"  # names none of the data's shapes: gets model.kwargs only
+        "    return torch.nn.Linear(width, 2)\n"
+        "def from_contract(contract):\n"
+        "    return torch.nn.Linear(contract.num_features, contract.num_classes)\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    model = build_model(ModelSpec(ModelConfig(arch="mymodels:tiny", kwargs={"width": 4}).to_dict(), 64, 10))
+    model = build_model(table_spec(ModelConfig(arch="mymodels:tiny", kwargs={"width": 4}).to_dict(), 64, 10))
     assert count_params(model) == 64 * 4 + 4 + 4 * 10 + 10
+    assert count_params(build_model(table_spec(ModelConfig(arch="mymodels:fixed", kwargs={"width": 3}).to_dict(),
+                                               64, 10))) == 3 * 2 + 2
+    assert count_params(build_model(table_spec(ModelConfig(arch="mymodels:from_contract").to_dict(), 64, 10))) == 650
     with pytest.raises(ValueError, match="model.arch: factory 'mymodels:not_a_model' returned int"):
-        build_model(ModelSpec(ModelConfig(arch="mymodels:not_a_model").to_dict(), 64, 10))
+        build_model(table_spec(ModelConfig(arch="mymodels:not_a_model").to_dict(), 64, 10))
     with pytest.raises(ValueError, match="model.arch: module 'mymodels' has no callable 'nope'"):
-        build_model(ModelSpec(ModelConfig(arch="mymodels:nope").to_dict(), 64, 10))
+        build_model(table_spec(ModelConfig(arch="mymodels:nope").to_dict(), 64, 10))
     sys.modules.pop("mymodels", None)
 
 
 def test_bad_model_config():
     with pytest.raises(ValueError, match="model.arch: cannot import module 'no_such_pkg.models'"):
-        build_model(ModelSpec(ModelConfig(arch="no_such_pkg.models:make").to_dict(), 64, 10))
+        build_model(table_spec(ModelConfig(arch="no_such_pkg.models:make").to_dict(), 64, 10))
     with pytest.raises(ValidationError, match="arch"):
         ModelConfig(arch="resnet")
     with pytest.raises(ValidationError, match="hidden"):
         ModelConfig(hidden=(0,))
     with pytest.raises(ValueError, match="needs image data"):
-        build_model(ModelSpec(ModelConfig(arch="cnn").to_dict(), 64, 10, None))
+        build_model(table_spec(ModelConfig(arch="cnn").to_dict(), 64, 10, None))
+
+
+def test_specs_written_before_the_contract_read_as_tables(tmp_path):
+    """model.json files from before the input contract held num_features/num_classes/image_shape."""
+    (tmp_path / "model.json").write_text(json.dumps({"config": ModelConfig(arch="cnn").to_dict(), "num_features": 64,
+                                                     "num_classes": 10, "image_shape": [1, 8, 8], "factorized": None}))
+    old = read_spec(tmp_path)
+    assert old.inputs == table_contract(64, 10, (1, 8, 8)) and old.factorized is None and old.hf_config is None
+    assert build_model(old)(torch.randn(2, 64)).shape == (2, 10)
 
 
 def test_load_refuses_pickled_code(tmp_path):

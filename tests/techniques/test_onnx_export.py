@@ -9,9 +9,12 @@ from onnx.external_data_helper import uses_external_data
 from pydantic import ValidationError
 from torch import nn
 
+from tasks.techniques.contract import table_contract
 from tasks.techniques.onnx_export import ExportConfig, check_parity, export_onnx, load_onnx, max_abs_diff
+from tests.techniques.helpers import rows
 
 F, C = 16, 4
+TABLE = table_contract(F, C)
 
 
 def toy_data(n=512, seed=0):
@@ -36,7 +39,7 @@ def trained_mlp(steps=150):
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     model = trained_mlp()
-    path = export_onnx(model, F, tmp_path_factory.mktemp("export") / "model.onnx", ExportConfig())
+    path = export_onnx(model, TABLE, tmp_path_factory.mktemp("export") / "model.onnx", ExportConfig())
     return model, path
 
 
@@ -74,22 +77,22 @@ def test_exported_model_quantizes_without_preprocessing(exported, tmp_path):
 def test_parity_is_tight_and_fails_for_another_model(exported):
     model, path = exported
     X, _ = toy_data(64, seed=1)
-    diff = check_parity(model, path, X, atol=1e-4)
+    diff = check_parity(model, path, rows(X), atol=1e-4)
     assert 0 <= diff < 1e-4
-    assert max_abs_diff(model, path, X) == pytest.approx(diff)
+    assert max_abs_diff(model, path, rows(X)) == pytest.approx(diff)
     other = nn.Sequential(nn.Linear(F, 64), nn.ReLU(), nn.Linear(64, C))
     with pytest.raises(ValueError, match=r"ONNX parity check failed: max abs diff .* > parity_atol 0.0001"):
-        check_parity(other, path, X, atol=1e-4)
+        check_parity(other, path, rows(X), atol=1e-4)
 
 
 def test_export_uses_eval_mode_and_restores_training(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(F, 32), nn.Dropout(0.5), nn.Linear(32, C)).train()
-    path = export_onnx(model, F, tmp_path / "sub" / "m.onnx", ExportConfig(opset=17))
+    path = export_onnx(model, TABLE, tmp_path / "sub" / "m.onnx", ExportConfig(opset=17))
     assert model.training
     assert "Dropout" not in {n.op_type for n in onnx.load(str(path)).graph.node}
     assert [o.version for o in onnx.load(str(path)).opset_import if o.domain == ""] == [17]
-    assert max_abs_diff(model, path, toy_data(32)[0]) < 1e-5
+    assert max_abs_diff(model, path, rows(toy_data(32)[0])) < 1e-5
     assert model.training
 
 
@@ -114,14 +117,14 @@ class _Unexportable(nn.Module):
 
 def test_export_failure_names_the_operator(tmp_path):
     with pytest.raises(ValueError, match=r"_Unexportable failed at operator 'optforge_test.no_onnx"):
-        export_onnx(_Unexportable(), F, tmp_path / "bad.onnx", ExportConfig())
+        export_onnx(_Unexportable(), TABLE, tmp_path / "bad.onnx", ExportConfig())
     assert not list(tmp_path.iterdir())
 
 
 def test_unreachable_opset_is_an_error_not_a_silent_18(tmp_path):
     # The exporter keeps opset 18 (with only a log line) when ONNX cannot convert Relu down to 13.
     with pytest.raises(ValueError, match=r"opset: requested 13 but the exporter produced 18"):
-        export_onnx(trained_mlp(steps=0), F, tmp_path / "m.onnx", ExportConfig(opset=13))
+        export_onnx(trained_mlp(steps=0), TABLE, tmp_path / "m.onnx", ExportConfig(opset=13))
     assert not list(tmp_path.iterdir())
 
 

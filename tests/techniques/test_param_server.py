@@ -7,6 +7,7 @@ from torch import nn
 
 from tasks.techniques.param_server import ParameterServer, Push
 from tasks.techniques.training import TrainConfig, evaluate
+from tests.techniques.helpers import table_part
 
 
 def toy(n=96, seed=0):
@@ -22,7 +23,8 @@ def make(n_old=96, n_new=0, records=None, **overrides):
     model = nn.Linear(4, 2)
     X, y = toy(n_old + n_new)
     hook = records.append if records is not None else None
-    return ParameterServer(model, cfg, n_old, n_new, lambda m: evaluate(m, X, y), num_workers=2, on_epoch_end=hook)
+    val = table_part(X, y)
+    return ParameterServer(model, cfg, n_old, n_new, lambda m: evaluate(m, val), num_workers=2, on_epoch_end=hook)
 
 
 def gradient(server, reply, X, y) -> Push:

@@ -5,13 +5,14 @@ from pydantic import ValidationError
 from torch import nn
 
 from tasks.techniques.flops import weight_sparsity
-from tasks.techniques.models import ModelConfig, ModelSpec, build_model, count_params, load_model, save_model
+from tasks.techniques.models import ModelConfig, build_model, count_params, load_model, save_model
 from tasks.techniques.onnx_export import ExportConfig, export_onnx, max_abs_diff
 from tasks.techniques.prune import PruneConfig, importance, prune, prune_structured, unit_groups
+from tests.techniques.helpers import rows, table_spec
 
 
 def spec(arch="mlp", **cfg):
-    return ModelSpec(ModelConfig(arch=arch, **cfg).to_dict(), 64, 10, (1, 8, 8))
+    return table_spec(ModelConfig(arch=arch, **cfg).to_dict(), 64, 10, (1, 8, 8))
 
 
 @pytest.mark.parametrize("sparsity, rounds", [(0.5, 1), (0.8, 3), (0.0, 1)])
@@ -64,8 +65,8 @@ def test_structured_pruned_mlp_runs_through_onnx(tmp_path):
     s = spec(hidden=(64, 32))
     pruned, new_spec = prune(build_model(s), s, PruneConfig(sparsity=0.75, rounds=1))
     assert new_spec.config["hidden"] == [16, 8]
-    path = export_onnx(pruned, 64, tmp_path / "pruned.onnx", ExportConfig())
-    assert max_abs_diff(pruned, path, np.random.default_rng(0).normal(size=(8, 64)).astype(np.float32)) < 1e-5
+    path = export_onnx(pruned, new_spec.inputs, tmp_path / "pruned.onnx", ExportConfig())
+    assert max_abs_diff(pruned, path, rows(np.random.default_rng(0).normal(size=(8, 64)))) < 1e-5
 
 
 def test_structured_keeps_the_important_units():
@@ -113,7 +114,7 @@ def test_structured_refuses_a_user_factory(monkeypatch, tmp_path):
         "import torch\ndef tiny(num_features, num_classes):\n"
         "    return torch.nn.Sequential(torch.nn.Linear(num_features, 8), torch.nn.Linear(8, num_classes))\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    s = ModelSpec(ModelConfig(arch="facmodels:tiny").to_dict(), 64, 10)
+    s = table_spec(ModelConfig(arch="facmodels:tiny").to_dict(), 64, 10)
     with pytest.raises(ValueError, match="prune.method: structured pruning needs a zoo architecture"):
         prune(build_model(s), s, PruneConfig())
     model, _ = prune(build_model(s), s, PruneConfig(method="unstructured", sparsity=0.5))  # generic: any model

@@ -9,6 +9,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
+from tasks.techniques.contract import table_contract
 from tasks.techniques.onnx_export import ExportConfig, export_onnx
 from tasks.techniques.quantization import DynamicQuantConfig, quantize_dynamic_int8
 
@@ -34,7 +35,7 @@ def fp32_onnx(tmp_path_factory):
         opt.zero_grad()
         nn.functional.cross_entropy(model(torch.from_numpy(X)), torch.from_numpy(y)).backward()
         opt.step()
-    return export_onnx(model.eval(), F, tmp_path_factory.mktemp("fp32") / "model.onnx", ExportConfig())
+    return export_onnx(model.eval(), table_contract(F, C), tmp_path_factory.mktemp("fp32") / "model.onnx", ExportConfig())
 
 
 def run(path, X):

@@ -9,6 +9,7 @@ import torch
 import yaml
 from pydantic import ValidationError
 
+from tasks.techniques.contract import table_contract
 from tasks.techniques.models import MLP
 from tasks.techniques.onnx_export import ExportConfig, export_onnx
 from tasks.techniques.static_quant import (
@@ -18,6 +19,7 @@ from tasks.techniques.static_quant import (
     logits,
     quantize_static_int8,
 )
+from tests.techniques.helpers import table_part
 
 
 def _blobs(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -40,9 +42,10 @@ def toy(tmp_path_factory):
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(torch.from_numpy(X)), torch.from_numpy(y)).backward()
         opt.step()
-    path = export_onnx(model, 16, tmp_path_factory.mktemp("toy") / "model.onnx", ExportConfig())
-    assert accuracy(path, X_val, y_val) > 95
-    return path, X, (X_val, y_val)
+    path = export_onnx(model, table_contract(16, 3), tmp_path_factory.mktemp("toy") / "model.onnx", ExportConfig())
+    held_out = table_part(X_val, y_val)
+    assert accuracy(path, held_out) > 95
+    return path, table_part(X, y), held_out
 
 
 def test_static_int8_is_qdq_runs_and_stays_accurate(toy, tmp_path):
@@ -50,7 +53,7 @@ def test_static_int8_is_qdq_runs_and_stays_accurate(toy, tmp_path):
     result = quantize_static_int8(src, tmp_path / "int8.onnx", X, StaticQuantConfig(calibration_samples=128), held_out)
     ops = {n.op_type for n in onnx.load(str(result.path)).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops and count_qdq_nodes(result.path) >= 6
-    assert logits(result.path, held_out[0][:5]).shape == (5, 3)
+    assert logits(result.path, held_out.head(5)).shape == (5, 3)
     assert result.accuracy_fp32 - result.accuracy_int8 <= 1.0 and result.gate_passed
     assert result.excluded_nodes == () and len(result.steps) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["int8.onnx"]  # temp files gone, output complete
@@ -62,7 +65,7 @@ def test_each_calibration_method_runs(toy, tmp_path, method, per_channel):
     cfg = StaticQuantConfig(method=method, per_channel=per_channel, calibration_samples=64, max_fallback_nodes=0)
     result = quantize_static_int8(src, tmp_path / "int8.onnx", X, cfg, held_out)
     assert count_qdq_nodes(result.path) > 0
-    assert accuracy(result.path, *held_out) >= result.accuracy_fp32 - 2.0
+    assert accuracy(result.path, held_out) >= result.accuracy_fp32 - 2.0
 
 
 def test_fallback_keeps_most_sensitive_nodes_in_fp32_when_the_gate_cannot_pass(toy, tmp_path):
@@ -70,7 +73,8 @@ def test_fallback_keeps_most_sensitive_nodes_in_fp32_when_the_gate_cannot_pass(t
     # Calibrating on rows shrunk 1000x makes every activation range far too small: INT8 saturates and
     # the zero-drop gate cannot pass while any layer stays quantized, so the fallback runs to its limit.
     cfg = StaticQuantConfig(calibration_samples=64, max_accuracy_drop=0.0, max_fallback_nodes=2)
-    result = quantize_static_int8(src, tmp_path / "int8.onnx", X * 1e-3, cfg, held_out)
+    shrunk = table_part(X.inputs["input"] * 1e-3, X.labels)
+    result = quantize_static_int8(src, tmp_path / "int8.onnx", shrunk, cfg, held_out)
     gemms = [n.name for n in onnx.load(str(src)).graph.node if n.op_type == "Gemm"]
     assert set(result.sensitivity) == set(gemms) and len(gemms) == 3
     ranked = sorted(result.sensitivity, key=result.sensitivity.get, reverse=True)
@@ -95,7 +99,7 @@ def test_config_round_trips_and_names_bad_fields():
 def test_bad_calibration_sets_and_files_give_clear_errors(toy, tmp_path):
     src, X, _ = toy
     with pytest.raises(ValueError, match="calibration_samples: the calibration data is empty"):
-        quantize_static_int8(src, tmp_path / "a.onnx", X[:0], StaticQuantConfig())
+        quantize_static_int8(src, tmp_path / "a.onnx", X.head(0), StaticQuantConfig())
     with pytest.raises(ValueError, match="calibration_samples: 5000 requested but the calibration data has only 600 rows"):
         quantize_static_int8(src, tmp_path / "a.onnx", X, StaticQuantConfig(calibration_samples=5000))
     with pytest.raises(FileNotFoundError, match="missing.onnx"):

@@ -3,7 +3,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from tasks.techniques.training import (
     OPTIMIZERS,
@@ -16,6 +16,7 @@ from tasks.techniques.training import (
     precision_for,
     train_epoch,
 )
+from tests.techniques.helpers import TableRows, table_part
 
 
 def toy(n=256, seed=0):
@@ -29,12 +30,12 @@ def fit(cfg: TrainConfig, epochs=15):
     torch.manual_seed(0)
     X, y = toy()
     model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2))
-    loader = DataLoader(TensorDataset(torch.as_tensor(X), torch.as_tensor(y)), batch_size=cfg.batch_size, shuffle=True)
+    loader = DataLoader(TableRows(X, y), batch_size=cfg.batch_size, shuffle=True)  # yields ({"input": x}, y)
     opt = make_optimizer(model, cfg)
     sched = make_scheduler(opt, cfg, -(-len(loader) // cfg.grad_accum_steps))
     for _ in range(epochs):
         train_epoch(model, loader, opt, sched, precision_for(torch.device("cpu"), cfg.amp), cfg.grad_accum_steps)
-    return evaluate(model, X, y)["accuracy"]
+    return evaluate(model, table_part(X, y))["accuracy"]
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
@@ -51,9 +52,9 @@ def test_amp_bf16_and_accumulation_learn():
 def test_accumulation_equals_big_batch():
     """4 micro-batches of 8 with accumulation give the same update as one batch of 32."""
     X, y = toy(32)
-    data = [(torch.as_tensor(X[i : i + 8]), torch.as_tensor(y[i : i + 8])) for i in range(0, 32, 8)]
+    data = [({"input": torch.as_tensor(X[i : i + 8])}, torch.as_tensor(y[i : i + 8])) for i in range(0, 32, 8)]
     results = []
-    for batches, accum in ((data, 4), ([(torch.as_tensor(X), torch.as_tensor(y))], 1)):
+    for batches, accum in ((data, 4), ([({"input": torch.as_tensor(X)}, torch.as_tensor(y))], 1)):
         torch.manual_seed(0)
         model = nn.Linear(8, 2)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -78,7 +79,7 @@ def test_nan_loss_stops_with_hint():
     model = nn.Linear(2, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    batch = [(torch.tensor([[float("nan"), 1.0]]), torch.tensor([0]))]
+    batch = [({"input": torch.tensor([[float("nan"), 1.0]])}, torch.tensor([0]))]
     with pytest.raises(FloatingPointError, match="non-finite .* at step 0; hint: lower train.lr"):
         train_epoch(model, batch, opt, sched, precision_for(torch.device("cpu"), False), 1)
 

@@ -1,0 +1,49 @@
+"""Builders that turn the tests' toy arrays into the input contract's shapes.
+
+The techniques take data as ``Part``s (named input arrays plus labels) and models as ``ModelSpec``s
+carrying a contract; the tests' data are float tables, so everything here is the ``table`` kind with
+its one input ``input``. Import as ``from tests.techniques.helpers import ...``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from tasks.techniques.contract import table_contract
+from tasks.techniques.data import Part
+from tasks.techniques.models import ModelSpec
+
+INPUT = "input"  # the one input of a table contract
+
+
+def rows(X) -> dict[str, np.ndarray]:
+    """A batch of float rows as the named inputs of a table contract."""
+    return {INPUT: np.ascontiguousarray(X, dtype=np.float32)}
+
+
+def table_part(X, y=None) -> Part:
+    """A ``Part`` of float rows ``X`` and labels ``y`` (zeros when the test only needs outputs)."""
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    y = np.zeros(len(X), np.int64) if y is None else np.asarray(y, np.int64)
+    return Part(rows(X), y)
+
+
+def table_spec(config: dict, num_features: int, num_classes: int, image_shape=None,
+               factorized: dict[str, int] | None = None) -> ModelSpec:
+    """A ``ModelSpec`` for ``num_features``-wide rows and ``num_classes`` classes (what the old spec held)."""
+    return ModelSpec(config, table_contract(num_features, num_classes, image_shape).to_dict(), factorized)
+
+
+class TableRows(Dataset):
+    """``({"input": x}, y)`` per row: what a DataLoader over a table split yields after collation."""
+
+    def __init__(self, X, y):
+        self.X, self.y = torch.as_tensor(np.asarray(X, np.float32)), torch.as_tensor(np.asarray(y))
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {INPUT: self.X[i]}, self.y[i]
