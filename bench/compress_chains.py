@@ -26,14 +26,19 @@ TARGET = {"speedup_b1": 4.0, "smaller": 8.0, "max_drop": 1.0}
 
 
 def chain_rows(summary: dict, chains) -> list[dict]:
-    """One row per chain variant (plus the teacher), with ratios against the teacher."""
-    from flows.chains import expand, product_name
+    """One row per chain variant (plus the teacher), with ratios against the teacher. Chains the run's plan
+    skipped (they cannot apply to this model or data: ``summary["skipped"]``) have no variant and no row."""
+    from flows.chain_config import expand, product_name
 
     by_name = {v["variant"]: v for v in summary["variants"]}
+    if TEACHER not in by_name:
+        raise SystemExit(f"no {TEACHER} variant to compare with (skipped: {summary.get('skipped', {})})")
     base = by_name[TEACHER]
     rows = []
     for chain in [None, *chains]:
         name = TEACHER if chain is None else product_name(expand(chain), "_")
+        if name not in by_name:
+            continue
         v = by_name[name]
         row = {
             "variant": name, "chain": "teacher (FP32 PyTorch)" if chain is None else ">".join(chain),
@@ -79,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.set)
     summary = optimize(config_path=args.config, overrides=args.set, force=args.force)
     rows = chain_rows(summary, cfg.compress.chains)
+    for name, why in summary.get("skipped", {}).items():
+        print(f"skipped {name}: {why}")
     best = max((r for r in rows[1:] if r["drop"] <= TARGET["max_drop"]), key=lambda r: r["speedup_b1"], default=None)
     print("\n" + render(rows))
     if best is None:

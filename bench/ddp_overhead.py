@@ -34,26 +34,28 @@ def _model(overrides: list[str]):
     import torch
 
     from flows.params import load_config
+    from tasks.techniques.contract import table_contract
     from tasks.techniques.models import ModelSpec, build_model
 
     cfg = load_config(None, overrides)
     torch.manual_seed(0)  # both ranks build identical weights (DDP would broadcast them anyway)
-    return build_model(ModelSpec(cfg.model.to_dict(), 64, 10, (1, 8, 8)))
+    return build_model(ModelSpec(cfg.model.to_dict(), table_contract(64, 10, (1, 8, 8)).to_dict()))  # digits' shape
 
 
 def _samples_per_s(model, steps: int, batch: int) -> float:
     import torch
 
+    from tasks.techniques.contract import forward_logits
     from tasks.techniques.training import TrainConfig, make_optimizer
 
-    x, y = torch.randn(batch, 64), torch.randint(0, 10, (batch,))
+    x, y = {"input": torch.randn(batch, 64)}, torch.randint(0, 10, (batch,))  # a batch as the training loop sees it
     opt = make_optimizer(model, TrainConfig())  # the optimizer training uses (fused AdamW)
     loss_fn = torch.nn.CrossEntropyLoss()
     for i in range(WARMUP_STEPS + steps):
         if i == WARMUP_STEPS:
             start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
+        loss_fn(forward_logits(model, x), y).backward()
         opt.step()
     return steps * batch / (time.perf_counter() - start)
 

@@ -40,31 +40,35 @@ TARGET_SSGD_2X = 1.7
 
 
 def run_one(strategy: str, workers: int, args, data, tmp: Path) -> dict:
+    from dataclasses import asdict
+
     import mlflow
     from mlflow import MlflowClient
 
     from flows.params import load_config
     from tasks.techniques.models import ModelSpec
     from tasks.tracking import tracking_uri
-    from tasks.train_worker import run_training
+    from tasks.training_driver import run_training
+    from tasks.worker_common import WorkerConfig
 
     cfg = load_config(None, [f"train.strategy={strategy}", f"train.num_workers={workers}",
                              f"train.epochs={args.epochs}", "train.patience=0", "train.threads_per_worker=1",
                              *args.set])
-    spec = ModelSpec(cfg.model.to_dict(), data.num_features, data.num_classes, data.image_shape)
+    spec = ModelSpec(cfg.model.to_dict(), data.contract)
     with mlflow.start_run(run_name=f"{strategy}-{workers}w", tags={"optforge.pipeline": "scaling"}) as run:
         mlflow.log_params({"strategy": strategy, "num_workers": workers, "epochs": args.epochs,
                            "batch_size": cfg.train.batch_size, "local_steps": cfg.train.local_steps,
                            "staleness_bound": cfg.train.staleness_bound})
+        worker = WorkerConfig(cfg.train.to_dict(), asdict(spec), data.path, tracking_uri(), run.info.run_id)
         start = time.perf_counter()
         if strategy == "asgd" and args.slow_worker and workers > 1:
             from tasks.asgd_worker import run_asgd
 
-            summary = run_asgd(cfg.train, spec, data.path, tmp / "ray", run.info.run_id, tmp / f"out-{run.info.run_id}",
-                               tracking_uri(), run.info.run_id, worker_delays_s={1: args.slow_worker})
+            summary = run_asgd(worker, tmp / "ray", run.info.run_id, tmp / f"out-{run.info.run_id}",
+                               worker_delays_s={1: args.slow_worker})
         else:
-            summary = run_training(cfg.train, spec, data.path, tmp / "ray", run.info.run_id,  # fresh: never resumes
-                                   tmp / f"out-{run.info.run_id}", tracking_uri(), run.info.run_id)
+            summary = run_training(worker, tmp / "ray", run.info.run_id,  # fresh: never resumes
+                                   tmp / f"out-{run.info.run_id}")
         wall = time.perf_counter() - start
         history = MlflowClient().get_metric_history(run.info.run_id, "samples_per_s")
         per_epoch = [m.value for m in sorted(history, key=lambda m: m.step)]

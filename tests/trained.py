@@ -4,7 +4,8 @@ from pathlib import Path
 
 import torch
 
-from tasks.refs import DataRef, ModelRef, file_sha256
+from tasks.refs import DataRef, Format, ModelRef, file_sha256
+from tasks.techniques.contract import as_tensors
 from tasks.techniques.data import Splits
 from tasks.techniques.models import ModelConfig, ModelSpec, build_model, save_model
 from tasks.techniques.training import TrainConfig, make_optimizer, make_scheduler, precision_for, train_epoch
@@ -14,15 +15,14 @@ def train_in_process(model_cfg: ModelConfig, data: DataRef, splits: Splits, epoc
                      folder: Path) -> tuple[torch.nn.Module, ModelRef]:
     """Train ``model_cfg`` on ``splits`` for ``epochs`` (seed 0, the default AdamW at lr 3e-3, batches
     of 64) and save it in ``folder``; the model and its ref."""
-    spec = ModelSpec(model_cfg.to_dict(), data.num_features, data.num_classes, data.image_shape)
+    spec = ModelSpec(model_cfg.to_dict(), data.contract)
     torch.manual_seed(0)
     model = build_model(spec)
     cfg = TrainConfig(lr=3e-3)
-    batches = [(torch.as_tensor(splits.X_train[i : i + 64]), torch.as_tensor(splits.y_train[i : i + 64]))
-               for i in range(0, len(splits.y_train), 64)]
+    batches = [(as_tensors(inputs), torch.as_tensor(labels)) for inputs, labels in splits.train.batches(64)]
     opt = make_optimizer(model, cfg)
     sched = make_scheduler(opt, cfg, len(batches))
     for _ in range(epochs):
         train_epoch(model, batches, opt, sched, precision_for(torch.device("cpu"), False), 1)
     saved = save_model(model, spec, folder)
-    return model, ModelRef("pytorch_fp32", "torch", str(saved), file_sha256(saved))
+    return model, ModelRef("pytorch_fp32", Format.TORCH, str(saved), file_sha256(saved))

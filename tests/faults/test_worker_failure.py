@@ -20,19 +20,20 @@ pytestmark = pytest.mark.slow
 
 TRAIN = """
 import json, sys
+from dataclasses import asdict
 from pathlib import Path
-from tasks.techniques.data import DataConfig, load_arrays, save_splits, split
+from tasks.techniques.data import DataConfig, load_splits, prepare
 from tasks.techniques.models import ModelConfig, ModelSpec
 from tasks.techniques.training import TrainConfig
-from tasks.train_worker import run_training
+from tasks.training_driver import run_training
+from tasks.worker_common import WorkerConfig
 
 tmp, uri, run_id = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
-X, y, shape = load_arrays(DataConfig())
-splits = split(X, y, shape, DataConfig())
-data_path = save_splits(splits, tmp / "splits.npz")
-spec = ModelSpec(ModelConfig(hidden=(64,)).to_dict(), splits.num_features, splits.num_classes, shape)
+data_path = prepare(DataConfig(), tmp / "data")
+spec = ModelSpec(ModelConfig(hidden=(64,)).to_dict(), load_splits(data_path).contract.to_dict())
 cfg = TrainConfig(epochs=12, batch_size=32, lr=0.01, patience=0, max_failures=2)
-summary = run_training(cfg, spec, str(data_path), tmp / "ray", "wf", tmp / "model", uri, run_id)
+worker = WorkerConfig(cfg.to_dict(), asdict(spec), str(data_path), uri, run_id)
+summary = run_training(worker, tmp / "ray", "wf", tmp / "model")
 (tmp / "summary.json").write_text(json.dumps(summary))
 """
 

@@ -9,6 +9,7 @@ import pytest
 from mlflow import MlflowClient
 
 from flows.bench import EXIT_CONFIG, add_parser, cmd_bench, git_commit
+from tasks.techniques.data import Part
 from tasks.techniques.harness import HarnessConfig, format_report, measure_side_by_side, ratios, verdicts
 
 
@@ -41,9 +42,9 @@ def test_ratios_best_and_targets_on_known_numbers():
 
 def test_interleaved_measurement_and_report_text():
     X = np.random.default_rng(0).normal(size=(20, 4)).astype(np.float32)
-    y = X.argmax(1)
-    predictors = {"pytorch_fp32": lambda x: x, "onnx_fp32": lambda x: x * 2}
-    out = measure_side_by_side(predictors, X, y, HarnessConfig(iters_b1=12, iters_batch=3, rounds=3, warmup=1))
+    part = Part({"input": X}, X.argmax(1))
+    predictors = {"pytorch_fp32": lambda batch: batch["input"], "onnx_fp32": lambda batch: batch["input"] * 2}
+    out = measure_side_by_side(predictors, part, HarnessConfig(iters_b1=12, iters_batch=3, rounds=3, warmup=1))
     assert out["onnx_fp32"]["accuracy"] == 100.0
     assert all(0 < m["latency_ms_p50_b1"] <= m["latency_ms_p99_b1"] and m["throughput_sps_b64"] > 0 for m in out.values())
     report = {"machine": {"cpu_model": "Test CPU", "cpu_count": 2, "torch": "t", "onnxruntime": "o"},

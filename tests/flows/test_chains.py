@@ -11,7 +11,7 @@ from mlflow import MlflowClient
 from flows.chains import CompressConfig, chain_variants, expand, product_name
 from flows.params import ConfigError, load_config
 from tasks.data import prepare_data
-from tasks.refs import ModelRef, file_sha256
+from tasks.refs import Format, ModelRef, file_sha256
 from tasks.techniques.data import DataConfig
 from tasks.techniques.models import ModelConfig, ModelSpec, build_model, load_model, save_model
 from tasks.techniques.onnx_export import ExportConfig
@@ -63,10 +63,10 @@ def teacher(mlflow_store, tmp_path):
     configure("chains")
     with mlflow.start_run(run_name="parent") as parent:
         data = prepare_data.fn(DataConfig(), None, str(tmp_path / "work"), parent.info.run_id)
-        spec = ModelSpec(ModelConfig(hidden=(32, 32)).to_dict(), data.num_features, data.num_classes, None)
+        spec = ModelSpec(ModelConfig(hidden=(32, 32)).to_dict(), data.contract)
         torch.manual_seed(0)
         folder = save_model(build_model(spec), spec, tmp_path / "teacher")
-        yield parent.info.run_id, data, ModelRef("pytorch_fp32", "torch", str(folder), file_sha256(folder), "t-run")
+        yield parent.info.run_id, data, ModelRef("pytorch_fp32", Format.TORCH, str(folder), file_sha256(folder), "t-run")
 
 
 def test_chain_variants_share_prefixes_and_carry_lineage(teacher, tmp_path):

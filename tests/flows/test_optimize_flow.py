@@ -50,11 +50,11 @@ def test_pipeline_tracks_registers_and_reuses_cache(tiny_config, mlflow_store, m
     reg = first["registration"]
     assert reg["variant"] in VARIANTS and reg["version"] == "1"
     model = mlflow.pyfunc.load_model(f"models:/optforge-test/{reg['version']}")
-    splits = load_splits(next((tiny_config.parent / "work" / "data").rglob("splits.npz")))
-    out = model.predict(splits.X_test[:50])
-    logits = np.asarray(out["logits"] if isinstance(out, dict) else out)  # the ONNX flavor returns {output: array}
+    splits = load_splits(tiny_config.parent / "work" / "data" / first["data_fingerprint"])  # the split folder
+    out = model.predict(np.asarray(splits.test.inputs["input"][:50]))
+    logits = np.asarray(out["logits"] if isinstance(out, dict) else out)  # older ONNX flavor: {output: array}
     assert logits.shape == (50, 10)
-    assert (logits.argmax(1) == splits.y_test[:50]).mean() > 0.8
+    assert (logits.argmax(1) == splits.test.labels[:50]).mean() > 0.8
 
     # Credentials come from the environment and never land in params or tags of any run.
     for run in _runs(client, exp.experiment_id):

@@ -20,7 +20,8 @@ from flows.inspect_cmds import add_parsers
 from tasks.refs import DataRef, ModelRef, VariantResult
 from tasks.register import register
 from tasks.report import report
-from tasks.techniques.data import Splits, save_splits
+from tasks.techniques.contract import table_contract
+from tasks.techniques.data import Part, Splits, save_splits
 from tasks.techniques.selection import RegisterConfig
 from tasks.tracking import child_run, configure
 
@@ -46,11 +47,13 @@ def pipeline_run(store, tmp_path):
     """A finished pipeline run in experiment 'reports'; returns (run id, report task inputs)."""
     X = np.random.default_rng(1).normal(size=(120, 8)).astype(np.float32)
     y = (X @ W).argmax(1)
-    data = DataRef(str(save_splits(Splits(X, y, X, y, X, y, 3, None), tmp_path / "s.npz")), "fp-1", 8, 3, None)
+    contract = table_contract(8, 3)
+    part = Part({"input": X}, y)
+    data = DataRef(str(save_splits(Splits(contract, part, part, part), tmp_path / "splits")), "fp-1", contract.to_dict())
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["logits"])],
+        [helper.make_node("MatMul", ["input", "W"], ["logits"])],
         "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 8])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 3])],
         [numpy_helper.from_array(W, "W")],
     )

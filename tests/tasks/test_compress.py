@@ -8,7 +8,7 @@ from mlflow import MlflowClient
 from tasks.compress import factorize, prune
 from tasks.data import prepare_data
 from tasks.distill import teacher_logits_file
-from tasks.refs import ModelRef, file_sha256
+from tasks.refs import Format, ModelRef, file_sha256
 from tasks.techniques.data import DataConfig, load_splits
 from tasks.techniques.distill import FinetuneConfig
 from tasks.techniques.factorize import FactorizeConfig
@@ -29,13 +29,13 @@ def teacher(mlflow_store, tmp_path):
     with mlflow.start_run(run_name="parent") as parent:
         data = prepare_data.fn(DataConfig(), None, str(tmp_path / "work"), parent.info.run_id)
         s = load_splits(data.path)
-        spec = ModelSpec(ModelConfig(hidden=(64, 64)).to_dict(), data.num_features, data.num_classes, data.image_shape)
+        spec = ModelSpec(ModelConfig(hidden=(64, 64)).to_dict(), data.contract)
         torch.manual_seed(0)
         model = build_model(spec)
-        finetune(model, s.X_train, s.y_train, s.X_val, s.y_val, FinetuneConfig(epochs=8, lr=3e-3, kd_alpha=0))
+        finetune(model, s.train, s.val, FinetuneConfig(epochs=8, lr=3e-3, kd_alpha=0))
         folder = save_model(model, spec, tmp_path / "teacher")
-        ref = ModelRef("pytorch_fp32", "torch", str(folder), file_sha256(folder), "teacher-run-id")
-        yield parent.info.run_id, data, ref, str(tmp_path / "work"), evaluate(model, s.X_test, s.y_test)["accuracy"]
+        ref = ModelRef("pytorch_fp32", Format.TORCH, str(folder), file_sha256(folder), "teacher-run-id")
+        yield parent.info.run_id, data, ref, str(tmp_path / "work"), evaluate(model, s.test)["accuracy"]
 
 
 def _child(client, parent_id, stage):
@@ -93,24 +93,42 @@ def test_teacher_logits_are_computed_once_per_dataset(teacher):
 def test_distill_worker_live_teacher_loss_equals_cached_logits_loss(tmp_path):
     """``cache_teacher_logits=false`` runs the teacher per batch; the loss must be the very same, and the
     student's gradient must flow through it (the teacher alone runs without grad)."""
-    import numpy as np
+    from dataclasses import asdict
 
-    from tasks.distill_worker import kd_dataset_and_loss
+    import numpy as np
+    from torch.utils.data import default_collate
+
+    from tasks.techniques.contract import table_contract
+    from tasks.techniques.data import Part, Splits
     from tasks.techniques.distill import DistillConfig
     from tasks.techniques.models import ModelConfig, ModelSpec, build_model, save_model
+    from tasks.techniques.training import TrainConfig
+    from tasks.worker_common import KdConfig, WorkerConfig, train_dataset
 
     torch.manual_seed(0)
-    spec = ModelSpec(ModelConfig(hidden=(8,), dropout=0.0).to_dict(), 6, 3)
+    contract = table_contract(6, 3)
+    spec = ModelSpec(ModelConfig(hidden=(8,), dropout=0.0).to_dict(), contract.to_dict())
     teacher = build_model(spec).eval()
     save_model(teacher, spec, tmp_path / "teacher")
     X, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
     np.savez(tmp_path / "logits.npz", train=teacher(X).detach().numpy())
+    part = Part({"input": X.numpy()}, y.numpy())
+    splits = Splits(contract, part, part.head(4), part.head(4))
     cfg = DistillConfig(temperature=3.0, alpha=0.8).to_dict()
-    cached_ds, cached_fn = kd_dataset_and_loss({"distill": cfg, "logits_path": str(tmp_path / "logits.npz")}, X, y, "cpu")
-    live_ds, live_fn = kd_dataset_and_loss({"distill": cfg, "teacher_path": str(tmp_path / "teacher")}, X, y, "cpu")
+
+    def dataset_and_loss(kd: KdConfig):
+        worker = WorkerConfig(TrainConfig().to_dict(), asdict(spec), str(tmp_path), kd=kd)
+        return train_dataset(worker, worker.train_cfg, splits, "cpu")
+
+    cached_ds, cached_fn = dataset_and_loss(KdConfig(cfg, logits_path=str(tmp_path / "logits.npz")))
+    live_ds, live_fn = dataset_and_loss(KdConfig(cfg, teacher_path=str(tmp_path / "teacher")))
+    # One batch of all 16 rows: (inputs, labels, extra column): the cached logits, or the teacher's own inputs.
+    _, cached_y, cached_extra = default_collate([cached_ds[i] for i in range(16)])
+    _, live_y, live_extra = default_collate([live_ds[i] for i in range(16)])
+    assert torch.equal(cached_y, y) and torch.equal(live_y, y)
     student_logits = torch.randn(16, 3, requires_grad=True)
-    cached = cached_fn(student_logits, y, cached_ds.tensors[2])
-    live = live_fn(student_logits, y, live_ds.tensors[2])
+    cached = cached_fn(student_logits, y, cached_extra)
+    live = live_fn(student_logits, y, live_extra)
     torch.testing.assert_close(live, cached)
     live.backward()
     assert student_logits.grad is not None and student_logits.grad.abs().sum() > 0

@@ -14,7 +14,7 @@ from tasks.data import prepare_data
 from tasks.export import export
 from tasks.fp16 import convert_to_fp16
 from tasks.quantize_static import quantize_static
-from tasks.refs import ModelRef, file_sha256
+from tasks.refs import Format, ModelRef, file_sha256
 from tasks.techniques.benchmark import BenchmarkConfig
 from tasks.techniques.data import DataConfig, load_splits
 from tasks.techniques.fp16 import Fp16Config
@@ -51,17 +51,17 @@ def inputs(store):
     with mlflow.start_run(run_name="setup") as setup:
         data = prepare_data.fn(DataConfig(), None, work, setup.info.run_id)
         splits = load_splits(data.path)
-        spec = ModelSpec(ModelConfig(hidden=(64,)).to_dict(), data.num_features, data.num_classes, data.image_shape)
+        spec = ModelSpec(ModelConfig(hidden=(64,)).to_dict(), data.contract)
         torch.manual_seed(0)
         model = build_model(spec)
         opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-        X, y = torch.as_tensor(splits.X_train), torch.as_tensor(splits.y_train)
+        X, y = torch.tensor(splits.train.inputs["input"]), torch.tensor(splits.train.labels)
         for _ in range(150):  # full-batch steps: ~96% on digits in well under a second
             opt.zero_grad()
             torch.nn.functional.cross_entropy(model(X), y).backward()
             opt.step()
         folder = save_model(model.eval(), spec, root / "model")
-        torch_ref = ModelRef("pytorch_fp32", "torch", str(folder), file_sha256(folder))
+        torch_ref = ModelRef("pytorch_fp32", Format.TORCH, str(folder), file_sha256(folder))
         onnx_ref = export.fn(ExportConfig(), torch_ref, data, work, setup.info.run_id)
     return data, torch_ref, onnx_ref, work
 
@@ -126,10 +126,16 @@ def test_engine_variants_follow_the_config(exported):
     assert engine_variants(none, onnx_ref, torch_ref, data, work, stage) == []
 
 
-def test_calibration_larger_than_the_training_split_names_the_field(exported):
+def test_calibration_larger_than_the_training_split_uses_all_its_rows_and_says_so(exported, store):
+    # Since the input contract, asking for more rows than the training split has calibrates on all of it
+    # (a small dataset must still quantize) and records the scaling, instead of failing.
     pid, data, _, onnx_ref, work = exported
-    with pytest.raises(ValueError, match="engines.static_int8.calibration_samples: 100000 requested"):
-        quantize_static.fn(StaticQuantConfig(calibration_samples=100_000), onnx_ref, data, work, pid)
+    out = quantize_static.fn(StaticQuantConfig(calibration_samples=100_000), onnx_ref, data, work, pid)
+    assert out.exists()
+    rows = data.sizes["train"]
+    (run,) = _children(MlflowClient(store[0]), pid, "quantize_static")
+    assert run.data.tags["optforge.scaled.calibration_samples"] == f"100000 -> {rows} (the training split's rows)"
+    assert run.data.params["calibration_samples_used"] == str(rows)
 
 
 def test_tensorrt_gets_symmetric_signed_int8():

@@ -14,9 +14,10 @@ import pytest
 from mlflow import MlflowClient
 from onnx import TensorProto, helper, numpy_helper
 
-from tasks.refs import DataRef, ModelRef, VariantResult
+from tasks.refs import DataRef, Format, ModelRef, VariantResult
 from tasks.register import RegistryOutcome, register
-from tasks.techniques.data import Splits, save_splits
+from tasks.techniques.contract import table_contract
+from tasks.techniques.data import Part, Splits, load_splits, save_splits
 from tasks.techniques.selection import RegisterConfig
 from tasks.tracking import configure
 
@@ -27,26 +28,29 @@ W = RNG.normal(size=(8, 3)).astype(np.float32)
 
 
 def linear_onnx(path, weight: np.ndarray) -> ModelRef:
-    """logits = x @ weight, as an .onnx file with a dynamic batch dimension."""
+    """logits = input @ weight, as an .onnx file with a dynamic batch dimension (the table contract's input name)."""
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["logits"])],
+        [helper.make_node("MatMul", ["input", "W"], ["logits"])],
         "linear",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", weight.shape[0]])],
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", weight.shape[0]])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", weight.shape[1]])],
         [numpy_helper.from_array(weight, "W")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save(model, str(path))
-    return ModelRef(path.stem, "onnx", str(path), f"sha-{path.stem}")
+    return ModelRef(path.stem, Format.ONNX, str(path), f"sha-{path.stem}")
 
 
 @pytest.fixture
 def data(tmp_path) -> DataRef:
     X = RNG.normal(size=(300, 8)).astype(np.float32)
     y = (X @ W).argmax(1).astype(np.int64)  # W classifies every row correctly: 100 % accuracy
-    path = save_splits(Splits(X[:200], y[:200], X[200:250], y[200:250], X[250:], y[250:], 3, None), tmp_path / "s.npz")
-    return DataRef(str(path), "fingerprint-1", 8, 3, None)
+    contract = table_contract(8, 3)
+    splits = Splits(contract, Part({"input": X[:200]}, y[:200]), Part({"input": X[200:250]}, y[200:250]),
+                    Part({"input": X[250:]}, y[250:]))
+    path = save_splits(splits, tmp_path / "splits")
+    return DataRef(str(path), "fingerprint-1", contract.to_dict())
 
 
 def variants(tmp_path, tag: str) -> list[ModelRef]:
@@ -104,6 +108,7 @@ def test_champion_then_challenger_then_new_champion(tmp_path, data, mlflow_store
     tags = client.get_model_version(NAME, "1").tags
     assert tags["config_hash"] == "hash-a" and tags["data_fingerprint"] == "fingerprint-1"
     assert tags["chain"] == "onnx_small" and tags["latency_ms_p50_b1"] == "0.5" and tags["accuracy"] == "100"
+    assert tags["data_kind"] == "table" and tags["inputs"] == "input" and len(tags["input_contract"]) == 16
 
     worse, _ = run_pipeline(tmp_path, data, "b", small_latency=0.8)
     assert (worse.version, worse.alias, worse.compared_with) == ("2", "challenger", "1")
@@ -125,11 +130,11 @@ def test_champion_then_challenger_then_new_champion(tmp_path, data, mlflow_store
 
 def test_champion_loads_through_pyfunc_and_matches_onnx_runtime(tmp_path, data, mlflow_store):
     outcome, _ = run_pipeline(tmp_path, data, "a", small_latency=0.5)
-    X = np.load(data.path)["X_test"]
+    X = np.asarray(load_splits(data.path).test.inputs["input"])
     logits = mlflow.pyfunc.load_model(f"models:/{NAME}@champion").predict(X)
     assert isinstance(logits, np.ndarray) and logits.shape == (50, 3)  # an array for every format, no {name: array}
     session = ort.InferenceSession(str(tmp_path / "onnx_small-a.onnx"), providers=["CPUExecutionProvider"])
-    np.testing.assert_allclose(logits, session.run(None, {"x": X})[0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(logits, session.run(None, {"input": X})[0], rtol=1e-6, atol=1e-6)
     assert outcome.version == "1"
 
 
@@ -145,7 +150,7 @@ def test_nothing_registered_when_no_variant_meets_the_goals(tmp_path, data, mlfl
 
 def test_engine_formats_are_skipped_for_registration(tmp_path, data, mlflow_store):
     refs = variants(tmp_path, "e")
-    refs = [ModelRef("onnx_fp32", "onnx", refs[0].path, "x"), ModelRef("trt_fp16", "tensorrt", "/nowhere.engine", "y")]
+    refs = [ModelRef("onnx_fp32", Format.ONNX, refs[0].path, "x"), ModelRef("trt_fp16", Format.TENSORRT, "/nowhere.engine", "y")]
     metrics = {"accuracy": 100.0, "latency_ms_p95_b1": 1.0, "throughput_sps_b64": 1.0, "size_mb": 1.0, "params": 1.0}
     results = [
         VariantResult("onnx_fp32", metrics | {"latency_ms_p50_b1": 1.0}),

@@ -31,7 +31,7 @@ def pipeline(mlflow_store, tmp_path):
         data = prepare_data.fn(DataConfig(), None, str(tmp_path / "work"), parent.info.run_id)
         splits = load_splits(data.path)
         model, ref = train_in_process(ModelConfig(hidden=(32,)), data, splits, 5, tmp_path / "model")
-        assert evaluate(model, splits.X_val, splits.y_val)["accuracy"] > 85
+        assert evaluate(model, splits.val)["accuracy"] > 85
         yield parent.info.run_id, data, ref, tmp_path / "work"
 
 
@@ -65,8 +65,8 @@ def test_stages_log_child_runs_and_register(pipeline, mlflow_store):
     version = client.get_model_version("stages-model", "1")
     assert version.tags["variant"] == reg.variant and version.tags["data_fingerprint"] == data.sha256
     loaded = mlflow.pyfunc.load_model("models:/stages-model/1")
-    out = loaded.predict(load_splits(data.path).X_test[:3])
-    assert np.asarray(out["logits"] if isinstance(out, dict) else out).shape == (3, 10)  # ONNX flavor: dict by output
+    out = loaded.predict(np.asarray(load_splits(data.path).test.inputs["input"][:3]))
+    assert np.asarray(out["logits"] if isinstance(out, dict) else out).shape == (3, 10)  # older ONNX flavor: dict
 
 
 def test_register_nothing_when_no_variant_passes(pipeline, mlflow_store):

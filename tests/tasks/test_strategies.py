@@ -1,20 +1,23 @@
 """The synchronous strategies on a real local Ray with 2 Ray Train workers, and fine-tuning from a
 registered model in a real MLflow store. (asgd has its own file: tests/tasks/test_asgd.py.)"""
 
+from dataclasses import asdict
+
 import mlflow
 import pytest
 from mlflow import MlflowClient
 
 from tasks.data import prepare_data
 from tasks.init_from import fetch_init_model
-from tasks.refs import ModelRef, file_sha256
+from tasks.refs import Format, ModelRef, file_sha256
 from tasks.register import _log_onnx, _log_torch
 from tasks.techniques.data import DataConfig, load_splits
 from tasks.techniques.models import ModelConfig, ModelSpec, build_model, load_model
 from tasks.techniques.training import TrainConfig, evaluate
 from tasks.tracking import configure
 from tasks.train import train
-from tasks.train_worker import run_training
+from tasks.training_driver import run_training
+from tasks.worker_common import WorkerConfig
 from tests.trained import train_in_process
 
 pytestmark = pytest.mark.slow
@@ -37,9 +40,10 @@ def digits(mlflow_store, tmp_path):
 ])
 def test_strategy_reaches_accuracy_with_two_workers(digits, strategy, extra, floor, tmp_path):
     data, parent, _ = digits
-    spec = ModelSpec(SMALL.to_dict(), data.num_features, data.num_classes, data.image_shape)
+    spec = ModelSpec(SMALL.to_dict(), data.contract)
     cfg = TrainConfig(strategy=strategy, epochs=6, batch_size=32, lr=0.01, patience=0, num_workers=2, **extra)
-    summary = run_training(cfg, spec, data.path, tmp_path / "ray", f"acc-{strategy}", tmp_path / "out")
+    worker = WorkerConfig(cfg.to_dict(), asdict(spec), data.path)
+    summary = run_training(worker, tmp_path / "ray", f"acc-{strategy}", tmp_path / "out")
     assert summary["best_val_accuracy"] >= floor
     assert summary["epochs_run"] == 6
     if strategy == "model_averaging":
@@ -52,7 +56,7 @@ def _trained_folder(data, tmp_path) -> tuple[ModelRef, float]:
     """A small MLP trained in-process for a few epochs; its folder and its val loss."""
     splits = load_splits(data.path)
     model, ref = train_in_process(SMALL, data, splits, 8, tmp_path / "trained")
-    return ref, evaluate(model, splits.X_val, splits.y_val)["loss"]
+    return ref, evaluate(model, splits.val)["loss"]
 
 
 def test_init_from_a_registered_model_starts_from_its_weights(digits, tmp_path):
@@ -60,7 +64,7 @@ def test_init_from_a_registered_model_starts_from_its_weights(digits, tmp_path):
     ref, trained_loss = _trained_folder(data, tmp_path)
     splits = load_splits(data.path)
     with mlflow.start_run(run_name="register", nested=True):
-        info = _log_torch(ref, splits.X_test[:4], "optforge-init")
+        info = _log_torch(ref, data, splits, "optforge-init")
     MlflowClient().set_registered_model_alias("optforge-init", "champion", str(info.registered_model_version))
 
     init = fetch_init_model("models:/optforge-init@champion", workdir)
@@ -70,7 +74,7 @@ def test_init_from_a_registered_model_starts_from_its_weights(digits, tmp_path):
     out = train.fn(cfg, SMALL, data, workdir, parent, init=init)
     run = MlflowClient().get_run(out.run_id)
     initial = MlflowClient().get_metric_history(out.run_id, "initial_val_loss")[0].value
-    fresh = evaluate(build_model(load_model(ref.path)[1]), splits.X_val, splits.y_val)["loss"]
+    fresh = evaluate(build_model(load_model(ref.path)[1]), splits.val)["loss"]
     assert initial == pytest.approx(trained_loss, rel=1e-4)  # the trained model's loss ...
     assert initial < 0.5 * fresh  # ... not a fresh one's (~ln 10 = 2.3)
     assert run.data.tags["optforge.init_resolved"] == init.info["resolved"]
@@ -93,11 +97,11 @@ def test_init_from_an_onnx_version_says_what_to_use_instead(digits, tmp_path):
     data, parent, workdir = digits
     ref, _ = _trained_folder(data, tmp_path)
     model, spec = load_model(ref.path)
-    onnx_path = export_onnx(model, spec.num_features, tmp_path / "m.onnx", ExportConfig())
-    onnx_ref = ModelRef("onnx_fp32", "onnx", str(onnx_path), file_sha256(onnx_path))
+    onnx_path = export_onnx(model, spec.inputs, tmp_path / "m.onnx", ExportConfig())
+    onnx_ref = ModelRef("onnx_fp32", Format.ONNX, str(onnx_path), file_sha256(onnx_path))
     mlflow.set_tag("optforge.stage.train.run_id", "feedc0de")  # what the flow records on its parent run
     with mlflow.start_run(run_name="register", nested=True):
-        info = _log_onnx(onnx_ref, load_splits(data.path).X_test[:4], "optforge-onnx")
+        info = _log_onnx(onnx_ref, data, load_splits(data.path), "optforge-onnx")
     MlflowClient().set_model_version_tag("optforge-onnx", str(info.registered_model_version), "pipeline_run", parent)
     with pytest.raises(ValueError, match="not a PyTorch model that can be fine-tuned; its FP32 PyTorch source is "
                                          "runs:/feedc0de/model"):
