@@ -270,6 +270,9 @@ def _register(
     parent_run_id: str | None,
     cfg_hash: str | None,
 ) -> RegistryOutcome:
+    if not cfg.model_name:
+        raise ValueError("register.model_name: not set; the optimize flow derives it (flows.plan.registry_name), "
+                         "direct callers must pass one")
     client = MlflowClient()
     splits = load_splits(data.path)
     # From reading the champion to moving the alias, one run at a time (see registry_lock).
