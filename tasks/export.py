@@ -37,9 +37,9 @@ def export(cfg: ExportConfig, model: ModelRef, data: DataRef, workdir: str, pare
 
 def check_onnx_inputs(path, contract) -> None:
     """The file's graph inputs must be the contract's names; the error lists both."""
-    graph = [i.name for i in load_onnx(path).graph.input]
-    initializers = {i.name for i in load_onnx(path).graph.initializer}
-    graph = [n for n in graph if n not in initializers]
+    proto = load_onnx(path)  # read once: a user's model can be large
+    initializers = {i.name for i in proto.graph.initializer}
+    graph = [i.name for i in proto.graph.input if i.name not in initializers]
     if sorted(graph) != sorted(contract.names):
         raise ValueError(f"model.path: {path} takes inputs {graph} but the data's inputs are {list(contract.names)}; "
                          "export the model with input names matching the data")

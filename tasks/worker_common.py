@@ -70,6 +70,11 @@ class WorkerConfig:
         return cls(**{**raw, "kd": KdConfig(**kd) if kd else None})
 
 
+def row_inputs(part: Part, i: int) -> dict[str, torch.Tensor]:
+    """Row ``i`` of a part's inputs as tensors (a copy: memory-mapped arrays are read-only)."""
+    return {k: torch.from_numpy(np.array(v[i])) for k, v in part.inputs.items()}
+
+
 class PartDataset(Dataset):
     """Row ``i`` of a data ``Part`` as ``({input: tensor}, label, *extra)``, read from the (memory-mapped)
     arrays only when asked: a worker never loads the split whole."""
@@ -81,8 +86,7 @@ class PartDataset(Dataset):
         return len(self.part)
 
     def __getitem__(self, i):
-        inputs = {k: torch.from_numpy(np.array(v[i])) for k, v in self.part.inputs.items()}
-        return (inputs, torch.as_tensor(int(self.part.labels[i])), *(e[i] for e in self.extra))
+        return (row_inputs(self.part, i), torch.as_tensor(int(self.part.labels[i])), *(e[i] for e in self.extra))
 
 
 def train_dataset(worker: WorkerConfig, cfg: TrainConfig, splits: Splits, device) -> tuple[Dataset, object]:
@@ -111,7 +115,7 @@ class _Inputs:
         self.part = part
 
     def __getitem__(self, i):
-        return {k: torch.from_numpy(np.array(v[i])) for k, v in self.part.inputs.items()}
+        return row_inputs(self.part, i)
 
 
 def _kd_columns_and_loss(kd: KdConfig, fit: Part, device):
