@@ -28,7 +28,7 @@ def test_predictor_dtype_logic_on_cpu():
     model = MLP(16, 3, (32,), dropout=0.0)
     x = np.random.default_rng(0).normal(size=(4, 16)).astype(np.float32)
     ref = model(torch.from_numpy(x)).detach().numpy()
-    out = device_predictor(copy.deepcopy(model), "cpu", "bf16")(x)
+    out = device_predictor(copy.deepcopy(model), "cpu", "bf16")({"features": x})
     assert out.dtype == np.float32 and np.allclose(out, ref, atol=0.1)
     with pytest.raises(ValueError, match="dtype"):
         device_predictor(model, "cpu", "int4")
@@ -44,5 +44,5 @@ def test_cuda_predictors_match_fp32(dtype, compiled):
     ref = model(torch.from_numpy(x)).detach().numpy()
     predict = device_predictor(model, "cuda", dtype, compiled)
     for batch in (x[:1], x):
-        assert predict(batch).shape == (len(batch), 3)
-    assert (predict(x).argmax(1) == ref.argmax(1)).mean() >= 0.95
+        assert predict({"features": batch}).shape == (len(batch), 3)
+    assert (predict({"features": x}).argmax(1) == ref.argmax(1)).mean() >= 0.95
