@@ -8,14 +8,18 @@ name). Pure: no Prefect, no MLflow.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
 
 from flows.chain_config import expand, product_name
 from flows.params import PipelineConfig
 from tasks.techniques.contract import InputContract
-from tasks.techniques.models import ONNX, ModelSpec, build_model
 from tasks.techniques.model_source import check_runs
+from tasks.techniques.models import HUGGINGFACE, ONNX, ModelSpec, build_model, count_params
 
 
 @dataclass(frozen=True)
@@ -36,13 +40,39 @@ def registry_name(cfg: PipelineConfig, data_name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", raw)[:128]
 
 
-def _student_problem(cfg: PipelineConfig, contract: InputContract) -> str | None:
-    """Why the configured student cannot take this data, or None."""
+def _param_count(build) -> int | None:
+    """Parameters of the model ``build()`` makes on the meta device (no memory, no weights read), or None
+    when it cannot be built so (a factory that loads files itself, say): then nothing is decided here."""
     try:
-        check_runs(build_model(ModelSpec(cfg.compress.distill.student.to_dict(), contract.to_dict())).eval(), contract)
+        with torch.device("meta"):
+            return count_params(build())
+    except Exception:  # noqa: BLE001 - a model we cannot count is simply not judged by size
+        return None
+
+
+def _teacher_builder(cfg: PipelineConfig, contract: InputContract):
+    m = cfg.model
+    if m.arch == HUGGINGFACE:
+        from tasks.techniques.hf import from_config
+
+        return lambda: from_config(json.loads((Path(m.path) / "config.json").read_text()), contract)
+    return lambda: build_model(ModelSpec(m.to_dict(), contract.to_dict()))
+
+
+def _student_problem(cfg: PipelineConfig, contract: InputContract) -> str | None:
+    """Why the configured student cannot take this data or would not be smaller than the model, or None."""
+    student_cfg = cfg.compress.distill.student
+    what = f"the student (compress.distill.student.arch={student_cfg.arch})"
+    spec = ModelSpec(student_cfg.to_dict(), contract.to_dict())
+    try:
+        check_runs(build_model(spec).eval(), contract)
     except (ValueError, TypeError) as exc:
-        return f"distill: the student (compress.distill.student.arch={cfg.compress.distill.student.arch}) " \
-               f"cannot take this data: {str(exc)[:200]}"
+        return f"distill: {what} cannot take this data: {str(exc)[:200]}"
+    n_student = _param_count(lambda: build_model(spec))
+    n_teacher = _param_count(_teacher_builder(cfg, contract))
+    if n_student is not None and n_teacher is not None and n_student >= n_teacher:
+        return (f"distill: {what} has {n_student:,} parameters, not fewer than the model's {n_teacher:,}; "
+                "set compress.distill.student to a smaller model to distill")
     return None
 
 
@@ -57,8 +87,11 @@ def plan(cfg: PipelineConfig, contract: InputContract, data_name: str) -> Plan:
         if m.arch == ONNX:
             skipped[name] = "model.arch=onnx: no PyTorch model to compress (distill, prune and factorize need one)"
             continue
-        if "prune" in chain and cfg.compress.prune.method == "structured" and not m.is_zoo:
-            skipped[name] = (f"prune: structured pruning needs a zoo architecture (model.arch={m.arch}); use "
+        # distill comes first in a chain (chain_config checks it), so after it prune works on the student
+        pruned, field_name = ((cfg.compress.distill.student, "compress.distill.student.arch") if "distill" in chain
+                              else (m, "model.arch"))
+        if "prune" in chain and cfg.compress.prune.method == "structured" and not pruned.is_zoo:
+            skipped[name] = (f"prune: structured pruning needs a zoo architecture ({field_name}={pruned.arch}); use "
                              "compress.prune.method=unstructured")
             continue
         if "distill" in chain:

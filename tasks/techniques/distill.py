@@ -143,7 +143,7 @@ def finetune(model: nn.Module, train, val, cfg: FinetuneConfig, soft_targets: np
 
 
 class _Batches:
-    """Shuffled batches ``(inputs, labels[, soft targets])`` of a part, read when iterated (sorted reads)."""
+    """Shuffled batches ``(inputs, labels[, soft targets])`` of a part, each read from disk when iterated."""
 
     def __init__(self, part, order: np.ndarray, size: int, soft: torch.Tensor | None):
         self.part, self.order, self.size, self.soft = part, order, size, soft

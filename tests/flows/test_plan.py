@@ -1,0 +1,40 @@
+"""The run's plan decides, before anything trains, which chains apply to this model and data (flows/plan.py)."""
+
+from __future__ import annotations
+
+from flows.examples import write_resnet
+from flows.params import load_config
+from flows.plan import plan
+from tasks.techniques.contract import image_contract, table_contract
+
+DISTILL_CHAINS = {"distill", "distill_int8", "distill_prune_int8"}
+
+
+def test_default_digits_plan_keeps_every_chain():
+    cfg = load_config(None, [])
+    result = plan(cfg, table_contract(64, 10, (1, 8, 8)), "digits")
+    assert not result.skipped
+    assert result.cfg.compress.chains == cfg.compress.chains
+    assert result.cfg.register.model_name == "optforge-digits"
+
+
+def test_a_student_larger_than_the_model_is_skipped_with_both_sizes(tmp_path):
+    """The default MLP student on 3x32x32 images is bigger than a tiny ResNet: distilling into it would not
+    give a smaller model, so its chains are skipped (and why), and structured pruning as before."""
+    folder = write_resnet(tmp_path / "resnet", num_labels=10)
+    cfg = load_config(None, ["model.arch=huggingface", f"model.path={folder}"])
+    result = plan(cfg, image_contract(3, 32, 10, {}), "imgs")
+    assert DISTILL_CHAINS <= set(result.skipped)
+    reason = result.skipped["distill"]
+    assert "not fewer than the model's" in reason and "compress.distill.student" in reason
+    assert "structured pruning needs a zoo architecture" in result.skipped["prune"]
+    assert [list(c) for c in result.cfg.compress.chains] == [["factorize"], ["factorize", "quantize"]]
+    assert result.cfg.register.model_name == "optforge-imgs-resnet"
+
+
+def test_a_smaller_student_is_kept_for_a_user_model(tmp_path):
+    folder = write_resnet(tmp_path / "resnet", num_labels=10)
+    cfg = load_config(None, ["model.arch=huggingface", f"model.path={folder}", "compress.distill.student.hidden=[4]"])
+    result = plan(cfg, image_contract(3, 32, 10, {}), "imgs")
+    assert not DISTILL_CHAINS & set(result.skipped)  # distill>prune prunes the (zoo) student
+    assert "prune" in result.skipped
