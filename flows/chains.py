@@ -14,13 +14,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from flows.chain_config import CompressConfig, expand, product_name
 from tasks.compress import factorize, prune
 from tasks.distill import distill
 from tasks.export import export
 from tasks.quantize import quantize
 from tasks.refs import DataRef, ModelRef
-
-from flows.chain_config import CompressConfig, expand, product_name
 
 __all__ = ["CompressConfig", "chain_variants", "expand", "product_name"]
 

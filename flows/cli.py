@@ -31,7 +31,7 @@ def format_summary(summary: dict) -> str:
         for v in summary["variants"]
     ]
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    line = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
     reg = summary["registration"]
     alias = f" as '{reg['alias']}'" if reg.get("alias") else ""
     outcome = (
@@ -111,7 +111,6 @@ def build_parser() -> argparse.ArgumentParser:
     from flows.bench import add_parser as add_bench_parser
     from flows.examples import add_parser as add_examples_parser
     from flows.inspect_cmds import add_parsers
-
     from flows.serve_cmd import add_parser as add_serve_parser
 
     add_parsers(sub)  # report RUN_ID, compare

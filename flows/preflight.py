@@ -71,7 +71,7 @@ def check_mlflow(uri: str | None, timeout: float = DEFAULT_TIMEOUT_S) -> str | N
     url = uri.rstrip("/") + "/health"
     try:
         _http_get(url, timeout)
-    except Exception as exc:  # noqa: BLE001 (every failure becomes the one clear message)
+    except Exception as exc:
         return f"MLFLOW_TRACKING_URI={uri}: no MLflow server answers: GET {url}: {_reason(exc)}"
     return None
 
@@ -93,7 +93,7 @@ def check_prefect(url: str | None, timeout: float = DEFAULT_TIMEOUT_S, api_key: 
     health = url.rstrip("/") + "/health"
     try:
         body = _http_get(health, timeout, {"Authorization": f"Bearer {api_key}"} if api_key else None)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         not_found = isinstance(exc, urllib.error.HTTPError) and exc.code == 404
         hint = " (a Prefect server's API URL ends in /api)" if not_found else ""
         return f"{source}={url}: no Prefect API answers: GET {health}: {_reason(exc)}{hint}"
@@ -121,7 +121,7 @@ def _probe_grpc(host: str, port: int, timeout: float) -> str | None:
             sock.settimeout(timeout)
             sock.sendall(_H2_PREFACE)
             header = sock.recv(9)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return _reason(exc)
     if len(header) < 4 or header[3] != _H2_SETTINGS:
         return f"something listens at {host}:{port} but it does not speak gRPC (answered {header[:16]!r})"
@@ -153,7 +153,7 @@ def check_ray(address: str | None, timeout: float = DEFAULT_TIMEOUT_S) -> str | 
     if address == "auto":
         try:
             target = _resolve_auto()
-        except Exception as exc:  # noqa: BLE001 (ray missing or its internals moved: leave it to ray.init)
+        except Exception as exc:
             return None if isinstance(exc, ImportError) else f"{name}: cannot look up a local cluster: {exc}"
         if target is None:
             return (f"{name}: no Ray cluster is running on this machine "
@@ -172,7 +172,7 @@ def check_ray(address: str | None, timeout: float = DEFAULT_TIMEOUT_S) -> str | 
         # TLS-wrapped gRPC: a raw preface would be rejected; a TCP connect is the check we can make.
         try:
             socket.create_connection((host, port), timeout=timeout).close()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             return f"{name}: no Ray cluster answers at {host}:{port}: {_reason(exc)}"
         return None
     problem = _probe_grpc(host, port, timeout)
@@ -194,7 +194,7 @@ def _prefect_setting(env: Mapping[str, str]) -> tuple[str | None, str | None, st
         settings = get_current_settings()
         key = settings.api.key.get_secret_value() if settings.api.key else None
         return settings.api.url, key, "PREFECT_API_URL (from the active Prefect profile)"
-    except Exception:  # noqa: BLE001 (no prefect, or a broken profile: the flow will say so itself)
+    except Exception:
         return None, None, "PREFECT_API_URL"
 
 

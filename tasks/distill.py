@@ -11,9 +11,9 @@ import numpy as np
 from tasks.caching import stage_dir, stage_task
 from tasks.distill_worker import run_distillation
 from tasks.refs import DataRef, Format, ModelRef, file_sha256
-from tasks.techniques.files import atomic_write
 from tasks.techniques.data import load_splits
 from tasks.techniques.distill import DistillConfig, check_student, teacher_logits
+from tasks.techniques.files import atomic_write
 from tasks.techniques.flops import model_stats
 from tasks.techniques.models import ModelSpec, build_model, load_model
 from tasks.techniques.training import evaluate

@@ -132,7 +132,7 @@ def load_report_data(client: MlflowClient, run_id: str) -> ReportData:
     if reg_run is not None:
         try:
             record = mlflow.artifacts.load_dict(f"{reg_run.info.artifact_uri}/{SELECTION_FILE}")
-        except Exception:  # noqa: BLE001 - a run from before selection.json existed: recompute below, say so
+        except Exception:
             record = None
     if record is not None:
         return ReportData(

@@ -24,7 +24,14 @@ from tasks.techniques.data import load_splits
 from tasks.techniques.init_weights import apply_init, load_init_state
 from tasks.techniques.models import ModelSpec, build_model, save_model
 from tasks.techniques.sampling import MixingSampler
-from tasks.techniques.training import EarlyStopping, evaluate, make_optimizer, make_scheduler, precision_for, train_epoch
+from tasks.techniques.training import (
+    EarlyStopping,
+    evaluate,
+    make_optimizer,
+    make_scheduler,
+    precision_for,
+    train_epoch,
+)
 from tasks.worker_common import CKPT_FILE, ERROR_FILE, WorkerConfig, make_loader, mlflow_logger, train_dataset
 
 

@@ -164,7 +164,7 @@ def mlflow_logger(worker: WorkerConfig):
             while pending:
                 client.log_batch(worker.mlflow_run_id, metrics=pending[:1000])  # MLflow's batch limit
                 del pending[:1000]
-        except Exception as exc:  # noqa: BLE001 - any tracking failure: keep the metrics, keep training
+        except Exception as exc:
             print(f"[optforge] could not send {len(pending)} metric(s) to MLflow, retrying next epoch: {exc}")
 
     def log(metrics: dict[str, float], step: int) -> None:

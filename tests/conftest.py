@@ -15,11 +15,11 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("RAY_ADDRESS", None)
 os.environ.pop("PREFECT_API_URL", None)
 
-import sys  # noqa: E402
-import threading  # noqa: E402
-import warnings  # noqa: E402
+import sys
+import threading
+import warnings
 
-import pytest  # noqa: E402
+import pytest
 
 
 def _stop_ray(grace_s: float = 60.0) -> None:

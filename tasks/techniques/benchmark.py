@@ -22,6 +22,7 @@ from tasks.techniques.config import TechniqueConfig
 from tasks.techniques.contract import as_tensors, forward_logits
 from tasks.techniques.metrics import Predictor, part_accuracy
 
+
 class BenchmarkConfig(TechniqueConfig):
     """How variants are timed. The same settings apply to every variant of a run."""
 

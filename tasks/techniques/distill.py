@@ -128,15 +128,20 @@ def finetune(model: nn.Module, train, val, cfg: FinetuneConfig, soft_targets: np
     best, best_state = before, copy.deepcopy(model.state_dict())
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
-    try:
-        for _ in range(cfg.epochs):
-            order = torch.randperm(n, generator=generator).numpy()
-            train_epoch(model, _Batches(train, order, cfg.batch_size, soft), opt, sched, precision, 1, loss_fn=loss_fn)
-            acc = evaluate(model, val)["accuracy"]
-            if acc > best:
-                best, best_state = acc, copy.deepcopy(model.state_dict())
-    finally:
-        torch.set_num_threads(threads)
+    # Dropout draws from the global generator: seed it here (and give the caller's state back after), so
+    # the same model, data and config fine-tune to the same weights whatever ran before in the process.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        try:
+            for _ in range(cfg.epochs):
+                order = torch.randperm(n, generator=generator).numpy()
+                train_epoch(model, _Batches(train, order, cfg.batch_size, soft), opt, sched, precision, 1,
+                            loss_fn=loss_fn)
+                acc = evaluate(model, val)["accuracy"]
+                if acc > best:
+                    best, best_state = acc, copy.deepcopy(model.state_dict())
+        finally:
+            torch.set_num_threads(threads)
     model.load_state_dict(best_state)
     model.eval()
     return {"val_accuracy_before": before, "val_accuracy": best, "epochs": cfg.epochs}
@@ -149,7 +154,7 @@ class _Batches:
         self.part, self.order, self.size, self.soft = part, order, size, soft
 
     def __len__(self) -> int:
-        return -(-len(self.order) // self.size)
+        return (len(self.order) + self.size - 1) // self.size
 
     def __iter__(self):
         for start in range(0, len(self.order), self.size):

@@ -12,7 +12,7 @@ so the property holds per worker (the sampler test asserts it on every rank).
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 from torch.utils.data import Sampler

@@ -34,7 +34,9 @@ class StaticQuantConfig(TechniqueConfig):
 
     enabled: bool = Field(True, description="build the onnx_int8_static variant")
     calibration_samples: int = Field(256, ge=1, description="training rows fed to the calibrator (first N of the split)")
-    calibration_batch_size: int = Field(32, ge=1, description="rows per calibration batch")
+    calibration_batch_size: int = Field(4, ge=1, description="rows per calibration run; ONNX Runtime holds every "
+                                        "node's output for these rows at once (BERT-base at 128 tokens: 3.2 GB at 4, 17.9 GB "
+                                        "at 32, and 2.5x slower)")
     method: Literal["minmax", "entropy", "percentile"] = Field("minmax", description="how activation ranges are chosen")
     percentile: float = Field(99.999, gt=90, le=100, description="kept share of each activation's values (percentile method)")
     per_channel: bool = Field(False, description="one weight scale per output channel (more accurate, slower at batch 1 on CPU)")

@@ -1,3 +1,4 @@
+import copy
 import json
 import math
 
@@ -102,6 +103,23 @@ def test_finetune_keeps_the_best_epoch_and_zero_epochs_is_a_no_op():
     out = finetune(model, part, part, FinetuneConfig(epochs=10, lr=1e-2))
     assert out["val_accuracy"] >= out["val_accuracy_before"]
     assert out["val_accuracy"] == pytest.approx(evaluate(model, part)["accuracy"])
+
+
+def test_finetune_with_dropout_is_reproducible_whatever_ran_before():
+    """Dropout draws from the global generator; finetune seeds it, and hands the caller's state back."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(128, 4)).astype(np.float32)
+    part = table_part(X, (X[:, 0] > 0).astype(np.int64))
+    torch.manual_seed(0)
+    start = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 2))
+    weights = []
+    for noise in (1, 7):
+        torch.manual_seed(noise)  # what earlier stages of a run left in the global generator
+        model = copy.deepcopy(start)
+        finetune(model, part, part, FinetuneConfig(epochs=3, lr=1e-2))
+        weights.append(model.state_dict())
+        assert torch.initial_seed() == noise  # the caller's generator state is restored
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
 def test_student_bigger_than_teacher_warns_and_continues():
