@@ -31,16 +31,40 @@ def preprocess(src: str | Path, dst: str | Path) -> bool:
     (the BERT export: "Incomplete symbolic shape inference"); ONNX's own shape inference and the graph
     optimization still run then, which is what the quantizers need.
     """
+    import time
+
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    started = time.time()
     try:
         quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
         return True
     except Exception as exc:
         if "symbolic shape" not in str(exc).lower():
             raise
+        _remove_shape_inference_debris(started)
         quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
         return False
+
+
+SHAPE_DEBRIS = "sym_shape_infer_temp.onnx"
+
+
+def _remove_shape_inference_debris(since: float) -> None:
+    """When ORT's symbolic shape inference gives up it saves its partial model as ``sym_shape_infer_temp.onnx``
+    in the process's working directory, with the weights in UUID-named external-data files beside it
+    (440 MB for BERT-base). Remove what this call wrote there (files older than ``since`` are not ours)."""
+    import onnx
+
+    debris = Path(SHAPE_DEBRIS)
+    if not debris.is_file() or debris.stat().st_mtime < since:
+        return
+    model = onnx.load(str(debris), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location" and Path(entry.value).name == entry.value:  # a bare name in the cwd
+                Path(entry.value).unlink(missing_ok=True)
+    debris.unlink(missing_ok=True)
 
 
 def quantize_dynamic_int8(src: str | Path, dst: str | Path, cfg: DynamicQuantConfig) -> Path:

@@ -94,3 +94,29 @@ def test_config_rejects_bad_values_and_round_trips():
         DynamicQuantConfig(per_chanel=True)
     cfg = DynamicQuantConfig(weight_type="quint8", per_channel=True, preprocess=False)
     assert DynamicQuantConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_bert_preprocess_falls_back_and_leaves_nothing_in_the_working_directory(tmp_path, monkeypatch):
+    """ORT's symbolic shape inference gives up on the dynamo export of a BERT with a dynamic sequence axis and
+    saves its partial model (weights as UUID-named files) into the working directory; preprocess falls back
+    to ONNX's shape inference and removes that debris."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from tasks.techniques.contract import text_contract
+    from tasks.techniques.quantization import SHAPE_DEBRIS, preprocess
+
+    torch.manual_seed(0)
+    bert = BertForSequenceClassification(BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=1,
+                                                    num_attention_heads=2, intermediate_size=32,
+                                                    max_position_embeddings=32, num_labels=3)).eval()
+    src = export_onnx(bert, text_contract(12, 3, {}), tmp_path / "bert.onnx", ExportConfig())
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    (cwd / "mine.txt").write_text("a user's file")
+    assert preprocess(src, tmp_path / "pre.onnx") is False  # the fallback ran
+    assert sorted(p.name for p in cwd.iterdir()) == ["mine.txt"], f"left behind: {SHAPE_DEBRIS} and its data"
+    session = ort.InferenceSession(str(tmp_path / "pre.onnx"), providers=["CPUExecutionProvider"])
+    ids = np.random.default_rng(0).integers(0, 60, (2, 7))
+    (logits,) = session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    assert logits.shape == (2, 3)
