@@ -1,0 +1,101 @@
+"""Structured pruning of any PyTorch model through torch-pruning's dependency graph.
+
+The hand-written walk in ``prune.py`` knows the zoo's straight MLP/CNN stacks only. Real models couple
+their widths: a ResNet's residual additions tie the channels of every block in a stage, a transformer's
+attention heads span the query, key and value projections and the output projection. torch-pruning
+(a maintained library, also used by the Hugging Face and timm examples) traces the model once with
+example inputs and removes each coupled group of channels together, so the result is a smaller dense
+model that still runs. We keep:
+
+- the classification head's outputs (one per class) and, for transformers, the embeddings, so the
+  residual stream (``hidden_size``) keeps its width: heads and feed-forward neurons are what shrink;
+- head dimensions: a transformer loses whole heads (``prune_num_heads``), never part of every head.
+
+A pruned model no longer matches any config (a Hugging Face config has one head count for every layer),
+so it is rebuilt by building the original architecture and replaying the recorded *pruning history*
+(which channels each layer lost) before loading the weights: ``replay``. The history is plain JSON.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from tasks.techniques.contract import InputContract, forward_logits
+
+History = list[list[Any]]  # torch-pruning's [[module name, pruned outputs?, [channel indices]], ...]
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """Self-attention blocks in the Hugging Face layout: ``query``/``key``/``value`` Linears and a head count."""
+    return [m for m in model.modules() if all(isinstance(getattr(m, a, None), nn.Linear) for a in ("query", "key", "value"))
+            and hasattr(m, "num_attention_heads")]
+
+
+def kept_layers(model: nn.Module, num_classes: int) -> list[nn.Module]:
+    """Modules whose output width must not change: the head (``num_classes`` outputs) and embeddings."""
+    head = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == num_classes]
+    embeddings = [m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] == "embeddings"]
+    return head + embeddings
+
+
+def _sync_attention(model: nn.Module) -> None:
+    """Tell each attention block how many heads it kept (head size is never pruned)."""
+    for attn in attention_modules(model):
+        heads = attn.query.out_features // attn.attention_head_size
+        attn.num_attention_heads = heads
+        if hasattr(attn, "all_head_size"):
+            attn.all_head_size = attn.query.out_features
+
+
+def _graph_args(model: nn.Module, contract: InputContract) -> dict:
+    return {"example_inputs": contract.example(batch=2), "forward_fn": forward_logits}
+
+
+def prune_channels(model: nn.Module, contract: InputContract, ratio: float, p: int = 2) -> tuple[nn.Module, History]:
+    """Remove ``ratio`` of every prunable group's channels (and of each attention block's heads) in place,
+    lowest ``p``-norm first; returns the model and this step's pruning history."""
+    import torch_pruning as tp
+
+    heads = {}
+    for attn in attention_modules(model):
+        heads.update({attn.query: attn.num_attention_heads, attn.key: attn.num_attention_heads,
+                      attn.value: attn.num_attention_heads})
+    was_training = model.training
+    model.eval()
+    pruner = tp.pruner.MetaPruner(
+        model, importance=tp.importance.MagnitudeImportance(p=p), pruning_ratio=ratio,
+        ignored_layers=kept_layers(model, contract.num_classes), num_heads=heads, prune_num_heads=bool(heads),
+        prune_head_dims=False, head_pruning_ratio=ratio, **_graph_args(model, contract))
+    pruner.step()
+    _sync_attention(model)
+    model.train(was_training)
+    return model, pruner.pruning_history()
+
+
+def replay(model: nn.Module, contract: InputContract, history: History) -> nn.Module:
+    """Apply a recorded pruning ``history`` to a freshly built ``model`` (same architecture), so that the
+    pruned model's ``state_dict`` loads into it."""
+    import torch_pruning as tp
+
+    names = dict(model.named_modules())
+    missing = sorted({step[0] for step in history} - set(names))
+    if missing:
+        raise ValueError(f"model spec: the pruning history names layers this architecture lacks: {missing[:5]}")
+    graph = tp.DependencyGraph().build_dependency(model.eval(), **_graph_args(model, contract))
+    graph.load_pruning_history(history)
+    _sync_attention(model)
+    return model
+
+
+def count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.inference_mode()
+def agree(a: nn.Module, b: nn.Module, contract: InputContract, atol: float = 1e-5) -> bool:
+    """Whether two models give the same logits on the contract's example inputs (a rebuild check)."""
+    x = contract.example(batch=2)
+    return torch.allclose(forward_logits(a.eval(), x), forward_logits(b.eval(), x), atol=atol)
