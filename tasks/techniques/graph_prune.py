@@ -3,7 +3,7 @@
 The hand-written walk in ``prune.py`` knows the zoo's straight MLP/CNN stacks only. Real models couple
 their widths: a ResNet's residual additions tie the channels of every block in a stage, a transformer's
 attention heads span the query, key and value projections and the output projection. torch-pruning
-(a maintained library, also used by the Hugging Face and timm examples) traces the model once with
+(a maintained library whose own examples prune Hugging Face and timm models) traces the model once with
 example inputs and removes each coupled group of channels together, so the result is a smaller dense
 model that still runs. We keep:
 
