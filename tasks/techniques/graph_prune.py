@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
 from tasks.techniques.contract import InputContract, forward_logits
@@ -50,7 +49,8 @@ def _sync_attention(model: nn.Module) -> None:
             attn.all_head_size = attn.query.out_features
 
 
-def _graph_args(model: nn.Module, contract: InputContract) -> dict:
+def _graph_args(contract: InputContract) -> dict:
+    """How torch-pruning traces a model: the contract's example batch, passed the way ``forward_logits`` does."""
     return {"example_inputs": contract.example(batch=2), "forward_fn": forward_logits}
 
 
@@ -68,7 +68,7 @@ def prune_channels(model: nn.Module, contract: InputContract, ratio: float, p: i
     pruner = tp.pruner.MetaPruner(
         model, importance=tp.importance.MagnitudeImportance(p=p), pruning_ratio=ratio,
         ignored_layers=kept_layers(model, contract.num_classes), num_heads=heads, prune_num_heads=bool(heads),
-        prune_head_dims=False, head_pruning_ratio=ratio, **_graph_args(model, contract))
+        prune_head_dims=False, head_pruning_ratio=ratio, **_graph_args(contract))
     pruner.step()
     _sync_attention(model)
     model.train(was_training)
@@ -84,18 +84,8 @@ def replay(model: nn.Module, contract: InputContract, history: History) -> nn.Mo
     missing = sorted({step[0] for step in history} - set(names))
     if missing:
         raise ValueError(f"model spec: the pruning history names layers this architecture lacks: {missing[:5]}")
-    graph = tp.DependencyGraph().build_dependency(model.eval(), **_graph_args(model, contract))
+    graph = tp.DependencyGraph().build_dependency(model.eval(), **_graph_args(contract))
     graph.load_pruning_history(history)
     _sync_attention(model)
     return model
 
-
-def count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-@torch.inference_mode()
-def agree(a: nn.Module, b: nn.Module, contract: InputContract, atol: float = 1e-5) -> bool:
-    """Whether two models give the same logits on the contract's example inputs (a rebuild check)."""
-    x = contract.example(batch=2)
-    return torch.allclose(forward_logits(a.eval(), x), forward_logits(b.eval(), x), atol=atol)

@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from tasks.techniques.contract import forward_logits, image_contract, table_contract, text_contract
-from tasks.techniques.graph_prune import agree, attention_modules, count, prune_channels, replay
+from tasks.techniques.graph_prune import attention_modules, prune_channels, replay
 from tasks.techniques.models import MLP
+from tasks.techniques.models import count_params as count
 from tasks.techniques.onnx_export import ExportConfig, export_onnx
 
 
@@ -44,6 +45,13 @@ def _ort_matches_torch(model, contract, path, feeds: dict[str, np.ndarray]) -> f
     with torch.inference_mode():
         ref = forward_logits(model, {k: torch.from_numpy(v) for k, v in feeds.items()}).numpy()
     return float(np.abs(logits - ref).max())
+
+
+@torch.inference_mode()
+def agree(a, b, contract, atol: float = 1e-5) -> bool:
+    """Whether two models give the same logits on the contract's example inputs."""
+    x = contract.example(batch=2)
+    return torch.allclose(forward_logits(a.eval(), x), forward_logits(b.eval(), x), atol=atol)
 
 
 def _replayed(original, contract, pruned, history):
