@@ -4,8 +4,8 @@ workers from a split folder's memory-mapped arrays (a script, not a timed test).
 The pipeline stores every split as ``.npy`` files that workers open memory-mapped (``tasks/techniques/data.py``).
 Two ways to shard them over the training workers, both lazy (neither loads the split whole):
 
-- ``loader``: what the workers do today: a ``DataLoader`` over the memory-mapped rows with a distributed
-  sampler (each worker reads its own indices, in its own process, no copies through Ray);
+- ``loader``: what the workers do today: a ``DataLoader`` over ``PartDataset`` (the pipeline's own) with a
+  distributed sampler (each worker reads its own indices, in its own process, no copies through Ray);
 - ``ray_data``: ``ray.data.range(N).map_batches(read rows)`` passed to the trainer as a dataset; each
   worker iterates ``get_dataset_shard("train").iter_torch_batches``. Rows are read by Ray Data tasks
   and travel through the object store (``/dev/shm``) to the workers.
@@ -67,7 +67,7 @@ def train_loop(config: dict) -> None:
     """One worker: ``epochs`` passes over its shard with a small model; reports per-epoch throughput."""
     import torch
     from ray import train
-    from torch.utils.data import DataLoader, Dataset
+    from torch.utils.data import DataLoader
     from torch.utils.data.distributed import DistributedSampler
 
     torch.set_num_threads(1)
@@ -77,24 +77,20 @@ def train_loop(config: dict) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
 
     if config["mode"] == "loader":
-        class Rows(Dataset):
-            def __init__(self, folder):
-                self.x = np.load(Path(folder) / "inputs.npy", mmap_mode="r")
-                self.y = np.load(Path(folder) / "labels.npy", mmap_mode="r")
+        from tasks.techniques.data import Part
+        from tasks.worker_common import PartDataset
 
-            def __len__(self):
-                return len(self.y)
-
-            def __getitem__(self, i):
-                return torch.from_numpy(np.array(self.x[i])), int(self.y[i])
-
-        dataset = Rows(config["folder"])
+        folder = Path(config["folder"])
+        part = Part({"pixel_values": np.load(folder / "inputs.npy", mmap_mode="r")},
+                    np.load(folder / "labels.npy", mmap_mode="r"))
+        dataset = PartDataset(part)  # what the training workers read through
         sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=0)
         loader = DataLoader(dataset, batch_size=BATCH, sampler=sampler)
 
         def batches(epoch):
             sampler.set_epoch(epoch)
-            yield from loader
+            for inputs, labels in loader:
+                yield inputs["pixel_values"], labels
     else:
         shard = train.get_dataset_shard("train")
 
