@@ -55,20 +55,44 @@ def _teacher_builder(cfg: PipelineConfig, contract: InputContract):
     if m.arch == HUGGINGFACE:
         from tasks.techniques.hf import from_config
 
-        return lambda: from_config(json.loads((Path(m.path) / "config.json").read_text()), contract)
+        return lambda: from_config(_hf_config(m.path) or {}, contract)
     return lambda: build_model(ModelSpec(m.to_dict(), contract.to_dict()))
+
+
+def _hf_config(folder: str) -> dict | None:
+    path = Path(folder) / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _student_problem(cfg: PipelineConfig, contract: InputContract) -> str | None:
     """Why the configured student cannot take this data or would not be smaller than the model, or None."""
-    student_cfg = cfg.compress.distill.student
+    distill, m = cfg.compress.distill, cfg.model
+    if distill.derive == "width":
+        return None  # the teacher, narrowed: always smaller, always takes the data
+    if distill.derive == "layers":
+        layers = (_hf_config(m.path) or {}).get("num_hidden_layers") if m.arch == HUGGINGFACE else None
+        if not isinstance(layers, int) or layers < 2:
+            return ("distill: compress.distill.derive=layers keeps every other layer of a transformer; model.arch="
+                    f"{m.arch} has no num_hidden_layers >= 2 in a Hugging Face config; use derive=width")
+        return None
+    student_cfg = distill.student
     what = f"the student (compress.distill.student.arch={student_cfg.arch})"
-    spec = ModelSpec(student_cfg.to_dict(), contract.to_dict())
-    try:
-        check_runs(build_model(spec).eval(), contract)
-    except (ValueError, TypeError) as exc:
-        return f"distill: {what} cannot take this data: {str(exc)[:200]}"
-    n_student = _param_count(lambda: build_model(spec))
+    if student_cfg.arch == HUGGINGFACE:  # weights load in the stage; here only its config counts
+        from tasks.techniques.hf import from_config
+
+        raw = _hf_config(student_cfg.path)
+        if raw is None:
+            return f"distill: {what} has no config.json in compress.distill.student.path={student_cfg.path}"
+        raw = {k: v for k, v in raw.items() if k not in ("id2label", "label2id")} | {"num_labels": contract.num_classes}
+        build = lambda: from_config(raw, contract)
+    else:
+        spec = ModelSpec(student_cfg.to_dict(), contract.to_dict())
+        try:
+            check_runs(build_model(spec).eval(), contract)
+        except (ValueError, TypeError) as exc:
+            return f"distill: {what} cannot take this data: {str(exc)[:200]}"
+        build = lambda: build_model(spec)
+    n_student = _param_count(build)
     n_teacher = _param_count(_teacher_builder(cfg, contract))
     if n_student is not None and n_teacher is not None and n_student >= n_teacher:
         return (f"distill: {what} has {n_student:,} parameters, not fewer than the model's {n_teacher:,}; "
@@ -86,13 +110,6 @@ def plan(cfg: PipelineConfig, contract: InputContract, data_name: str) -> Plan:
         name = product_name(expand(chain), "_")
         if m.arch == ONNX:
             skipped[name] = "model.arch=onnx: no PyTorch model to compress (distill, prune and factorize need one)"
-            continue
-        # distill comes first in a chain (chain_config checks it), so after it prune works on the student
-        pruned, field_name = ((cfg.compress.distill.student, "compress.distill.student.arch") if "distill" in chain
-                              else (m, "model.arch"))
-        if "prune" in chain and cfg.compress.prune.method == "structured" and not pruned.is_zoo:
-            skipped[name] = (f"prune: structured pruning needs a zoo architecture ({field_name}={pruned.arch}); use "
-                             "compress.prune.method=unstructured")
             continue
         if "distill" in chain:
             student_problem = student_problem or _student_problem(cfg, contract)

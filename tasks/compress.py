@@ -19,8 +19,9 @@ from tasks.techniques.distill import FinetuneConfig, finetune
 from tasks.techniques.factorize import FactorizeConfig
 from tasks.techniques.factorize import factorize as factorize_model
 from tasks.techniques.flops import model_stats
+from tasks.techniques.graph_prune import widths
 from tasks.techniques.models import load_model, save_model
-from tasks.techniques.prune import WIDTH_FIELD, PruneConfig
+from tasks.techniques.prune import PruneConfig
 from tasks.techniques.prune import prune as prune_model
 from tasks.techniques.training import evaluate
 from tasks.tracking import child_run
@@ -75,12 +76,15 @@ def prune(cfg: PruneConfig, model: ModelRef, teacher: ModelRef, data: DataRef, w
         before = model_stats(net, splits.contract)
         acc_before = evaluate(net, splits.test)["accuracy"]
         tune = _tuner(cfg.finetune, splits, _soft_targets(cfg.finetune, teacher, data, workdir))
+        widths_before = widths(net)
         net, spec = prune_model(net, spec, cfg, tune)
         info = _log_result(net, before, acc_before, splits)
         if cfg.method == "unstructured":
             mlflow.set_tag("optforge.note", UNSTRUCTURED_NOTE.format(info["sparsity"]))
-        else:
-            mlflow.log_param("pruned_widths", list(spec.config[WIDTH_FIELD[spec.config["arch"]]]))
+        else:  # layer -> [width before, after], for the layers that lost outputs
+            shrunk = {name: [widths_before[name], w] for name, w in widths(net).items() if w != widths_before[name]}
+            mlflow.log_dict(shrunk, "pruned_widths.json")
+            mlflow.log_metric("pruned_layers", len(shrunk))
         save_model(net, spec, out / "model")
         mlflow.log_artifacts(str(out / "model"), "model")
     return _ref("prune", out / "model", run.info.run_id, info)

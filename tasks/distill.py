@@ -15,7 +15,8 @@ from tasks.techniques.data import load_splits
 from tasks.techniques.distill import DistillConfig, check_student, teacher_logits
 from tasks.techniques.files import atomic_write
 from tasks.techniques.flops import model_stats
-from tasks.techniques.models import ModelSpec, build_model, load_model
+from tasks.techniques.models import ModelSpec, load_model, save_model
+from tasks.techniques.students import student_model
 from tasks.techniques.training import evaluate
 from tasks.tracking import child_run, tracking_uri
 
@@ -46,6 +47,15 @@ def compare_to_teacher(student, teacher, splits) -> dict[str, float]:
             "params_ratio": s["params"] / t["params"], "flops_ratio": s["flops"] / t["flops"] if t["flops"] else 0.0}
 
 
+def _describe_student(cfg: DistillConfig, spec: ModelSpec) -> str:
+    """One line for the run's tags: what the student is and where its weights start."""
+    if cfg.derive == "layers":
+        return f"teacher's layers, one in {cfg.layer_stride} kept ({spec.hf_config['num_hidden_layers']} layers)"
+    if cfg.derive == "width":
+        return f"teacher narrowed to {cfg.width_keep:.0%} of every layer's channels"
+    return f"{cfg.student.arch}" + (f" from {cfg.student.path}" if cfg.student.path else "")
+
+
 @stage_task("distill")
 def distill(cfg: DistillConfig, teacher: ModelRef, data: DataRef, workdir: str, parent_run_id: str | None,
             run_name: str = "distill") -> ModelRef:
@@ -54,13 +64,16 @@ def distill(cfg: DistillConfig, teacher: ModelRef, data: DataRef, workdir: str, 
     ``run_name`` names the MLflow child run (the chain step, e.g. "distill").
     """
     out = stage_dir(workdir, "distill", {"distill": cfg, "teacher": teacher, "data": data})
-    spec = ModelSpec(cfg.student.to_dict(), data.contract)
     tags = {"optforge.source_run": teacher.run_id or ""}
     with child_run(parent_run_id, "distill", run_name=run_name, params={"distill": cfg.to_dict()}, tags=tags) as run:
-        teacher_model, _ = load_model(teacher.path)
-        # Build once here so a bad student fails in seconds, before Ray starts workers; a student that
-        # is not smaller than its teacher only warns (it may still be the better model).
-        n_student, n_teacher = check_student(build_model(spec), teacher_model)
+        teacher_model, teacher_spec = load_model(teacher.path)
+        # Built here so a bad student fails in seconds, before Ray starts workers; a student that is not
+        # smaller than its teacher only warns (it may still be the better model).
+        student, spec, has_weights = student_model(cfg.student, cfg.derive, teacher_model, teacher_spec,
+                                                   cfg.layer_stride, cfg.width_keep)
+        init = save_model(student, spec, out / "init") if has_weights else None
+        mlflow.set_tag("optforge.student", _describe_student(cfg, spec))
+        n_student, n_teacher = check_student(student, teacher_model)
         if n_student >= n_teacher:
             mlflow.set_tag("optforge.warning", f"distill.student has {n_student:,} params >= teacher's {n_teacher:,}")
         logits = teacher_logits_file(teacher, data, workdir) if cfg.cache_teacher_logits else None
@@ -68,6 +81,7 @@ def distill(cfg: DistillConfig, teacher: ModelRef, data: DataRef, workdir: str, 
         summary = run_distillation(
             cfg, spec, data.path, str(logits) if logits else None, teacher.path, storage, name=f"distill-{out.name}",
             out_dir=out / "model", mlflow_tracking_uri=tracking_uri(), mlflow_run_id=run.info.run_id,
+            init_path=str(init) if init else None,
         )
         student, _ = load_model(out / "model")
         stats = compare_to_teacher(student, teacher_model, load_splits(data.path))

@@ -21,11 +21,13 @@ from tasks.worker_common import KdConfig, WorkerConfig
 def run_distillation(
     cfg: DistillConfig, spec: ModelSpec, data_path: str, logits_path: str | None, teacher_path: str,
     storage: Path, name: str, out_dir: Path, mlflow_tracking_uri: str | None = None, mlflow_run_id: str | None = None,
+    init_path: str | None = None,
 ) -> dict:
     """Train the student with ``cfg.train`` on Ray Train; the best student lands in ``out_dir``.
 
     ``name`` comes from the stage's cache key, so a re-run after a crash resumes from the newest checkpoint.
+    ``init_path``: a model folder with the student's starting weights (derived from the teacher, pretrained).
     """
     worker = WorkerConfig(cfg.train.to_dict(), asdict(spec), data_path, mlflow_tracking_uri, mlflow_run_id,
-                          kd=KdConfig(cfg.to_dict(), logits_path, teacher_path))
+                          init_path=init_path, kd=KdConfig(cfg.to_dict(), logits_path, teacher_path))
     return run_training(worker, storage, name, out_dir)

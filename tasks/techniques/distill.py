@@ -45,7 +45,14 @@ class DistillConfig(TechniqueConfig):
     """Distillation of the trained teacher into a smaller student, on Ray Train."""
 
     student: ModelConfig = Field(default_factory=_student_default,
-                                 description="student architecture: zoo 'mlp' / 'cnn' / 'dscnn' or a factory")
+                                 description="student architecture: zoo 'mlp' / 'cnn' / 'dscnn', a factory, or a Hugging "
+                                 "Face folder (its weights, or a fresh model when it holds only config.json)")
+    derive: Literal["none", "layers", "width"] = Field(
+        "none", description="build the student from the teacher instead of 'student', starting from its weights: "
+        "'layers' keeps every layer_stride-th transformer layer (DistilBERT), 'width' keeps width_keep of every "
+        "layer's channels, neurons and heads")
+    layer_stride: int = Field(2, ge=2, le=12, description="derive=layers: keep one layer in this many (12 -> 6 at 2)")
+    width_keep: float = Field(0.5, gt=0, lt=1, description="derive=width: share of each layer's channels kept")
     temperature: float = Field(4.0, gt=0, le=100, description="softmax temperature T of the soft targets")
     alpha: float = Field(0.7, ge=0, le=1, description="weight of the soft (KL) term; 1 - alpha weighs the labels")
     train: TrainConfig = Field(default_factory=_distill_train_default,

@@ -40,6 +40,12 @@ def kept_layers(model: nn.Module, num_classes: int) -> list[nn.Module]:
     return head + embeddings
 
 
+def widths(model: nn.Module) -> dict[str, int]:
+    """Output width of every Linear and Conv2d layer, by module name: what a pruning report compares."""
+    return {name: m.out_features if isinstance(m, nn.Linear) else m.out_channels
+            for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+
+
 def _sync_attention(model: nn.Module) -> None:
     """Tell each attention block how many heads it kept (head size is never pruned)."""
     for attn in attention_modules(model):
@@ -54,21 +60,31 @@ def _graph_args(contract: InputContract) -> dict:
     return {"example_inputs": contract.example(batch=2), "forward_fn": forward_logits}
 
 
-def prune_channels(model: nn.Module, contract: InputContract, ratio: float, p: int = 2) -> tuple[nn.Module, History]:
+def too_narrow(model: nn.Module, ratio: float, min_units: int) -> list[nn.Module]:
+    """Linear/Conv2d layers that would keep fewer than ``min_units`` outputs after removing ``ratio`` of them."""
+    width = {nn.Linear: "out_features", nn.Conv2d: "out_channels"}
+    return [m for m in model.modules() if type(m) in width and getattr(m, width[type(m)]) * (1 - ratio) < min_units]
+
+
+def prune_channels(model: nn.Module, contract: InputContract, ratio: float, p: int = 2,
+                   min_units: int = 1) -> tuple[nn.Module, History]:
     """Remove ``ratio`` of every prunable group's channels (and of each attention block's heads) in place,
-    lowest ``p``-norm first; returns the model and this step's pruning history."""
+    lowest ``p``-norm first, leaving whole any layer that would keep fewer than ``min_units`` outputs;
+    returns the model and this step's pruning history."""
     import torch_pruning as tp
 
+    if ratio <= 0:
+        return model, []
     heads = {}
     for attn in attention_modules(model):
         heads.update({attn.query: attn.num_attention_heads, attn.key: attn.num_attention_heads,
                       attn.value: attn.num_attention_heads})
     was_training = model.training
     model.eval()
+    ignored = kept_layers(model, contract.num_classes) + too_narrow(model, ratio, min_units)
     pruner = tp.pruner.MetaPruner(
-        model, importance=tp.importance.MagnitudeImportance(p=p), pruning_ratio=ratio,
-        ignored_layers=kept_layers(model, contract.num_classes), num_heads=heads, prune_num_heads=bool(heads),
-        prune_head_dims=False, head_pruning_ratio=ratio, **_graph_args(contract))
+        model, importance=tp.importance.MagnitudeImportance(p=p), pruning_ratio=ratio, ignored_layers=ignored,
+        num_heads=heads, prune_num_heads=bool(heads), prune_head_dims=False, head_pruning_ratio=ratio, **_graph_args(contract))
     pruner.step()
     _sync_attention(model)
     model.train(was_training)

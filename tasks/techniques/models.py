@@ -8,9 +8,10 @@ cannot run code. A user factory is the one place user code runs, by the user's o
 import path is in their config). A Hugging Face model's spec carries its ``config.json`` content, so a
 saved variant rebuilds without the original folder.
 
-Compressed models stay rebuildable from their spec: a structurally pruned zoo model is the same
-architecture with smaller widths in ``config``, and a factorized model lists its low-rank layers in
-``ModelSpec.factorized`` (module path -> rank), which ``build_model`` re-applies before the weights load.
+Compressed models stay rebuildable from their spec: a structurally pruned model carries torch-pruning's
+history (which channels each layer lost) in ``ModelSpec.pruned``, and a factorized model lists its
+low-rank layers in ``ModelSpec.factorized`` (module path -> rank); ``build_model`` replays the first,
+then applies the second, before the weights load.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from torch import nn
 from tasks.techniques.config import TechniqueConfig
 from tasks.techniques.contract import InputContract, table_contract
 from tasks.techniques.files import atomic_write
+from tasks.techniques.graph_prune import replay
 
 ZOO = ("mlp", "cnn", "dscnn")
 HUGGINGFACE, ONNX = "huggingface", "onnx"
@@ -96,6 +98,8 @@ class ModelSpec:
     factorized: dict[str, int] | None = None
     # A Hugging Face model's config.json content (None for other models).
     hf_config: dict[str, Any] | None = field(default=None)
+    # Structured pruning history (graph_prune.History: layer, outputs?, channel indices), replayed in order.
+    pruned: list[list[Any]] | None = None
 
     @property
     def inputs(self) -> InputContract:
@@ -223,6 +227,8 @@ def build_model(spec: ModelSpec) -> nn.Module:
         raise ValueError("model.arch: an ONNX model has no PyTorch form; the PyTorch stages are skipped for it")
     else:
         model = _from_factory(cfg.arch, spec, cfg.kwargs)
+    if spec.pruned:
+        replay(model, contract, spec.pruned)
     return apply_ranks(model, spec.factorized) if spec.factorized else model
 
 
@@ -291,7 +297,7 @@ def read_spec(folder: str | Path) -> ModelSpec:
     raw = json.loads((Path(folder) / "model.json").read_text())
     contract = raw.get("contract") or table_contract(int(raw["num_features"]), int(raw["num_classes"]),
                                                      raw.get("image_shape")).to_dict()
-    return ModelSpec(raw["config"], contract, raw.get("factorized"), raw.get("hf_config"))
+    return ModelSpec(raw["config"], contract, raw.get("factorized"), raw.get("hf_config"), raw.get("pruned"))
 
 
 def save_model(model: nn.Module, spec: ModelSpec, folder: str | Path) -> Path:

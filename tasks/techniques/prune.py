@@ -1,38 +1,45 @@
-"""Pruning: unstructured (zeroed weights) and structured (whole hidden units / channels removed).
+"""Pruning: structured (whole channels, neurons and heads removed, any model) and unstructured (zeroed weights).
+
+Structured pruning removes whole units with torch-pruning's dependency graph (``graph_prune.py``): a
+hidden neuron of an MLP, a convolution's channels across a ResNet's residual additions, a transformer's
+attention heads and feed-forward neurons. The layers become smaller dense layers, so latency really
+drops. The zoo models take the same path as Hugging Face models and factories: the pruned model is its
+original architecture plus the recorded pruning history (``ModelSpec.pruned``), which ``build_model``
+replays before the weights load.
+
+``sparsity`` is the share to remove of what ``target`` measures: every layer's ``channels``, or the
+model's ``params``, forward ``flops`` or batch-1 ``latency`` (PyTorch, this machine). For the last three
+each round searches (by bisection) the per-layer channel ratio that brings the measure to the round's
+goal, because coupled groups and untouched layers (head, embeddings) make the relation non-linear.
 
 Unstructured global magnitude pruning zeroes the smallest weights across all Linear/Conv2d layers
 and is made permanent (``torch.nn.utils.prune.remove``). The tensors keep their shapes: dense
 kernels (PyTorch, ONNX Runtime) do exactly the same work on zeros, so it saves nothing in latency or
 file size unless a sparse kernel or a compressor is applied later. We report the sparsity and say so.
-
-Structured pruning removes whole units: a hidden neuron of an MLP (a row of one Linear and the
-matching column of the next) or a conv channel (filter, BatchNorm entry, depthwise filter and the
-next layer's input channel). The layers become smaller dense layers, so latency really drops, and
-the result is the same zoo architecture with smaller widths, rebuildable from its ``model.json``.
-A unit's importance is its path norm: ||incoming weights|| x ||outgoing weights|| (L1 or L2), scaled
-by the BatchNorm gains and depthwise filters it passes through, because a unit with large inputs
-but near-zero outputs contributes nothing.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Literal
 
+import numpy as np
 import torch
 from pydantic import Field
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from tasks.techniques.config import TechniqueConfig
+from tasks.techniques.contract import InputContract, forward_logits
 from tasks.techniques.distill import FinetuneConfig
-from tasks.techniques.flops import WEIGHTED
-from tasks.techniques.models import LowRank, ModelConfig, ModelSpec, build_model
+from tasks.techniques.flops import WEIGHTED, count_flops
+from tasks.techniques.graph_prune import prune_channels
+from tasks.techniques.models import LowRank, ModelSpec, count_params
 
-# Config field holding the prunable widths of each zoo architecture, in forward order.
-WIDTH_FIELD = {"mlp": "hidden", "cnn": "channels", "dscnn": "channels"}
-NEUTRAL = (nn.ReLU, nn.Dropout, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.Flatten)
+Target = Literal["channels", "params", "flops", "latency"]
+SEARCH_STEPS = 8  # bisection steps on the channel ratio: 1/256 resolution, finer than one channel of most layers
 
 
 def _prune_finetune_default() -> FinetuneConfig:
@@ -45,105 +52,76 @@ class PruneConfig(TechniqueConfig):
     """What to prune, how much, and the prune / fine-tune schedule."""
 
     method: Literal["structured", "unstructured"] = Field(
-        "structured", description="structured: remove units/channels (faster); unstructured: zero weights (no speed-up)"
+        "structured", description="structured: remove channels/neurons/heads (faster); unstructured: zero weights (no speed-up)"
     )
-    sparsity: float = Field(0.5, ge=0, lt=1, description="share of weights (unstructured) or of each layer's units "
-                            "(structured) to remove, in [0, 1)")
-    importance: Literal["l1", "l2"] = Field("l2", description="norm that scores a unit (structured)")
+    sparsity: float = Field(0.5, ge=0, lt=1, description="share to remove, in [0, 1): of the weights (unstructured) or of "
+                            "what prune.target measures (structured)")
+    target: Target = Field("channels", description="structured: what sparsity is a share of: each layer's 'channels', "
+                           "or the model's 'params', 'flops' or batch-1 PyTorch 'latency' on this machine")
+    importance: Literal["l1", "l2"] = Field("l2", description="norm that scores a channel group (structured)")
     rounds: int = Field(2, ge=1, le=20, description="prune-then-fine-tune rounds; each removes an equal share of what is left")
-    min_units: int = Field(4, ge=1, description="never shrink a layer below this many units (structured)")
+    min_units: int = Field(4, ge=1, description="structured: a layer that would keep fewer units than this is left whole")
     finetune: FinetuneConfig = Field(default_factory=_prune_finetune_default, description="fine-tuning after each round")
 
 
-@dataclass
-class Group:
-    """One prunable width: the layer producing the units, per-channel layers after it, the layer consuming them."""
+def _latency_ms(model: nn.Module, contract: InputContract, calls: int = 15) -> float:
+    """Median PyTorch batch-1 latency of ``model`` on the contract's example input (ms)."""
+    from tasks.techniques.benchmark import time_calls
 
-    producer: str
-    consumer: str
-    followers: list[str] = field(default_factory=list)
+    x = contract.example(batch=1)
 
+    def predict(_):
+        with torch.inference_mode():
+            forward_logits(model, x)
 
-def unit_groups(model: nn.Module) -> list[Group]:
-    """The prunable widths of a zoo model, in forward order (one per entry of its width field)."""
-    leaves = [(n, m) for n, m in model.named_modules() if not list(m.children())]
-    groups: list[Group] = []
-    current: Group | None = None
-    for name, module in leaves:
-        depthwise = isinstance(module, nn.Conv2d) and module.groups > 1
-        if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)) or depthwise:
-            if depthwise and module.groups != module.in_channels:
-                raise ValueError(f"prune.method: grouped conv {name} is not depthwise; structured pruning cannot follow it")
-            if current:
-                current.followers.append(name)
-        elif isinstance(module, WEIGHTED):
-            if current:
-                current.consumer = name
-                groups.append(current)
-            current = Group(producer=name, consumer="")
-        elif not isinstance(module, NEUTRAL):
-            raise ValueError(f"prune.method: structured pruning does not know layer {name} ({type(module).__name__})")
-    return groups
+    return float(np.median(time_calls(predict, [None] * calls, warmup=3))) * 1e3
 
 
-def _norm(w: torch.Tensor, dim: int, p: int) -> torch.Tensor:
-    """Per-unit norm along ``dim`` (all other dims reduced)."""
-    w = w.detach().transpose(0, dim).reshape(w.shape[dim], -1)
-    return w.abs().sum(1) if p == 1 else w.pow(2).sum(1).sqrt()
+def measure(model: nn.Module, contract: InputContract, target: Target) -> float:
+    """What ``target`` counts on ``model`` (``channels`` has no model-wide measure: 0)."""
+    model.eval()
+    if target == "params":
+        return float(count_params(model))
+    if target == "flops":
+        return float(count_flops(model, contract))
+    if target == "latency":
+        return _latency_ms(model, contract)
+    return 0.0
 
 
-def importance(model: nn.Module, group: Group, p: int) -> torch.Tensor:
-    """Path-norm score of each unit of ``group`` (module docstring)."""
-    mods = dict(model.named_modules())
-    score = _norm(mods[group.producer].weight, 0, p) * _norm(mods[group.consumer].weight, 1, p)
-    for name in group.followers:
-        m = mods[name]
-        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            score = score * (m.weight.detach().abs() / torch.sqrt(m.running_var + m.eps))
-        else:  # depthwise conv: the unit's own filter
-            score = score * _norm(m.weight, 0, p)
-    return score
+def _ratio_for(model: nn.Module, contract: InputContract, goal: float, cfg: PruneConfig) -> float:
+    """The per-layer channel ratio whose pruning brings ``measure`` down to ``goal`` (bisection on copies)."""
+    lo, hi = 0.0, 0.95
+    for _ in range(SEARCH_STEPS):
+        mid = (lo + hi) / 2
+        trial, _ = prune_channels(copy.deepcopy(model), contract, mid, _p(cfg), cfg.min_units)
+        lo, hi = (lo, mid) if measure(trial, contract, cfg.target) <= goal else (mid, hi)
+    return hi
 
 
-def _slice_state(state: dict, model: nn.Module, group: Group, keep: torch.Tensor) -> None:
-    """Keep only units ``keep`` of ``group`` in ``state`` (tensor names as in ``model``)."""
-    for name in [group.producer, *group.followers]:
-        for key in ("weight", "bias", "running_mean", "running_var"):
-            if f"{name}.{key}" in state:
-                state[f"{name}.{key}"] = state[f"{name}.{key}"][keep].clone()
-    state[f"{group.consumer}.weight"] = state[f"{group.consumer}.weight"][:, keep].clone()
+def _p(cfg: PruneConfig) -> int:
+    return 1 if cfg.importance == "l1" else 2
 
 
-def prune_structured(model: nn.Module, spec: ModelSpec, keep_fraction: float, cfg: PruneConfig) -> tuple[nn.Module, ModelSpec]:
-    """Shrink every hidden width of ``model`` to ``keep_fraction`` of its current size, keeping the most important units.
-
-    ``spec`` is the architecture ``model`` was built from; the result is a fresh model built from the
-    returned spec (smaller widths) with the kept weights, so it is exactly what ``load_model`` rebuilds.
-    """
-    cfg_model = ModelConfig.from_dict(spec.config)
-    if cfg_model.arch not in WIDTH_FIELD:
-        raise ValueError(f"prune.method: structured pruning needs a zoo architecture {sorted(WIDTH_FIELD)}, got "
-                         f"'{cfg_model.arch}'; use prune.method=unstructured for a user factory")
+def prune_structured(model: nn.Module, spec: ModelSpec, cfg: PruneConfig,
+                     finetune: Callable[[nn.Module, int], dict] | None = None) -> tuple[nn.Module, ModelSpec]:
+    """Structured rounds (module docstring); the returned spec carries the whole pruning history."""
     if spec.factorized or any(isinstance(m, LowRank) for m in model.modules()):
         raise ValueError("prune.method: structured pruning of a factorized model is not supported; prune before factorizing")
-    groups = unit_groups(model)
-    widths = list(getattr(cfg_model, WIDTH_FIELD[cfg_model.arch]))
-    if len(groups) != len(widths):
-        raise AssertionError(f"found {len(groups)} prunable widths for {len(widths)} configured ones")
-    p = 1 if cfg.importance == "l1" else 2
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    new_widths = []
-    for group, width in zip(groups, widths):
-        scores = importance(model, group, p)
-        target = max(min(cfg.min_units, len(scores)), round(width * keep_fraction))
-        keep = torch.sort(torch.topk(scores, min(target, len(scores))).indices).values  # keep the original order
-        _slice_state(state, model, group, keep)
-        new_widths.append(len(keep))
-    new_cfg = cfg_model.model_copy(update={WIDTH_FIELD[cfg_model.arch]: tuple(new_widths)})
-    new_spec = replace(spec, config=new_cfg.to_dict())
-    pruned = build_model(new_spec)
-    pruned.load_state_dict(state)  # strict: any mismatch between the slicing and the new widths fails here
-    return pruned.eval(), new_spec
+    contract = spec.inputs
+    history = list(spec.pruned or [])
+    start = measure(model, contract, cfg.target)
+    keep_per_round = (1.0 - cfg.sparsity) ** (1 / cfg.rounds)
+    for r in range(1, cfg.rounds + 1):
+        if cfg.target == "channels":
+            ratio = 1.0 - keep_per_round
+        else:
+            ratio = _ratio_for(model, contract, start * keep_per_round**r, cfg)
+        model, step = prune_channels(model, contract, ratio, _p(cfg), cfg.min_units)
+        history += step
+        if finetune is not None:
+            finetune(model, r)
+    return model.eval(), replace(spec, pruned=history)
 
 
 def _weights(model: nn.Module) -> list[tuple[nn.Module, str]]:
@@ -175,14 +153,12 @@ def prune(model: nn.Module, spec: ModelSpec, cfg: PruneConfig,
     Each round removes the same share of what is left (geometric schedule), so the network adapts
     gradually instead of losing half its units in one step. Returns the pruned model and its spec.
     """
+    if cfg.method == "structured":
+        return prune_structured(model, spec, cfg, finetune)
     keep_per_round = (1.0 - cfg.sparsity) ** (1 / cfg.rounds)
     for r in range(1, cfg.rounds + 1):
-        if cfg.method == "structured":
-            model, spec = prune_structured(model, spec, keep_per_round, cfg)
-        else:
-            prune_unstructured(model, 1.0 - keep_per_round)
+        prune_unstructured(model, 1.0 - keep_per_round)
         if finetune is not None:
             finetune(model, r)
-    if cfg.method == "unstructured":
-        make_permanent(model)
+    make_permanent(model)
     return model.eval(), spec

@@ -97,8 +97,11 @@ def test_image_folder_with_hugging_face_resnet(images, tmp_path, mlflow_store):
 
     run = mlflow.search_runs(experiment_names=["byo"], filter_string="tags.`optforge.pipeline` = 'optimize'",
                              output_format="list")[0]
-    # Structured pruning cannot apply to a Hugging Face model: skipped before training, with the reason.
-    assert "zoo architecture" in run.data.tags["optforge.skipped.prune"]
+    assert "optforge.skipped.prune" not in run.data.tags
+    # The Hugging Face ResNet is pruned through its dependency graph: residual stages lose channels together.
+    prune_run = mlflow.search_runs(experiment_names=["byo"], filter_string="tags.`optforge.stage` = 'prune'",
+                                   output_format="list")[0]
+    assert prune_run.data.metrics["pruned_layers"] > 0 and prune_run.data.metrics["params_ratio"] < 0.6
 
 
 def test_text_with_hugging_face_bert_and_raw_strings(tmp_path, mlflow_store):
@@ -108,7 +111,8 @@ def test_text_with_hugging_face_bert_and_raw_strings(tmp_path, mlflow_store):
     code, _ = _run(tmp_path, {"data": {"source": str(csv_path), "text_column": "text", "max_length": 16},
                               "model": {"arch": "huggingface", "path": str(bert)},
                               "train": {"epochs": 1, "batch_size": 32, "num_workers": 2, "patience": 0},
-                              "compress": {"chains": []}})
+                              "compress": {"chains": [["distill"]],
+                                           "distill": {"derive": "layers", "train": {"epochs": 1, "num_workers": 1}}}})
     assert code == 0
     name = "optforge-topics-bert"
     assert _predict_elsewhere(mlflow_store, name, ["the match goal", "rain and storm today"]) == [2, 3]
@@ -118,6 +122,11 @@ def test_text_with_hugging_face_bert_and_raw_strings(tmp_path, mlflow_store):
                                   output_format="list")[0]
     # 240 rows, every 20th is 60 words long: 12 texts exceed 16 tokens and are truncated, not refused.
     assert data_run.data.metrics["texts_truncated"] >= 12
+    # The DistilBERT recipe: the 2-layer BERT's student keeps one layer, starting from the teacher's weights.
+    distill_run = mlflow.search_runs(experiment_names=["byo"], filter_string="tags.`optforge.stage` = 'distill'",
+                                     output_format="list")[0]
+    assert distill_run.data.tags["optforge.student"] == "teacher's layers, one in 2 kept (1 layers)"
+    assert distill_run.data.metrics["params_ratio"] < 1
 
 
 def test_epochs_zero_takes_a_saved_model_as_the_baseline(images, tmp_path, mlflow_store):

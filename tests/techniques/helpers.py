@@ -47,3 +47,31 @@ class TableRows(Dataset):
 
     def __getitem__(self, i):
         return {INPUT: self.X[i]}, self.y[i]
+
+
+def tiny_bert(layers: int = 2, hidden: int = 32, heads: int = 4, num_labels: int = 3):
+    """A seeded BertForSequenceClassification of a few thousand weights (vocabulary 60, 32 positions), eval mode."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(
+        vocab_size=60, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        intermediate_size=2 * hidden, max_position_embeddings=32, num_labels=num_labels)).eval()
+
+
+def tiny_resnet(num_labels: int = 10):
+    """A seeded two-stage ResNetForImageClassification (16 and 32 channels, basic blocks), eval mode."""
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(0)
+    return ResNetForImageClassification(ResNetConfig(
+        num_channels=3, embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], layer_type="basic",
+        num_labels=num_labels)).eval()
+
+
+def hf_spec(model, contract) -> ModelSpec:
+    """The spec the pipeline keeps for a Hugging Face model: its config.json content and the data's contract."""
+    from tasks.techniques.models import ModelConfig
+
+    return ModelSpec(ModelConfig(arch="huggingface", path="unused").to_dict(), contract.to_dict(),
+                     hf_config=model.config.to_dict())

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from pydantic import ValidationError
@@ -5,7 +7,7 @@ from torch import nn
 
 from tasks.techniques.factorize import FactorizeConfig, breaks_even, choose_rank, factorize, factorize_layer
 from tasks.techniques.models import LowRank, ModelConfig, build_model, count_params, load_model, save_model
-from tests.techniques.helpers import table_spec
+from tests.techniques.helpers import hf_spec, table_spec, tiny_bert
 
 
 def spec(arch="mlp", **cfg):
@@ -94,3 +96,36 @@ def test_rank_out_of_range_for_a_layer():
         factorize_layer(nn.Linear(8, 16), 9)
     with pytest.raises(ValueError, match="cannot factorize Conv2d"):
         factorize_layer(nn.Conv2d(4, 4, 3), 2)
+
+
+def test_bert_attention_and_feed_forward_linears_factorize_and_rebuild(tmp_path):
+    """Issue 13 item 4: the transformer's projections take the same rank and skip rules as the zoo's layers."""
+    import numpy as np
+
+    from tasks.techniques.contract import forward_logits, text_contract
+    from tasks.techniques.onnx_export import ExportConfig, export_onnx
+    from tasks.techniques.ort_session import tuned_session
+
+    bert, contract = tiny_bert(hidden=64), text_contract(12, 3, {})
+    s = hf_spec(bert, contract)
+    _, _, report = factorize(copy.deepcopy(bert), s, FactorizeConfig(mode="energy", energy=1.0))
+    assert not any(r["factorized"] for r in report.values())  # full rank never pays: every layer left alone
+    model, new_spec, report = factorize(bert, s, FactorizeConfig(mode="ratio", rank_ratio=0.25))
+    layer = model.bert.encoder.layer[0]
+    for proj in (layer.attention.self.query, layer.attention.self.key, layer.attention.self.value,
+                 layer.attention.output.dense, layer.intermediate.dense, layer.output.dense):
+        assert isinstance(proj, LowRank)
+    assert report["bert.encoder.layer.0.attention.self.query"]["rank"] == 16  # 0.25 x 64
+    assert isinstance(model.classifier, nn.Linear)  # keep_last: the head keeps full rank
+    save_model(model, new_spec, tmp_path / "m")
+    loaded, _ = load_model(tmp_path / "m")
+    x = contract.example(batch=2)
+    with torch.inference_mode():
+        torch.testing.assert_close(forward_logits(loaded, x), forward_logits(model, x))
+    path = export_onnx(model, contract, tmp_path / "f.onnx", ExportConfig())
+    ids = np.random.default_rng(0).integers(0, 60, (2, 12))
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    (logits,) = tuned_session(path).run(None, feeds)
+    with torch.inference_mode():
+        ref = forward_logits(model, {k: torch.from_numpy(v) for k, v in feeds.items()}).numpy()
+    assert np.abs(logits - ref).max() < 1e-4

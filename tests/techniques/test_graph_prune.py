@@ -18,24 +18,7 @@ from tasks.techniques.graph_prune import attention_modules, prune_channels, repl
 from tasks.techniques.models import MLP
 from tasks.techniques.models import count_params as count
 from tasks.techniques.onnx_export import ExportConfig, export_onnx
-
-
-def _tiny_bert():
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    return BertForSequenceClassification(BertConfig(
-        vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=32, num_labels=3)).eval()
-
-
-def _tiny_resnet():
-    from transformers import ResNetConfig, ResNetForImageClassification
-
-    torch.manual_seed(0)
-    return ResNetForImageClassification(ResNetConfig(
-        num_channels=3, embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], layer_type="basic",
-        num_labels=10)).eval()
+from tests.techniques.helpers import tiny_bert, tiny_resnet
 
 
 def _ort_matches_torch(model, contract, path, feeds: dict[str, np.ndarray]) -> float:
@@ -62,7 +45,7 @@ def _replayed(original, contract, pruned, history):
 
 
 def test_bert_loses_heads_and_feed_forward_neurons_but_keeps_its_hidden_size(tmp_path):
-    bert, contract = _tiny_bert(), text_contract(12, 3, {})
+    bert, contract = tiny_bert(hidden=32), text_contract(12, 3, {})
     original, before = copy.deepcopy(bert), count(bert)
     bert, history = prune_channels(bert, contract, 0.5)
     assert [a.num_attention_heads for a in attention_modules(bert)] == [2, 2]  # 4 heads -> 2, whole heads
@@ -76,7 +59,7 @@ def test_bert_loses_heads_and_feed_forward_neurons_but_keeps_its_hidden_size(tmp
 
 
 def test_resnet_channels_shrink_across_residual_connections(tmp_path):
-    resnet, contract = _tiny_resnet(), image_contract(3, 32, 10, {})
+    resnet, contract = tiny_resnet(), image_contract(3, 32, 10, {})
     original, before = copy.deepcopy(resnet), count(resnet)
     resnet, history = prune_channels(resnet, contract, 0.5)
     convs = [m for m in resnet.modules() if isinstance(m, nn.Conv2d)]
@@ -98,7 +81,7 @@ def test_zoo_mlp_keeps_its_head_and_replays():
 
 
 def test_a_history_for_another_architecture_does_not_load():
-    bert, contract = _tiny_bert(), text_contract(12, 3, {})
+    bert, contract = tiny_bert(hidden=32), text_contract(12, 3, {})
     _, history = prune_channels(copy.deepcopy(bert), contract, 0.5)
     with pytest.raises(ValueError, match="pruning history names layers this architecture lacks"):
-        replay(_tiny_resnet(), image_contract(3, 32, 10, {}), history)
+        replay(tiny_resnet(), image_contract(3, 32, 10, {}), history)

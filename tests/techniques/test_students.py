@@ -1,0 +1,71 @@
+"""Students derived from the teacher (tasks/techniques/students.py): a layer-dropped transformer and a narrowed
+CNN start from the teacher's own weights, and rebuild from their spec alone."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from tasks.techniques.contract import forward_logits, image_contract, text_contract
+from tasks.techniques.hf import to_dict
+from tasks.techniques.models import ModelConfig, count_params, load_model, save_model
+from tasks.techniques.students import derive_student, kept_layer_indices, student_model
+from tests.techniques.helpers import hf_spec, tiny_bert, tiny_resnet
+
+
+def test_distilbert_keeps_the_layers_distilbert_kept():
+    assert kept_layer_indices(12, 2) == [0, 2, 4, 7, 9, 11]
+    assert kept_layer_indices(4, 2) == [0, 3]
+    assert kept_layer_indices(6, 3) == [0, 5]
+
+
+def test_a_layer_dropped_student_starts_from_the_teachers_layers(tmp_path):
+    teacher, contract = tiny_bert(4), text_contract(12, 3, {})
+    student, spec = derive_student(teacher, hf_spec(teacher, contract), "layers", layer_stride=2)
+    assert len(student.bert.encoder.layer) == 2 and spec.hf_config["num_hidden_layers"] == 2
+    assert len(teacher.bert.encoder.layer) == 4  # the teacher is untouched
+    # Student layer 1 is the teacher's last layer (index 3), copied; embeddings and head are copied too.
+    torch.testing.assert_close(student.bert.encoder.layer[1].attention.self.query.weight,
+                               teacher.bert.encoder.layer[3].attention.self.query.weight)
+    torch.testing.assert_close(student.bert.embeddings.word_embeddings.weight, teacher.bert.embeddings.word_embeddings.weight)
+    torch.testing.assert_close(student.classifier.weight, teacher.classifier.weight)
+    assert count_params(student) < count_params(teacher)
+    save_model(student, spec, tmp_path)
+    loaded, _ = load_model(tmp_path)  # rebuilt from the spec's config alone
+    x = contract.example(batch=2)
+    with torch.inference_mode():
+        torch.testing.assert_close(forward_logits(loaded, x), forward_logits(student, x))
+
+
+def test_a_narrowed_cnn_keeps_a_subset_of_the_teachers_filters(tmp_path):
+    teacher, contract = tiny_resnet(), image_contract(3, 32, 10, {})
+    student, spec = derive_student(teacher, hf_spec(teacher, contract), "width", width_keep=0.5)
+    assert count_params(student) < 0.4 * count_params(teacher)
+    t_conv, s_conv = (next(m for m in net.modules() if isinstance(m, nn.Conv2d)) for net in (teacher, student))
+    assert s_conv.out_channels == t_conv.out_channels // 2
+    teacher_filters = {tuple(f.flatten().tolist()) for f in t_conv.weight}
+    assert all(tuple(f.flatten().tolist()) in teacher_filters for f in s_conv.weight)  # copied, not fresh
+    save_model(student, spec, tmp_path)
+    loaded, _ = load_model(tmp_path)
+    x = contract.example(batch=2)
+    with torch.inference_mode():
+        torch.testing.assert_close(forward_logits(loaded, x), forward_logits(student, x))
+
+
+def test_dropping_layers_of_a_model_without_a_layer_stack_says_what_to_use():
+    teacher, contract = tiny_resnet(), image_contract(3, 32, 10, {})
+    with pytest.raises(ValueError, match="derive=width"):
+        derive_student(teacher, hf_spec(teacher, contract), "layers")
+
+
+def test_a_hugging_face_config_alone_gives_a_fresh_student_with_the_datas_classes(tmp_path):
+    teacher, contract = tiny_bert(4), text_contract(12, 3, {})
+    config = to_dict(tiny_bert(1)) | {"num_labels": 7, "id2label": {str(i): str(i) for i in range(7)}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    student_cfg = ModelConfig(arch="huggingface", path=str(tmp_path))
+    student, spec, has_weights = student_model(student_cfg, "none", teacher, hf_spec(teacher, contract))
+    assert not has_weights and student.config.num_labels == 3 and len(student.bert.encoder.layer) == 1
+    assert spec.hf_config["num_hidden_layers"] == 1
