@@ -15,9 +15,12 @@ from tasks.techniques.distill import DistillConfig
 from tasks.techniques.factorize import FactorizeConfig
 from tasks.techniques.prune import PruneConfig
 
-Stage = Literal["distill", "prune", "factorize", "export", "quantize"]
+Stage = Literal["distill", "prune", "factorize", "export", "fuse", "quantize"]
 TORCH_STEPS = ("distill", "prune", "factorize")
-SUFFIX = {"export": "onnx", "quantize": "int8"}
+SUFFIX = {"export": "onnx", "fuse": "fused", "quantize": "int8"}
+# What may follow the PyTorch steps: an ONNX export (plain, or fused by ONNX Runtime's transformer
+# optimizer, which exports its own graph), then optionally dynamic INT8.
+ONNX_TAILS = ((), ("export",), ("quantize",), ("export", "quantize"), ("fuse",), ("fuse", "quantize"))
 
 # The default shows each technique next to its INT8 version and keeps `optforge run` quick: one Ray
 # Train distillation (shared by the first three chains), in-process fine-tuning for prune and
@@ -31,8 +34,8 @@ class CompressConfig(TechniqueConfig):
     """Which compression chains to build and each technique's settings."""
 
     chains: tuple[tuple[Stage, ...], ...] = Field(
-        DEFAULT_CHAINS, description="chains of stages (distill, prune, factorize, then export and/or quantize); "
-        "each chain's end product is a benchmarked variant; [] builds none"
+        DEFAULT_CHAINS, description="chains of stages (distill, prune, factorize, then export or fuse, and/or "
+        "quantize); each chain's end product is a benchmarked variant; [] builds none"
     )
     distill: DistillConfig = Field(default_factory=DistillConfig, description="knowledge distillation (Ray Train)")
     prune: PruneConfig = Field(default_factory=PruneConfig, description="pruning and its fine-tuning")
@@ -52,8 +55,9 @@ class CompressConfig(TechniqueConfig):
             if "distill" in chain and chain[0] != "distill":
                 raise ValueError(f"{where}: distill trains a new student from the teacher, so it must come first")
             first_onnx = next((j for j, step in enumerate(chain) if step in SUFFIX), len(chain))
-            if tuple(chain[first_onnx:]) not in ((), ("export",), ("quantize",), ("export", "quantize")):
-                raise ValueError(f"{where}: export and quantize must come last, export before quantize")
+            if tuple(chain[first_onnx:]) not in ONNX_TAILS:
+                raise ValueError(f"{where}: export (or fuse) and quantize must come last, in that order, and not "
+                                 "both export and fuse")
             if expand(chain) in seen:
                 raise ValueError(f"{where} builds the same variant as an earlier chain")
             seen.add(expand(chain))
@@ -70,14 +74,16 @@ class CompressConfig(TechniqueConfig):
 
 
 def expand(chain) -> tuple[str, ...]:
-    """The steps that actually run: quantize needs an ONNX model, so it implies export."""
+    """The steps that actually run: quantize needs an ONNX model, so it implies export (unless fused)."""
     steps = tuple(chain)
-    if "quantize" in steps and "export" not in steps:
+    if "quantize" in steps and "export" not in steps and "fuse" not in steps:
         steps = steps[:-1] + ("export", "quantize")
     return steps
 
 
 def product_name(steps: tuple[str, ...], sep: str = "-") -> str:
-    """``('distill', 'prune', 'export', 'quantize')`` -> ``distill-prune-int8``."""
-    parts = [s for s in steps if s in TORCH_STEPS] + ([SUFFIX[steps[-1]]] if steps[-1] in SUFFIX else [])
+    """``('distill', 'prune', 'export', 'quantize')`` -> ``distill-prune-int8``; a fused chain keeps ``fused``
+    (``distill-fused-int8``) so that it never shares a name with its unfused twin."""
+    fused = ["fused"] if "fuse" in steps and steps[-1] != "fuse" else []
+    parts = [s for s in steps if s in TORCH_STEPS] + fused + ([SUFFIX[steps[-1]]] if steps[-1] in SUFFIX else [])
     return sep.join(parts)

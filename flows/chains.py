@@ -12,20 +12,33 @@ flow's StageRunner, so each is cached, timed and logged as a child run like any 
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from flows.chain_config import CompressConfig, expand, product_name
 from tasks.compress import factorize, prune
 from tasks.distill import distill
 from tasks.export import export
+from tasks.fuse import fuse_onnx
 from tasks.quantize import quantize
 from tasks.refs import DataRef, ModelRef
+from tasks.techniques.fusion import FuseConfig
+from tasks.techniques.onnx_export import ExportConfig
+from tasks.techniques.quantization import DynamicQuantConfig
 
-__all__ = ["CompressConfig", "chain_variants", "expand", "product_name"]
+__all__ = ["CompressConfig", "OnnxSteps", "chain_variants", "expand", "product_name"]
+
+
+@dataclass(frozen=True)
+class OnnxSteps:
+    """The settings of a chain's ONNX steps, shared with the baseline's (the pipeline's top-level sections)."""
+
+    export: ExportConfig
+    fuse: FuseConfig
+    quantize: DynamicQuantConfig
 
 
 def _run_step(step: str, source: ModelRef, name: str, teacher: ModelRef, cfg: CompressConfig, data: DataRef,
-              workdir: str, stage, export_cfg, quantize_cfg) -> ModelRef:
+              workdir: str, stage, onnx_cfgs: OnnxSteps) -> ModelRef:
     """One chain step through ``stage``; the task is renamed to its product so each gets its own stage tags."""
     if step == "distill":
         return stage(distill.with_options(name=name), cfg=cfg.distill, teacher=teacher, data=data, workdir=workdir,
@@ -35,15 +48,18 @@ def _run_step(step: str, source: ModelRef, name: str, teacher: ModelRef, cfg: Co
         return stage(task.with_options(name=name), cfg=step_cfg, model=source, teacher=teacher, data=data,
                      workdir=workdir, run_name=name)
     if step == "export":
-        out = stage(export.with_options(name=name), cfg=export_cfg, model=source, data=data, workdir=workdir)
+        out = stage(export.with_options(name=name), cfg=onnx_cfgs.export, model=source, data=data, workdir=workdir)
+    elif step == "fuse":
+        out = stage(fuse_onnx.with_options(name=name), cfg=onnx_cfgs.fuse, model=source, data=data, workdir=workdir,
+                    run_name=name)
     else:
-        out = stage(quantize.with_options(name=name), cfg=quantize_cfg, onnx_model=source, workdir=workdir)
+        out = stage(quantize.with_options(name=name), cfg=onnx_cfgs.quantize, onnx_model=source, workdir=workdir)
     # ONNX files carry no FLOP count of their own: keep the PyTorch source's counts with the ONNX facts.
     return replace(out, info={**source.info, **out.info})
 
 
 def chain_variants(cfg: CompressConfig, teacher: ModelRef, data: DataRef, workdir: str, stage,
-                   export_cfg, quantize_cfg) -> list[ModelRef]:
+                   onnx_cfgs: OnnxSteps) -> list[ModelRef]:
     """Run each configured chain through ``stage`` (the flow's StageRunner); return the end products.
 
     Each variant's ``info["lineage"]`` becomes MLflow tags on its benchmark run: the chain, the run
@@ -56,8 +72,7 @@ def chain_variants(cfg: CompressConfig, teacher: ModelRef, data: DataRef, workdi
         for i, step in enumerate(steps):
             key = steps[: i + 1]
             if key not in products:
-                products[key] = _run_step(step, ref, product_name(key), teacher, cfg, data, workdir, stage,
-                                          export_cfg, quantize_cfg)
+                products[key] = _run_step(step, ref, product_name(key), teacher, cfg, data, workdir, stage, onnx_cfgs)
             parent, ref = ref, products[key]
         lineage = {"chain": ">".join(chain), "parent_run": parent.run_id or "", "teacher_run": teacher.run_id or "",
                    "chain_runs": ",".join(f"{s}:{products[steps[: i + 1]].run_id}" for i, s in enumerate(steps))}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import yaml
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from flows.chains import chain_variants
+from flows.chains import OnnxSteps, chain_variants
 from flows.engines import engine_variants
 from flows.params import PipelineConfig, load_config, peek_tracking
 from flows.plan import Plan, plan
@@ -25,6 +26,7 @@ from flows.preflight import check_environment
 from tasks.benchmark import benchmark
 from tasks.data import prepare_data
 from tasks.export import export, import_onnx
+from tasks.fuse import fuse_onnx
 from tasks.init_from import resolve_init
 from tasks.quantize import quantize
 from tasks.refs import DataRef, Format, ModelRef, file_sha256
@@ -141,8 +143,14 @@ def build_variants(cfg: PipelineConfig, workdir: str, stage: StageRunner) -> tup
     onnx_fp32 = stage(export, cfg=cfg.export, model=model, data=data, workdir=workdir)
     onnx_int8 = stage(quantize, cfg=cfg.quantize, onnx_model=onnx_fp32, workdir=workdir)
     variants = [model, onnx_fp32, onnx_int8]
+    if cfg.fuse.enabled:  # the plan turned it off, with the reason, for models ORT's optimizer does not know
+        onnx_fused = stage(fuse_onnx, cfg=cfg.fuse, model=model, data=data, workdir=workdir)
+        fused_int8 = stage(quantize.with_options(name="quantize_fused"), cfg=cfg.quantize, onnx_model=onnx_fused,
+                           workdir=workdir)
+        variants += [onnx_fused, replace(fused_int8, name="onnx_fused_int8_dynamic",
+                                         info={**onnx_fused.info, **fused_int8.info})]
     variants += engine_variants(cfg.engines, onnx_fp32, model, data, workdir, stage)
-    variants += chain_variants(cfg.compress, model, data, workdir, stage, cfg.export, cfg.quantize)
+    variants += chain_variants(cfg.compress, model, data, workdir, stage, OnnxSteps(cfg.export, cfg.fuse, cfg.quantize))
     return data, variants, run_plan
 
 

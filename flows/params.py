@@ -18,6 +18,7 @@ from flows.engines import EnginesConfig
 from tasks.techniques.benchmark import BenchmarkConfig
 from tasks.techniques.config import TechniqueConfig
 from tasks.techniques.data import DataConfig
+from tasks.techniques.fusion import FuseConfig
 from tasks.techniques.models import ModelConfig
 from tasks.techniques.onnx_export import ExportConfig
 from tasks.techniques.quantization import DynamicQuantConfig
@@ -49,6 +50,7 @@ class PipelineConfig(TechniqueConfig):
     model: ModelConfig = Field(default_factory=ModelConfig, description="the FP32 model to train")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Ray Train data-parallel training")
     export: ExportConfig = Field(default_factory=ExportConfig, description="ONNX export and parity check")
+    fuse: FuseConfig = Field(default_factory=FuseConfig, description="ONNX Runtime transformer fusion (onnx_fused)")
     quantize: DynamicQuantConfig = Field(default_factory=DynamicQuantConfig, description="ONNX Runtime dynamic INT8")
     engines: EnginesConfig = Field(default_factory=EnginesConfig, description="static INT8, FP16, TensorRT variants")
     compress: CompressConfig = Field(default_factory=CompressConfig, description="distill/prune/factorize chains")

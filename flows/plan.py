@@ -18,6 +18,7 @@ import torch
 from flows.chain_config import expand, product_name
 from flows.params import PipelineConfig
 from tasks.techniques.contract import InputContract
+from tasks.techniques.fusion import unsupported_reason
 from tasks.techniques.model_source import check_runs
 from tasks.techniques.models import HUGGINGFACE, ONNX, ModelSpec, build_model, count_params
 
@@ -100,16 +101,32 @@ def _student_problem(cfg: PipelineConfig, contract: InputContract) -> str | None
     return None
 
 
+def _fused_config(cfg: PipelineConfig, chain) -> dict | None:
+    """The Hugging Face config of the model a chain's fuse step exports (None: not a Hugging Face model)."""
+    m, distill = cfg.model, cfg.compress.distill
+    if "distill" in chain and distill.derive == "none":
+        student = distill.student
+        return _hf_config(student.path) if student.arch == HUGGINGFACE and student.path else None
+    return _hf_config(m.path) if m.arch == HUGGINGFACE and m.path else None  # the model, or derived from it
+
+
 def plan(cfg: PipelineConfig, contract: InputContract, data_name: str) -> Plan:
     """The run's plan (module docstring)."""
     skipped: dict[str, str] = {}
     m = cfg.model
     keep = []
     student_problem = None
+    updates: dict = {}
+    if cfg.fuse.enabled and (reason := unsupported_reason(_fused_config(cfg, ()) if m.arch != ONNX else None)):
+        skipped["fuse"] = reason
+        updates["fuse"] = cfg.fuse.model_copy(update={"enabled": False})
     for chain in cfg.compress.chains:
         name = product_name(expand(chain), "_")
         if m.arch == ONNX:
             skipped[name] = "model.arch=onnx: no PyTorch model to compress (distill, prune and factorize need one)"
+            continue
+        if "fuse" in chain and (reason := unsupported_reason(_fused_config(cfg, chain))):
+            skipped[name] = reason
             continue
         if "distill" in chain:
             student_problem = student_problem or _student_problem(cfg, contract)
@@ -117,7 +134,7 @@ def plan(cfg: PipelineConfig, contract: InputContract, data_name: str) -> Plan:
                 skipped[name] = student_problem
                 continue
         keep.append(chain)
-    updates: dict = {"compress": cfg.compress.model_copy(update={"chains": tuple(keep)})}
+    updates["compress"] = cfg.compress.model_copy(update={"chains": tuple(keep)})
     loader = cfg.train.loader
     if loader.augment_copies and (len(contract.inputs) != 1 or contract.inputs[0].dtype != "float32"):
         skipped["train.loader.augment_copies"] = (f"augmentation perturbs one float input; {contract.kind} data has "

@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
+import onnx
 from pydantic import Field
 
 from tasks.techniques.config import TechniqueConfig
@@ -54,8 +55,6 @@ def _remove_shape_inference_debris(since: float) -> None:
     """When ORT's symbolic shape inference gives up it saves its partial model as ``sym_shape_infer_temp.onnx``
     in the process's working directory, with the weights in UUID-named external-data files beside it
     (440 MB for BERT-base). Remove what this call wrote there (files older than ``since`` are not ours)."""
-    import onnx
-
     debris = Path(SHAPE_DEBRIS)
     if not debris.is_file() or debris.stat().st_mtime < since:
         return
@@ -104,7 +103,10 @@ def quantize_dynamic_int8(src: str | Path, dst: str | Path, cfg: DynamicQuantCon
                 model_in = Path(tmp) / "preprocessed.onnx"
                 preprocess(src, model_in)
             out = Path(tmp) / "quantized.onnx"
-            quantize_dynamic(str(model_in), str(out), weight_type=weight_type, per_channel=cfg.per_channel)
+            # ONNX shape inference gives no types for ORT's fused contrib operators (Attention, SkipLayerNorm,
+            # from fusion.py): DefaultTensorType tells the quantizer that an untyped tensor is float.
+            quantize_dynamic(str(model_in), str(out), weight_type=weight_type, per_channel=cfg.per_channel,
+                             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
         except Exception as exc:
             raise ValueError(f"dynamic INT8 quantization of {src} failed: {type(exc).__name__}: {exc}") from exc
         os.replace(out, dst)  # same folder, so the rename is atomic

@@ -127,6 +127,10 @@ def test_text_with_hugging_face_bert_and_raw_strings(tmp_path, mlflow_store):
                                      output_format="list")[0]
     assert distill_run.data.tags["optforge.student"] == "teacher's layers, one in 2 kept (1 layers)"
     assert distill_run.data.metrics["params_ratio"] < 1
+    # ONNX Runtime's transformer optimizer fused the BERT's two attention blocks into Attention nodes.
+    fuse_run = mlflow.search_runs(experiment_names=["byo"], filter_string="tags.`optforge.stage` = 'fuse'",
+                                  output_format="list")[0]
+    assert fuse_run.data.metrics["fused_Attention"] == 2 and fuse_run.data.metrics["parity_max_abs_diff"] < 1e-3
 
 
 def test_epochs_zero_takes_a_saved_model_as_the_baseline(images, tmp_path, mlflow_store):

@@ -8,11 +8,12 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from flows.chains import CompressConfig, chain_variants, expand, product_name
+from flows.chains import CompressConfig, OnnxSteps, chain_variants, expand, product_name
 from flows.params import ConfigError, load_config
 from tasks.data import prepare_data
 from tasks.refs import Format, ModelRef, file_sha256
 from tasks.techniques.data import DataConfig
+from tasks.techniques.fusion import FuseConfig
 from tasks.techniques.models import ModelConfig, ModelSpec, build_model, load_model, save_model
 from tasks.techniques.onnx_export import ExportConfig
 from tasks.techniques.quantization import DynamicQuantConfig
@@ -21,13 +22,15 @@ from tests.conftest import TINY
 
 
 @pytest.mark.parametrize("chains, message", [
-    ("[[distil, quantize]]", ("compress.chains.0.0: Input should be 'distill', 'prune', 'factorize', 'export' or "
-                              "'quantize' (got 'distil')")),
+    ("[[distil, quantize]]", ("compress.chains.0.0: Input should be 'distill', 'prune', 'factorize', 'export', "
+                              "'fuse' or 'quantize' (got 'distil')")),
     ("[[prune], [factorize, Quantize]]", "compress.chains.1.1: Input should be"),
     ("[[quantize]]", "compress.chains: Value error, chain 0 ['quantize'] needs at least one of"),
     ("[[prune, distill]]", "distill trains a new student from the teacher, so it must come first"),
-    ("[[prune, quantize, factorize]]", "export and quantize must come last"),
-    ("[[prune, quantize, export]]", "export and quantize must come last"),
+    ("[[prune, quantize, factorize]]", "export (or fuse) and quantize must come last"),
+    ("[[prune, quantize, export]]", "export (or fuse) and quantize must come last"),
+    ("[[prune, export, fuse]]", "not both export and fuse"),
+    ("[[prune, quantize, fuse]]", "in that order"),
     ("[[prune, prune]]", "repeats a stage"),
     ("[[prune, quantize], [prune, export, quantize]]", "chain 1 ['prune', 'export', 'quantize'] builds the same variant"),
     ("[[factorize, prune]]", "prunes structurally after factorizing"),
@@ -55,6 +58,9 @@ def test_names():
     assert expand(("distill", "quantize")) == ("distill", "export", "quantize")
     assert product_name(expand(("distill", "prune", "quantize"))) == "distill-prune-int8"
     assert product_name(("factorize", "export"), "_") == "factorize_onnx"
+    assert expand(("distill", "fuse", "quantize")) == ("distill", "fuse", "quantize")  # fuse exports its own graph
+    assert product_name(("distill", "fuse", "quantize"), "_") == "distill_fused_int8"
+    assert product_name(("distill", "fuse"), "_") == "distill_fused"
     assert product_name(("distill",)) == "distill"
 
 
@@ -80,7 +86,8 @@ def test_chain_variants_share_prefixes_and_carry_lineage(teacher, tmp_path):
     quick = {"finetune": {"epochs": 1}}
     cfg = CompressConfig.from_dict({"chains": [["prune", "quantize"], ["prune"], ["prune", "factorize", "export"]],
                                     "prune": quick, "factorize": {**quick, "mode": "ratio", "rank_ratio": 0.25}})
-    variants = chain_variants(cfg, ref, data, str(tmp_path / "work"), stage, ExportConfig(), DynamicQuantConfig())
+    variants = chain_variants(cfg, ref, data, str(tmp_path / "work"), stage,
+                              OnnxSteps(ExportConfig(), FuseConfig(), DynamicQuantConfig()))
     assert [v.name for v in variants] == ["prune_int8", "prune", "prune_factorize_onnx"]
     assert calls == ["prune", "prune-onnx", "prune-int8", "prune-factorize", "prune-factorize-onnx"]  # prune once
     int8, pruned, onnx = variants
@@ -91,7 +98,8 @@ def test_chain_variants_share_prefixes_and_carry_lineage(teacher, tmp_path):
     assert list(runs) == ["prune", "export", "quantize"] and runs["prune"] == pruned.run_id
     assert int8.info["lineage"]["parent_run"] == runs["export"] and pruned.info["lineage"]["parent_run"] == "t-run"
     assert onnx.path.endswith(".onnx") and onnx.info["lineage"]["chain"] == "prune>factorize>export"
-    assert load_model(pruned.path)[1].config["hidden"] == [16, 16]
+    hidden = [m.out_features for m in load_model(pruned.path)[0].net if isinstance(m, torch.nn.Linear)][:-1]
+    assert all(15 <= w <= 16 for w in hidden) and len(hidden) == 2  # 32 -> about half, the zoo MLP plus its history
 
 
 @pytest.mark.slow

@@ -13,7 +13,8 @@ DISTILL_CHAINS = {"distill", "distill_int8", "distill_prune_int8"}
 def test_default_digits_plan_keeps_every_chain():
     cfg = load_config(None, [])
     result = plan(cfg, table_contract(64, 10, (1, 8, 8)), "digits")
-    assert not result.skipped
+    assert list(result.skipped) == ["fuse"]  # the zoo MLP is no transformer for ONNX Runtime's optimizer
+    assert "not one" in result.skipped["fuse"] and not result.cfg.fuse.enabled
     assert result.cfg.compress.chains == cfg.compress.chains
     assert result.cfg.register.model_name == "optforge-digits"
 
@@ -27,7 +28,8 @@ def test_a_student_larger_than_the_model_is_skipped_with_both_sizes(tmp_path):
     assert DISTILL_CHAINS <= set(result.skipped)
     reason = result.skipped["distill"]
     assert "not fewer than the model's" in reason and "compress.distill.student" in reason
-    assert set(result.skipped) == DISTILL_CHAINS
+    assert set(result.skipped) == DISTILL_CHAINS | {"fuse"}
+    assert "model_type 'resnet' has no ONNX Runtime optimizer family" in result.skipped["fuse"]
     assert [list(c) for c in result.cfg.compress.chains] == [["prune"], ["prune", "quantize"], ["factorize"],
                                                              ["factorize", "quantize"]]
     assert result.cfg.register.model_name == "optforge-imgs-resnet"
@@ -37,4 +39,17 @@ def test_a_smaller_student_is_kept_for_a_user_model(tmp_path):
     folder = write_resnet(tmp_path / "resnet", num_labels=10)
     cfg = load_config(None, ["model.arch=huggingface", f"model.path={folder}", "compress.distill.student.hidden=[4]"])
     result = plan(cfg, image_contract(3, 32, 10, {}), "imgs")
-    assert not result.skipped
+    assert list(result.skipped) == ["fuse"]
+
+
+def test_a_bert_keeps_fusion_and_a_fused_chain_of_its_derived_student(tmp_path):
+    from flows.examples import write_bert
+    from tasks.techniques.contract import text_contract
+
+    folder = write_bert(tmp_path / "bert", ["a b c", "d e f"] * 10)
+    base = ["model.arch=huggingface", f"model.path={folder}", "compress.chains=[[distill, fuse, quantize], [prune]]"]
+    derived = plan(load_config(None, [*base, "compress.distill.derive=layers"]), text_contract(16, 3, {}), "t")
+    assert not derived.skipped and derived.cfg.fuse.enabled
+    assert [list(c) for c in derived.cfg.compress.chains] == [["distill", "fuse", "quantize"], ["prune"]]
+    zoo_student = plan(load_config(None, base), text_contract(16, 3, {}), "t")  # the default MLP student
+    assert "not one" in zoo_student.skipped["distill_fused_int8"] and "fuse" not in zoo_student.skipped
