@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from flows.chain_config import CompressConfig, expand, product_name
-from tasks.compress import factorize, prune
+from tasks.compress import factorize, prune, qat
 from tasks.distill import distill
 from tasks.export import export
 from tasks.fuse import fuse_onnx
@@ -43,6 +43,9 @@ def _run_step(step: str, source: ModelRef, name: str, teacher: ModelRef, cfg: Co
     if step == "distill":
         return stage(distill.with_options(name=name), cfg=cfg.distill, teacher=teacher, data=data, workdir=workdir,
                      run_name=name)
+    if step == "qat":
+        return stage(qat.with_options(name=name), cfg=cfg.qat, model=source, teacher=teacher, data=data,
+                     workdir=workdir, run_name=name)
     if step in ("prune", "factorize"):
         task, step_cfg = (prune, cfg.prune) if step == "prune" else (factorize, cfg.factorize)
         return stage(task.with_options(name=name), cfg=step_cfg, model=source, teacher=teacher, data=data,

@@ -1,4 +1,4 @@
-"""Prefect tasks: prune and factorize a PyTorch model folder, then fine-tune it in-process.
+"""Prefect tasks: prune and factorize a PyTorch model folder, or fine-tune it aware of INT8 (QAT), in-process.
 
 Fine-tuning runs in the task's process with the functional core's loop rather than on Ray Train: it
 is a few epochs of a model that is already trained, seconds of work next to Ray Train's ~25 s of
@@ -14,6 +14,7 @@ import numpy as np
 from tasks.caching import stage_dir, stage_task
 from tasks.distill import teacher_logits_file
 from tasks.refs import DataRef, Format, ModelRef, file_sha256
+from tasks.techniques.contract import as_tensors
 from tasks.techniques.data import Splits, load_splits
 from tasks.techniques.distill import FinetuneConfig, finetune
 from tasks.techniques.factorize import FactorizeConfig
@@ -22,10 +23,14 @@ from tasks.techniques.flops import model_stats
 from tasks.techniques.graph_prune import widths
 from tasks.techniques.models import load_model, save_model
 from tasks.techniques.prune import PruneConfig
+from tasks.techniques.qat import QatConfig, calibrate, export_qdq, prepare
+from tasks.techniques.static_quant import accuracy as onnx_accuracy
+from tasks.techniques.static_quant import count_qdq_nodes
 from tasks.techniques.prune import prune as prune_model
 from tasks.techniques.training import evaluate
 from tasks.tracking import child_run
 
+CALIBRATION_ROWS = 512  # training rows whose activations set QAT's starting ranges
 UNSTRUCTURED_NOTE = ("unstructured sparsity {:.1%}: the tensors stay dense, so dense kernels (PyTorch, ONNX Runtime) "
                      "do the same work and the file keeps its size; it pays only with sparse kernels or compression")
 
@@ -110,3 +115,28 @@ def factorize(cfg: FactorizeConfig, model: ModelRef, teacher: ModelRef, data: Da
         save_model(net, spec, out / "model")
         mlflow.log_artifacts(str(out / "model"), "model")
     return _ref("factorize", out / "model", run.info.run_id, info | {"ranks": dict(spec.factorized or {})})
+
+
+@stage_task("qat")
+def qat(cfg: QatConfig, model: ModelRef, teacher: ModelRef, data: DataRef, workdir: str, parent_run_id: str | None,
+        run_name: str = "qat") -> ModelRef:
+    """Quantization-aware fine-tuning of ``model`` (distilling from ``teacher``), exported as a QDQ INT8 ONNX model."""
+    out = stage_dir(workdir, "qat", {"qat": cfg, "model": model, "teacher": teacher, "data": data})
+    tags = {"optforge.source_run": model.run_id or "", "optforge.teacher_run": teacher.run_id or ""}
+    with child_run(parent_run_id, "qat", run_name=run_name, params={"qat": cfg.to_dict()}, tags=tags) as run:
+        net, _ = load_model(model.path)
+        splits = load_splits(data.path)
+        acc_fp32 = evaluate(net, splits.test)["accuracy"]
+        prepared = prepare(net, splits.contract, cfg.momentum)
+        calibrate(prepared, (as_tensors(inputs) for inputs, _ in splits.train.head(CALIBRATION_ROWS).batches(64)))
+        # The same quantizer before any fine-tuning: what post-training INT8 of this model would give.
+        acc_ptq = onnx_accuracy(export_qdq(prepared, splits.contract, out / "before.onnx", cfg.opset), splits.test)
+        (out / "before.onnx").unlink()
+        _tuner(cfg.finetune, splits, _soft_targets(cfg.finetune, teacher, data, workdir))(prepared)
+        path = export_qdq(prepared, splits.contract, out / "model.onnx", cfg.opset)
+        acc = onnx_accuracy(path, splits.test)
+        mlflow.log_metrics({"accuracy_fp32": acc_fp32, "accuracy_before_finetune": acc_ptq, "accuracy": acc,
+                            "qdq_nodes": count_qdq_nodes(path)})
+        mlflow.log_artifact(str(path), "onnx")
+    info = {k: v for k, v in model.info.items() if k in ("flops", "params")} | {"accuracy": acc}
+    return ModelRef("qat", Format.ONNX, str(path), file_sha256(path), run.info.run_id, info)

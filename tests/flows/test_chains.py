@@ -23,7 +23,8 @@ from tests.conftest import TINY
 
 @pytest.mark.parametrize("chains, message", [
     ("[[distil, quantize]]", ("compress.chains.0.0: Input should be 'distill', 'prune', 'factorize', 'export', "
-                              "'fuse' or 'quantize' (got 'distil')")),
+                              "'fuse', 'quantize' or 'qat' (got 'distil')")),
+    ("[[distill, qat, quantize]]", "export (or fuse) and quantize must come last"),
     ("[[prune], [factorize, Quantize]]", "compress.chains.1.1: Input should be"),
     ("[[quantize]]", "compress.chains: Value error, chain 0 ['quantize'] needs at least one of"),
     ("[[prune, distill]]", "distill trains a new student from the teacher, so it must come first"),
@@ -61,6 +62,8 @@ def test_names():
     assert expand(("distill", "fuse", "quantize")) == ("distill", "fuse", "quantize")  # fuse exports its own graph
     assert product_name(("distill", "fuse", "quantize"), "_") == "distill_fused_int8"
     assert product_name(("distill", "fuse"), "_") == "distill_fused"
+    assert expand(("distill", "qat")) == ("distill", "qat")  # QAT exports its own QDQ INT8 model
+    assert product_name(("distill", "qat"), "_") == "distill_qat_int8" and product_name(("qat",), "_") == "qat_int8"
     assert product_name(("distill",)) == "distill"
 
 

@@ -7,7 +7,7 @@ from flows.params import load_config
 from flows.plan import plan
 from tasks.techniques.contract import image_contract, table_contract
 
-DISTILL_CHAINS = {"distill", "distill_int8", "distill_prune_int8"}
+DISTILL_CHAINS = {"distill", "distill_int8", "distill_qat_int8", "distill_prune_int8"}
 
 
 def test_default_digits_plan_keeps_every_chain():

@@ -5,7 +5,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from tasks.compress import factorize, prune
+from tasks.compress import factorize, prune, qat
 from tasks.data import prepare_data
 from tasks.distill import teacher_logits_file
 from tasks.refs import Format, ModelRef, file_sha256
@@ -14,6 +14,8 @@ from tasks.techniques.distill import FinetuneConfig
 from tasks.techniques.factorize import FactorizeConfig
 from tasks.techniques.models import LowRank, ModelConfig, ModelSpec, build_model, load_model, save_model
 from tasks.techniques.prune import PruneConfig
+from tasks.techniques.qat import QatConfig
+from tasks.techniques.static_quant import count_qdq_nodes
 from tasks.techniques.training import evaluate
 from tasks.tracking import configure
 
@@ -133,3 +135,13 @@ def test_distill_worker_live_teacher_loss_equals_cached_logits_loss(tmp_path):
     torch.testing.assert_close(live, cached)
     live.backward()
     assert student_logits.grad is not None and student_logits.grad.abs().sum() > 0
+
+
+def test_qat_task_exports_int8_qdq_and_logs_the_post_training_baseline(teacher, mlflow_store):
+    parent_id, data, ref, work, teacher_acc = teacher
+    out = qat.fn(QatConfig(finetune=QUICK), ref, ref, data, work, parent_id, run_name="qat_int8")
+    assert out.format == Format.ONNX and count_qdq_nodes(out.path) > 0
+    run = _child(MlflowClient(mlflow_store), parent_id, "qat")
+    metrics = run.data.metrics
+    assert {"accuracy_fp32", "accuracy_before_finetune", "accuracy", "qdq_nodes"} <= set(metrics)
+    assert metrics["accuracy"] == out.info["accuracy"] > teacher_acc - 5
