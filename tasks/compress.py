@@ -23,10 +23,10 @@ from tasks.techniques.flops import model_stats
 from tasks.techniques.graph_prune import widths
 from tasks.techniques.models import load_model, save_model
 from tasks.techniques.prune import PruneConfig
+from tasks.techniques.prune import prune as prune_model
 from tasks.techniques.qat import QatConfig, calibrate, export_qdq, prepare
 from tasks.techniques.static_quant import accuracy as onnx_accuracy
 from tasks.techniques.static_quant import count_qdq_nodes
-from tasks.techniques.prune import prune as prune_model
 from tasks.techniques.training import evaluate
 from tasks.tracking import child_run
 

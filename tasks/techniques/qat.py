@@ -23,6 +23,7 @@ dequantized weights.
 from __future__ import annotations
 
 import copy
+import itertools
 import warnings
 from pathlib import Path
 
@@ -113,7 +114,7 @@ def fold_batchnorms(model: nn.Module, contract: InputContract) -> int:
     folded = 0
     for parent in list(model.modules()):
         children = list(parent.named_children())
-        for (conv_name, conv), (bn_name, bn) in zip(children, children[1:]):
+        for (conv_name, conv), (bn_name, bn) in itertools.pairwise(children):
             if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.num_features == conv.out_channels:
                 setattr(parent, conv_name, fuse_conv_bn_eval(conv.eval(), bn.eval()))
                 setattr(parent, bn_name, nn.Identity())
