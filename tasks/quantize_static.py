@@ -37,6 +37,7 @@ def quantize_static(cfg: StaticQuantConfig, onnx_model: ModelRef, data: DataRef,
         mlflow.log_metrics({"val_accuracy_fp32": result.accuracy_fp32, "val_accuracy_int8": result.accuracy_int8,
                             "val_accuracy_drop": result.accuracy_fp32 - result.accuracy_int8,
                             "excluded_nodes": float(len(result.excluded_nodes)),
+                            "fallback_seconds": result.fallback_seconds,
                             "qdq_nodes": float(count_qdq_nodes(result.path))})
         mlflow.log_dict(result.to_dict(), "fallback.json")
         mlflow.log_artifact(str(result.path), "onnx")

@@ -109,3 +109,33 @@ def test_bad_calibration_sets_and_files_give_clear_errors(toy, tmp_path):
     with pytest.raises(ValueError, match="notes.onnx is not an ONNX model"):
         quantize_static_int8(text, tmp_path / "a.onnx", X, StaticQuantConfig())
     assert not (tmp_path / "a.onnx").exists()
+
+
+def test_fallback_finds_the_worst_tensor_in_one_pass_and_excludes_its_reader(toy, tmp_path, monkeypatch):
+    """Feature 0 gets a huge value in four calibration rows, and the first Gemm's weights for it are zeroed: the
+    model's input range becomes 0..1e4 (every other input value rounds to zero) while nothing downstream
+    changes. The one-pass error ranks the Gemm that reads the input first, well above the others, and
+    ranking costs no quantization per node."""
+    import tasks.techniques.static_quant as sq
+
+    src, X, held_out = toy
+    model = onnx.load(str(src))
+    first = next(n for n in model.graph.node if n.op_type == "Gemm")
+    weight = next(i for i in model.graph.initializer if i.name == first.input[1])
+    w = onnx.numpy_helper.to_array(weight).copy()
+    w[..., 0] = 0  # (out, in) with transB: feature 0 feeds nothing
+    weight.CopyFrom(onnx.numpy_helper.from_array(w, weight.name))
+    onnx.save(model, str(tmp_path / "blind.onnx"))
+    wide = X.inputs["input"].copy()
+    wide[:4, 0] = 1e4
+    quantizations = []
+    real_call = sq._Quantizer.__call__
+    monkeypatch.setattr(sq._Quantizer, "__call__", lambda self, **kw: quantizations.append(kw) or real_call(self, **kw))
+    cfg = StaticQuantConfig(calibration_samples=64, max_accuracy_drop=0.0, max_fallback_nodes=1)
+    result = quantize_static_int8(tmp_path / "blind.onnx", tmp_path / "int8.onnx", table_part(wide, X.labels), cfg,
+                                  held_out)
+    assert max(result.sensitivity, key=result.sensitivity.get) == first.name
+    assert result.sensitivity[first.name] > 2 * max(v for k, v in result.sensitivity.items() if k != first.name)
+    assert result.excluded_nodes == (first.name,)
+    assert len(quantizations) == 2  # the full model, then one re-quantization per fallback step: none per node
+    assert result.fallback_seconds > 0
