@@ -147,8 +147,12 @@ def build_variants(cfg: PipelineConfig, workdir: str, stage: StageRunner) -> tup
         onnx_fused = stage(fuse_onnx, cfg=cfg.fuse, model=model, data=data, workdir=workdir)
         fused_int8 = stage(quantize.with_options(name="quantize_fused"), cfg=cfg.quantize, onnx_model=onnx_fused,
                            workdir=workdir)
-        variants += [onnx_fused, replace(fused_int8, name="onnx_fused_int8_dynamic",
-                                         info={**onnx_fused.info, **fused_int8.info})]
+        variants += [
+            replace(onnx_fused, info={**onnx_fused.info, "lineage": {"parent_variant": model.name,
+                                                                     "technique": "ort_transformer_fusion"}}),
+            replace(fused_int8, name="onnx_fused_int8_dynamic",
+                    info={**onnx_fused.info, **fused_int8.info, "lineage": {"parent_variant": onnx_fused.name,
+                                                                            "technique": "dynamic_int8"}})]
     variants += engine_variants(cfg.engines, onnx_fp32, model, data, workdir, stage)
     variants += chain_variants(cfg.compress, model, data, workdir, stage, OnnxSteps(cfg.export, cfg.fuse, cfg.quantize))
     return data, variants, run_plan

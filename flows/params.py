@@ -68,6 +68,9 @@ class PipelineConfig(TechniqueConfig):
             raise ValueError(f"train.epochs: 0 takes the given model as the FP32 baseline, but model.arch={m.arch} has "
                              "no trained weights; set model.weights, model.arch=huggingface with model.path, "
                              "model.arch=onnx, or train.init_from")
+        if self.train.kl_weight and not self.train.init_from:
+            raise ValueError("train.kl_weight: the KL term keeps a fine-tuned model close to the model it started from; "
+                             "set train.init_from (the original model) or leave kl_weight at 0")
         if m.arch == "onnx" and self.train.init_from:
             raise ValueError("train.init_from: an ONNX model (model.arch=onnx) cannot be fine-tuned")
         if self.data.new_source and (self.data.text_column or Path(self.data.source).is_dir()):

@@ -12,18 +12,21 @@ from dataclasses import asdict
 from pathlib import Path
 
 import mlflow
+import numpy as np
 
 from tasks.caching import stage_dir, stage_task
 from tasks.refs import DataRef, Format, ModelRef, file_sha256
 from tasks.techniques.data import load_splits
+from tasks.techniques.distill import DistillConfig, teacher_logits
+from tasks.techniques.files import atomic_write
 from tasks.techniques.flops import count_flops
 from tasks.techniques.init_weights import load_init_state
 from tasks.techniques.model_source import starting_model
-from tasks.techniques.models import ModelConfig, count_params, save_model
+from tasks.techniques.models import ModelConfig, count_params, load_model, save_model
 from tasks.techniques.training import TrainConfig, evaluate
 from tasks.tracking import child_run, tracking_uri
 from tasks.training_driver import run_training
-from tasks.worker_common import WorkerConfig
+from tasks.worker_common import KdConfig, WorkerConfig
 
 # Whole-run figures the strategies report beside the per-epoch curves.
 STRATEGY_METRICS = ("staleness_mean", "staleness_max", "stale_dropped", "workers_lost", "updates",
@@ -58,14 +61,17 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, data: DataRef, workdir: str,
         else:
             start = init.path if init else (str(save_model(model, spec, out / "start")) if pretrained else None)
             storage = Path(cfg.storage_path or Path(workdir) / "ray").resolve()
+            kd = _kl_to_original(cfg, model, data, out) if init and cfg.kl_weight else None
             worker = WorkerConfig(cfg.to_dict(), asdict(spec), data.path, tracking_uri(), run.info.run_id,
-                                  init_path=start)
+                                  init_path=start, kd=kd)
             summary = run_training(worker, storage, name=f"train-{out.name}", out_dir=out / "model")
             strategy_stats = {k: v for k, v in summary.get("metrics", {}).items() if k in STRATEGY_METRICS}
             if strategy_stats:
                 mlflow.log_metrics(strategy_stats)
             mlflow.set_tag("optforge.resumed_from_checkpoint", str(summary["resumed"]).lower())
         mlflow.log_metrics({k: summary[k] for k in ("best_val_accuracy", "best_epoch", "epochs_run")})
+        if init:
+            _log_old_and_new(model, out / "model", data)
         mlflow.log_artifacts(str(out / "model"), "model")
     info = {"params": params, "flops": flops, "best_val_accuracy": summary["best_val_accuracy"],
             "epochs_run": summary["epochs_run"]}
@@ -79,3 +85,21 @@ def _take_as_is(model, spec, data: DataRef, folder: Path) -> dict:
     mlflow.log_metrics({"val_accuracy": val["accuracy"], "val_loss": val["loss"]})
     mlflow.set_tag("optforge.note", "train.epochs=0: the given model is the FP32 baseline, not trained here")
     return {"best_val_accuracy": val["accuracy"], "best_epoch": -1, "epochs_run": 0, "resumed": False}
+
+
+def _kl_to_original(cfg: TrainConfig, original, data: DataRef, out: Path) -> KdConfig:
+    """Scene adaptation's regulariser: the original model's logits on the fit rows, computed once, as soft
+    targets at temperature 1 with weight ``kl_weight`` (the distillation loss, the original as teacher)."""
+    logits = teacher_logits(original, load_splits(data.path).fit)
+    path = atomic_write(out / "original_logits.npz", lambda tmp: np.savez(tmp, train=logits), suffix=".npz")
+    return KdConfig(DistillConfig(alpha=cfg.kl_weight, temperature=1.0).to_dict(), str(path), None)
+
+
+def _log_old_and_new(original, trained_folder: Path, data: DataRef) -> None:
+    """Test accuracy on data.source's rows and on data.new_source's rows, before and after fine-tuning."""
+    parts = load_splits(data.path).test_by_source()
+    if not parts:
+        return
+    trained, _ = load_model(trained_folder)
+    mlflow.log_metrics({f"test_accuracy_{source}_{when}": evaluate(net, part)["accuracy"]
+                        for source, part in parts.items() for when, net in (("before", original), ("after", trained))})

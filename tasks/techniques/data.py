@@ -30,6 +30,7 @@ from pydantic import Field
 
 from tasks.techniques.config import TechniqueConfig
 from tasks.techniques.contract import DTYPES, InputContract, Kind, table_contract
+from tasks.techniques.split import split_indices
 
 PARTS = ("train", "val", "test", "new")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -97,6 +98,11 @@ class Part:
     def head(self, n: int) -> Part:
         return Part({k: v[:n] for k, v in self.inputs.items()}, self.labels[:n])
 
+    def tail(self, n: int) -> Part:
+        """The last ``n`` rows (``n=0``: none)."""
+        start = len(self) - n
+        return Part({k: v[start:] for k, v in self.inputs.items()}, self.labels[start:])
+
     def batches(self, size: int) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
         for start in range(0, len(self), size):
             yield self.rows(start, start + size), np.asarray(self.labels[start : start + size])
@@ -137,6 +143,16 @@ class Splits:
 
     def part(self, name: str) -> Part:
         return getattr(self, name)
+
+    def test_by_source(self) -> dict[str, Part]:
+        """The test split as ``{"old": data.source's rows, "new": data.new_source's rows}``; empty without new data.
+
+        Fine-tuning on new data can forget the old: the two accuracies, not their mix, show whether it did.
+        """
+        n_new = int(self.stats.get("test_new_rows", 0))
+        if not n_new:
+            return {}
+        return {"old": self.test.head(len(self.test) - n_new), "new": self.test.tail(n_new)}
 
 
 def write_part(folder: Path, part: Part) -> None:
@@ -253,4 +269,6 @@ def _prepare_table(cfg: DataConfig, tmp: Path, tables) -> None:
     parts = tables.split_table(X, y, cfg, new, num_classes)
     for name, (Xp, yp) in parts.items():
         write_part(tmp / name, Part({"input": Xp}, yp))
-    write_meta(tmp, table_contract(X.shape[1], num_classes, image_shape), {})
+    # The test split holds data.source's rows, then data.new_source's: how many are new, to score them apart.
+    stats = {"test_new_rows": len(split_indices(len(new[0]), cfg, "data.new_source")[2])} if new else {}
+    write_meta(tmp, table_contract(X.shape[1], num_classes, image_shape), stats)

@@ -53,6 +53,9 @@ class TrainConfig(TechniqueConfig):
                                  "server updates old")
     init_from: str | None = Field(None, description="fine-tune from runs:/RUN/model, models:/NAME@ALIAS (or /VERSION), "
                                   "or a local model folder (model.pt + model.json)")
+    kl_weight: float = Field(0.0, ge=0, le=1, description="with init_from: weight of KL(original model || adapted model) "
+                             "on every batch (1 - kl_weight weighs the labels): keeps the adapted model close to the "
+                             "original's outputs on the old data while it learns the new; 0 = plain fine-tuning")
     mix: Literal["uniform", "tail"] = Field("uniform", description="where data.new_source's samples go in each epoch: "
                                             "spread through it, or only in its last tail_fraction")
     tail_fraction: float = Field(0.25, gt=0, le=1, description="mix=tail: share of each epoch (at its end) that the new "

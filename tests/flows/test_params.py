@@ -57,3 +57,8 @@ def test_missing_or_broken_config_file(tmp_path):
     (tmp_path / "bad.yaml").write_text("train: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(tmp_path / "bad.yaml")
+
+
+def test_kl_weight_needs_the_model_it_keeps_close_to():
+    with pytest.raises(ConfigError, match="train.kl_weight: .* set train.init_from"):
+        load_config(None, ["train.kl_weight=0.5"])

@@ -106,3 +106,34 @@ def test_init_from_an_onnx_version_says_what_to_use_instead(digits, tmp_path):
     with pytest.raises(ValueError, match="not a PyTorch model that can be fine-tuned; its FP32 PyTorch source is "
                                          "runs:/feedc0de/model"):
         fetch_init_model("models:/optforge-onnx/1", workdir)
+
+
+def test_kl_adaptation_keeps_the_original_and_plain_fine_tuning_learns_the_new_scene(mlflow_store, tmp_path):
+    """Scene adaptation: the new data are the digits mirrored left to right, same labels. Fine-tuning from the
+    model trained on the old digits, train.kl_weight=1 keeps its outputs (old and new test accuracy as before);
+    kl_weight=0 learns the mirrored digits. Both runs log the old and new accuracy apart."""
+    import numpy as np
+
+    from tasks.techniques.tables import read_table
+
+    X, y = read_table("digits", "label")
+    np.savez(tmp_path / "mirrored.npz", X=X.reshape(-1, 8, 8)[:, :, ::-1].reshape(len(X), 64), y=y)
+    configure("adaptation")
+    with mlflow.start_run(run_name="parent") as parent:
+        workdir = str(tmp_path / "work")
+        data = prepare_data.fn(DataConfig(new_source=str(tmp_path / "mirrored.npz")), None, workdir,
+                               parent.info.run_id, new_source_sha256="mirrored")
+        original, _ = _trained_folder(data, tmp_path)
+        init = fetch_init_model(original.path, workdir)
+        metrics = {}
+        for weight in (1.0, 0.0):
+            cfg = TrainConfig(epochs=4, batch_size=32, lr=3e-3, weight_decay=0.0, patience=0, num_workers=1,
+                              init_from=original.path, kl_weight=weight)
+            out = train.fn(cfg, SMALL, data, workdir, parent.info.run_id, init=init)
+            metrics[weight] = MlflowClient().get_run(out.run_id).data.metrics
+    kept, plain = metrics[1.0], metrics[0.0]
+    assert kept["test_accuracy_old_before"] > 90 and kept["test_accuracy_new_before"] < 50  # a real scene shift
+    assert abs(kept["test_accuracy_old_after"] - kept["test_accuracy_old_before"]) <= 1  # stays at the original ...
+    assert abs(kept["test_accuracy_new_after"] - kept["test_accuracy_new_before"]) <= 2  # ... new data included
+    assert plain["test_accuracy_new_after"] > plain["test_accuracy_new_before"] + 20  # plain fine-tuning adapts
+    # measured: kl_weight 1: old 98.1 -> 97.4, new 39.3 -> 39.3; kl_weight 0: old 98.1 -> 95.9, new 39.3 -> 93.7

@@ -130,6 +130,9 @@ def test_new_source_is_split_scaled_with_old_statistics_and_round_trips(tmp_path
     assert np.array_equal(mixed.train.inputs["input"], plain.train.inputs["input"])  # same statistics
     assert fingerprint(mixed_folder) != fingerprint(plain_folder)
     assert len(mixed.fit) == len(mixed.train) + 70  # training iterates over the old train part, then the new one
+    by_source = mixed.test_by_source()  # the old test rows, then the new ones: scored apart after fine-tuning
+    assert np.array_equal(by_source["old"].labels, plain.test.labels) and len(by_source["new"]) == 15
+    assert plain.test_by_source() == {}
     back = load_splits(save_splits(mixed, tmp_path / "s"))
     assert np.array_equal(back.new.inputs["input"], mixed.new.inputs["input"])
     assert np.array_equal(back.new.labels, mixed.new.labels)
