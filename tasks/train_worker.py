@@ -57,7 +57,7 @@ def train_loop_per_worker(config: dict) -> None:
     # teacher MLP, 2 processes vs 1: 1.44-1.52x -> 1.60-1.66x with per-tensor AdamW, 1.14x -> 1.17x fused).
     model = ray.train.torch.prepare_model(base, parallel_strategy=None if averaging else "ddp",
                                           parallel_strategy_kwargs={"gradient_as_bucket_view": True})
-    dataset, loss_fn = train_dataset(worker, cfg, splits, device)
+    dataset, loss_fn = train_dataset(worker, cfg, splits, device, base)
     sampler = MixingSampler(len(splits.train), len(splits.new), cfg.mix, cfg.tail_fraction, world, rank, cfg.seed)
     loader = make_loader(dataset, sampler, cfg.batch_size, cfg.loader)
     steps_per_epoch = -(-len(loader) // cfg.grad_accum_steps)

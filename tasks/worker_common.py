@@ -18,6 +18,7 @@ import numpy as np
 import ray
 import ray.train
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from tasks.techniques.augment import AugmentedDataset, CachedCopies
@@ -89,7 +90,8 @@ class PartDataset(Dataset):
         return (row_inputs(self.part, i), torch.as_tensor(int(self.part.labels[i])), *(e[i] for e in self.extra))
 
 
-def train_dataset(worker: WorkerConfig, cfg: TrainConfig, splits: Splits, device) -> tuple[Dataset, object]:
+def train_dataset(worker: WorkerConfig, cfg: TrainConfig, splits: Splits, device,
+                  model: nn.Module | None = None) -> tuple[Dataset, object]:
     """``(dataset, loss_fn)`` over the fit rows (old train split, then data.new_source's train part).
 
     Distillation adds the teacher's logits as a column and its own loss; augmentation swaps the one
@@ -98,7 +100,7 @@ def train_dataset(worker: WorkerConfig, cfg: TrainConfig, splits: Splits, device
     fit = splits.fit
     extra, loss_fn = [], None  # cross-entropy on labels
     if worker.kd:
-        extra, loss_fn = _kd_columns_and_loss(worker.kd, fit, device)
+        extra, loss_fn = _kd_columns_and_loss(worker.kd, fit, device, model)
     if cfg.loader.augment_copies:
         (name,) = splits.contract.names  # config checks allow augmentation of one float input only
         labels = [torch.as_tensor(np.asarray(fit.labels)), *extra]
@@ -118,9 +120,11 @@ class _Inputs:
         return row_inputs(self.part, i)
 
 
-def _kd_columns_and_loss(kd: KdConfig, fit: Part, device):
-    """The extra batch column and loss of distillation: cached teacher logits, or the teacher run live."""
+def _kd_columns_and_loss(kd: KdConfig, fit: Part, device, student: nn.Module | None = None):
+    """The extra batch column and loss of distillation: cached teacher logits, or the teacher run live (and
+    then, with ``hidden_weight``, the paired layer outputs of ``student`` and teacher as well)."""
     from tasks.techniques.contract import forward_logits
+    from tasks.techniques.students import LayerOutputs, hidden_state_loss
 
     cfg = DistillConfig.from_dict(kd.distill)
     if kd.logits_path:
@@ -128,11 +132,13 @@ def _kd_columns_and_loss(kd: KdConfig, fit: Part, device):
             soft = torch.as_tensor(z["train"])
         return [soft], lambda logits, yb, s: kd_loss(logits, s, yb, cfg.temperature, cfg.alpha)
     teacher = load_model(kd.teacher_path)[0].to(device)
+    hidden = (LayerOutputs(student), LayerOutputs(teacher)) if cfg.hidden_weight and student is not None else None
 
     def live(logits, yb, inputs):
         with torch.no_grad():
-            soft = forward_logits(teacher, inputs).float()
-        return kd_loss(logits, soft, yb, cfg.temperature, cfg.alpha)
+            soft = forward_logits(teacher, inputs).float()  # after the student's forward: both hooks are fresh
+        loss = kd_loss(logits, soft, yb, cfg.temperature, cfg.alpha)
+        return loss + cfg.hidden_weight * hidden_state_loss(*hidden) if hidden else loss
 
     return [_Inputs(fit)], live
 

@@ -21,7 +21,7 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from tasks.techniques.config import TechniqueConfig
@@ -58,6 +58,16 @@ class DistillConfig(TechniqueConfig):
     train: TrainConfig = Field(default_factory=_distill_train_default,
                                description="Ray Train settings of the student (workers, AMP, accumulation, ...)")
     cache_teacher_logits: bool = Field(True, description="compute the teacher's logits once per dataset, not per batch")
+    hidden_weight: float = Field(0.0, ge=0, description="weight of the mean-squared error between paired transformer "
+                                 "layer outputs of student and teacher (equal widths only); needs "
+                                 "cache_teacher_logits=false, since the teacher then runs on every batch")
+
+    @model_validator(mode="after")
+    def _hidden_needs_the_live_teacher(self):
+        if self.hidden_weight and self.cache_teacher_logits:
+            raise ValueError("compress.distill.hidden_weight: hidden-state distillation reads the teacher's layer "
+                             "outputs on every batch; set compress.distill.cache_teacher_logits=false")
+        return self
 
 
 class FinetuneConfig(TechniqueConfig):

@@ -10,7 +10,8 @@
   fewer heads and a narrower feed-forward). Its spec is the teacher's plus the pruning history.
 
 Both start close to the teacher, so distillation recovers in a few epochs what a fresh student of the
-same size needs many more for.
+same size needs many more for. ``hidden_state_loss`` adds the layer outputs to the logits as a signal
+(TinyBERT's hidden-state term): student layer i learns the output of the teacher layer it is paired with.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tasks.techniques.contract import InputContract
@@ -37,7 +40,7 @@ def layer_stack(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList] | None
     """(parent, attribute, list) of a Hugging Face transformer's layers: the first ``ModuleList`` holding
     ``config.num_hidden_layers`` blocks of one class; None when the model has no such stack."""
     n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    if not isinstance(n, int) or n < 2:
+    if not isinstance(n, int) or n < 1:
         return None
     for parent in model.modules():
         for attr, child in parent.named_children():
@@ -57,7 +60,7 @@ def drop_layers(teacher: nn.Module, spec: ModelSpec, stride: int) -> tuple[nn.Mo
     if spec.pruned or spec.factorized:
         raise ValueError("compress.distill.derive: layers are dropped from an unpruned, unfactorized teacher")
     found = layer_stack(teacher)
-    if found is None or spec.hf_config is None:
+    if found is None or len(found[2]) < 2 or spec.hf_config is None:
         raise ValueError("compress.distill.derive: 'layers' needs a Hugging Face transformer (a config with "
                          f"num_hidden_layers >= 2); this model is {type(teacher).__name__}. Use derive=width instead")
     student = copy.deepcopy(teacher)
@@ -121,3 +124,39 @@ def student_model(student_cfg: ModelConfig, derive: Derive, teacher: nn.Module, 
         student, spec, trained = starting_model(student_cfg, contract)
     check_runs(student, contract)
     return student, spec, trained
+
+
+def layer_pairs(n_student: int, n_teacher: int) -> list[tuple[int, int]]:
+    """Which teacher layer each student layer learns from: evenly spaced, first to last, so a student
+    derived with ``drop_layers`` pairs every layer with the teacher layer it was copied from."""
+    return list(enumerate(int(j) for j in np.linspace(0, n_teacher - 1, n_student).round()))
+
+
+class LayerOutputs:
+    """Forward hooks that keep the latest output of every layer of a transformer's layer stack."""
+
+    def __init__(self, model: nn.Module):
+        found = layer_stack(model)
+        if found is None:
+            raise ValueError(f"compress.distill.hidden_weight: {type(model).__name__} has no transformer layer stack "
+                             "(a Hugging Face config with num_hidden_layers); hidden-state distillation needs one")
+        self.outputs: list = [None] * len(found[2])
+        for i, layer in enumerate(found[2]):
+            layer.register_forward_hook(self._keep(i))
+
+    def _keep(self, i: int):
+        def hook(module, args, out):
+            self.outputs[i] = out[0] if isinstance(out, tuple) else out
+        return hook
+
+
+def hidden_state_loss(student: LayerOutputs, teacher: LayerOutputs) -> torch.Tensor:
+    """Mean squared error between paired layer outputs of equal width (``layer_pairs``), averaged over pairs;
+    pairs of different widths are left out (zero when none is left)."""
+    pairs = [(student.outputs[i], teacher.outputs[j])
+             for i, j in layer_pairs(len(student.outputs), len(teacher.outputs))]
+    losses = [F.mse_loss(s.float(), t.detach().float()) for s, t in pairs if s is not None and t is not None
+              and s.shape == t.shape]
+    if not losses:
+        return torch.zeros(())
+    return torch.stack(losses).mean()

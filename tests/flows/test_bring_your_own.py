@@ -112,7 +112,9 @@ def test_text_with_hugging_face_bert_and_raw_strings(tmp_path, mlflow_store):
                               "model": {"arch": "huggingface", "path": str(bert)},
                               "train": {"epochs": 1, "batch_size": 32, "num_workers": 2, "patience": 0},
                               "compress": {"chains": [["distill"]],
-                                           "distill": {"derive": "layers", "train": {"epochs": 1, "num_workers": 1}}}})
+                                           "distill": {"derive": "layers", "hidden_weight": 1.0,
+                                                       "cache_teacher_logits": False,
+                                                       "train": {"epochs": 1, "num_workers": 1}}}})
     assert code == 0
     name = "optforge-topics-bert"
     assert _predict_elsewhere(mlflow_store, name, ["the match goal", "rain and storm today"]) == [2, 3]
@@ -122,7 +124,8 @@ def test_text_with_hugging_face_bert_and_raw_strings(tmp_path, mlflow_store):
                                   output_format="list")[0]
     # 240 rows, every 20th is 60 words long: 12 texts exceed 16 tokens and are truncated, not refused.
     assert data_run.data.metrics["texts_truncated"] >= 12
-    # The DistilBERT recipe: the 2-layer BERT's student keeps one layer, starting from the teacher's weights.
+    # The DistilBERT recipe: the 2-layer BERT's student keeps one layer, starting from the teacher's weights,
+    # and learns the teacher's logits and its paired layer's output (the live teacher runs on every batch).
     distill_run = mlflow.search_runs(experiment_names=["byo"], filter_string="tags.`optforge.stage` = 'distill'",
                                      output_format="list")[0]
     assert distill_run.data.tags["optforge.student"] == "teacher's layers, one in 2 kept (1 layers)"

@@ -3,6 +3,7 @@ CNN start from the teacher's own weights, and rebuild from their spec alone."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -69,3 +70,29 @@ def test_a_hugging_face_config_alone_gives_a_fresh_student_with_the_datas_classe
     student, spec, has_weights = student_model(student_cfg, "none", teacher, hf_spec(teacher, contract))
     assert not has_weights and student.config.num_labels == 3 and len(student.bert.encoder.layer) == 1
     assert spec.hf_config["num_hidden_layers"] == 1
+
+
+def test_hidden_state_loss_pairs_layers_evenly_and_is_zero_for_the_teacher_itself():
+    from tasks.techniques.students import LayerOutputs, hidden_state_loss, layer_pairs
+
+    assert [j for _, j in layer_pairs(6, 12)] == kept_layer_indices(12, 2)  # the layers a derived student came from
+    teacher, contract = tiny_bert(4), text_contract(12, 3, {})
+    twin = copy.deepcopy(teacher)
+    student, _ = derive_student(teacher, hf_spec(teacher, contract), "layers")
+    x = contract.example(batch=2)
+    outputs = {name: LayerOutputs(m) for name, m in (("teacher", teacher), ("twin", twin), ("student", student))}
+    for m in (teacher, twin, student):
+        forward_logits(m, x)
+    assert hidden_state_loss(outputs["twin"], outputs["teacher"]).item() == 0
+    assert hidden_state_loss(outputs["student"], outputs["teacher"]).item() > 0  # layer 1 sees other inputs
+    assert len(outputs["student"].outputs) == 2 and all(o is not None for o in outputs["student"].outputs)
+
+
+def test_hidden_state_distillation_needs_the_live_teacher():
+    from pydantic import ValidationError
+
+    from tasks.techniques.distill import DistillConfig
+
+    with pytest.raises(ValidationError, match="cache_teacher_logits=false"):
+        DistillConfig(hidden_weight=1.0)
+    assert DistillConfig(hidden_weight=1.0, cache_teacher_logits=False).hidden_weight == 1.0
