@@ -81,12 +81,12 @@ MODELS = {
 # The chains issue 13's targets are about, one fine-tuning epoch each (random weights: speed, not accuracy).
 # BERT: ORT's fusion and dynamic INT8 of the model (onnx_fused_int8_dynamic, built for any BERT), the
 # 6-layer DistilBERT-style student derived from it, fused and INT8, and SVD + INT8. ResNet: per-channel
-# static INT8 of the model, and half its FLOPs pruned, then quantization-aware fine-tuning to QDQ INT8.
+# static INT8 of the model, and half its FLOPs pruned, then static INT8 or quantization-aware fine-tuning.
 CHAINS = {
     "bert": ["compress.chains=[[distill, fuse, quantize], [factorize, quantize]]", "compress.distill.derive=layers",
              "compress.distill.train.epochs=1", "compress.distill.train.num_workers=1",
              "compress.distill.train.batch_size=16"],
-    "resnet": ["compress.chains=[[prune, quantize], [prune, qat]]", "compress.prune.target=flops",
+    "resnet": ["compress.chains=[[prune, static], [prune, qat]]", "compress.prune.target=flops",
                "compress.prune.sparsity=0.5", "compress.prune.rounds=1", "compress.prune.finetune.epochs=1",
                "compress.qat.finetune.epochs=1", "compress.qat.finetune.batch_size=16",
                "engines.static_int8.per_channel=true"],

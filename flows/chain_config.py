@@ -16,13 +16,15 @@ from tasks.techniques.factorize import FactorizeConfig
 from tasks.techniques.prune import PruneConfig
 from tasks.techniques.qat import QatConfig
 
-Stage = Literal["distill", "prune", "factorize", "export", "fuse", "quantize", "qat"]
+Stage = Literal["distill", "prune", "factorize", "export", "fuse", "quantize", "static", "qat"]
 TORCH_STEPS = ("distill", "prune", "factorize")
-SUFFIX = {"export": "onnx", "fuse": "fused", "quantize": "int8", "qat": "qat_int8"}
+SUFFIX = {"export": "onnx", "fuse": "fused", "quantize": "int8", "static": "static_int8", "qat": "qat_int8"}
 # What may follow the PyTorch steps: an ONNX export (plain, or fused by ONNX Runtime's transformer
-# optimizer, which exports its own graph), then optionally dynamic INT8; or quantization-aware
+# optimizer, which exports its own graph), then optionally INT8: dynamic (quantize, MatMul-heavy models)
+# or static QDQ calibrated as engines.static_int8 says (static, convolutions); or quantization-aware
 # fine-tuning, which exports its own QDQ INT8 model.
-ONNX_TAILS = ((), ("export",), ("quantize",), ("export", "quantize"), ("fuse",), ("fuse", "quantize"), ("qat",))
+ONNX_TAILS = ((), ("export",), ("quantize",), ("export", "quantize"), ("fuse",), ("fuse", "quantize"),
+              ("static",), ("export", "static"), ("qat",))
 
 # The default shows each technique next to its INT8 version and keeps `optforge run` quick: one Ray
 # Train distillation (shared by the first four chains), in-process fine-tuning for QAT, prune and
@@ -77,10 +79,11 @@ class CompressConfig(TechniqueConfig):
 
 
 def expand(chain) -> tuple[str, ...]:
-    """The steps that actually run: quantize needs an ONNX model, so it implies export (unless fused)."""
+    """The steps that actually run: INT8 (quantize, static) needs an ONNX model, so it implies export (unless
+    fused)."""
     steps = tuple(chain)
-    if "quantize" in steps and "export" not in steps and "fuse" not in steps:
-        steps = steps[:-1] + ("export", "quantize")
+    if steps[-1:] in (("quantize",), ("static",)) and "export" not in steps and "fuse" not in steps:
+        steps = (*steps[:-1], "export", steps[-1])
     return steps
 
 

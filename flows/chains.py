@@ -20,10 +20,12 @@ from tasks.distill import distill
 from tasks.export import export
 from tasks.fuse import fuse_onnx
 from tasks.quantize import quantize
+from tasks.quantize_static import quantize_static
 from tasks.refs import DataRef, ModelRef
 from tasks.techniques.fusion import FuseConfig
 from tasks.techniques.onnx_export import ExportConfig
 from tasks.techniques.quantization import DynamicQuantConfig
+from tasks.techniques.static_quant import StaticQuantConfig
 
 __all__ = ["CompressConfig", "OnnxSteps", "chain_variants", "expand", "product_name"]
 
@@ -35,6 +37,7 @@ class OnnxSteps:
     export: ExportConfig
     fuse: FuseConfig
     quantize: DynamicQuantConfig
+    static: StaticQuantConfig
 
 
 def _run_step(step: str, source: ModelRef, name: str, teacher: ModelRef, cfg: CompressConfig, data: DataRef,
@@ -52,6 +55,9 @@ def _run_step(step: str, source: ModelRef, name: str, teacher: ModelRef, cfg: Co
                      workdir=workdir, run_name=name)
     if step == "export":
         out = stage(export.with_options(name=name), cfg=onnx_cfgs.export, model=source, data=data, workdir=workdir)
+    elif step == "static":
+        out = stage(quantize_static.with_options(name=name), cfg=onnx_cfgs.static, onnx_model=source, data=data,
+                    workdir=workdir)
     elif step == "fuse":
         out = stage(fuse_onnx.with_options(name=name), cfg=onnx_cfgs.fuse, model=source, data=data, workdir=workdir,
                     run_name=name)

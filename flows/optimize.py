@@ -154,7 +154,8 @@ def build_variants(cfg: PipelineConfig, workdir: str, stage: StageRunner) -> tup
                     info={**onnx_fused.info, **fused_int8.info, "lineage": {"parent_variant": onnx_fused.name,
                                                                             "technique": "dynamic_int8"}})]
     variants += engine_variants(cfg.engines, onnx_fp32, model, data, workdir, stage)
-    variants += chain_variants(cfg.compress, model, data, workdir, stage, OnnxSteps(cfg.export, cfg.fuse, cfg.quantize))
+    onnx_steps = OnnxSteps(cfg.export, cfg.fuse, cfg.quantize, cfg.engines.static_int8)
+    variants += chain_variants(cfg.compress, model, data, workdir, stage, onnx_steps)
     return data, variants, run_plan
 
 

@@ -17,13 +17,14 @@ from tasks.techniques.fusion import FuseConfig
 from tasks.techniques.models import ModelConfig, ModelSpec, build_model, load_model, save_model
 from tasks.techniques.onnx_export import ExportConfig
 from tasks.techniques.quantization import DynamicQuantConfig
+from tasks.techniques.static_quant import StaticQuantConfig, count_qdq_nodes
 from tasks.tracking import configure
 from tests.conftest import TINY
 
 
 @pytest.mark.parametrize("chains, message", [
     ("[[distil, quantize]]", ("compress.chains.0.0: Input should be 'distill', 'prune', 'factorize', 'export', "
-                              "'fuse', 'quantize' or 'qat' (got 'distil')")),
+                              "'fuse', 'quantize', 'static' or 'qat' (got 'distil')")),
     ("[[distill, qat, quantize]]", "export (or fuse) and quantize must come last"),
     ("[[prune], [factorize, Quantize]]", "compress.chains.1.1: Input should be"),
     ("[[quantize]]", "compress.chains: Value error, chain 0 ['quantize'] needs at least one of"),
@@ -64,6 +65,8 @@ def test_names():
     assert product_name(("distill", "fuse"), "_") == "distill_fused"
     assert expand(("distill", "qat")) == ("distill", "qat")  # QAT exports its own QDQ INT8 model
     assert product_name(("distill", "qat"), "_") == "distill_qat_int8" and product_name(("qat",), "_") == "qat_int8"
+    assert expand(("prune", "static")) == ("prune", "export", "static")  # static INT8 of the pruned model's export
+    assert product_name(expand(("prune", "static")), "_") == "prune_static_int8"
     assert product_name(("distill",)) == "distill"
 
 
@@ -87,13 +90,17 @@ def test_chain_variants_share_prefixes_and_carry_lineage(teacher, tmp_path):
         return task.fn(**kwargs, parent_run_id=parent_id)
 
     quick = {"finetune": {"epochs": 1}}
-    cfg = CompressConfig.from_dict({"chains": [["prune", "quantize"], ["prune"], ["prune", "factorize", "export"]],
+    cfg = CompressConfig.from_dict({"chains": [["prune", "quantize"], ["prune"], ["prune", "factorize", "export"],
+                                               ["prune", "static"]],
                                     "prune": quick, "factorize": {**quick, "mode": "ratio", "rank_ratio": 0.25}})
     variants = chain_variants(cfg, ref, data, str(tmp_path / "work"), stage,
-                              OnnxSteps(ExportConfig(), FuseConfig(), DynamicQuantConfig()))
-    assert [v.name for v in variants] == ["prune_int8", "prune", "prune_factorize_onnx"]
-    assert calls == ["prune", "prune-onnx", "prune-int8", "prune-factorize", "prune-factorize-onnx"]  # prune once
-    int8, pruned, onnx = variants
+                              OnnxSteps(ExportConfig(), FuseConfig(), DynamicQuantConfig(), StaticQuantConfig()))
+    assert [v.name for v in variants] == ["prune_int8", "prune", "prune_factorize_onnx", "prune_static_int8"]
+    assert calls == ["prune", "prune-onnx", "prune-int8", "prune-factorize", "prune-factorize-onnx",
+                     "prune-static_int8"]  # prune once, export once
+    static = variants[3]
+    assert static.format == "onnx" and count_qdq_nodes(static.path) > 0 and static.info["flops"] == variants[1].info["flops"]
+    int8, pruned, onnx = variants[:3]
     assert int8.format == onnx.format == "onnx" and pruned.format == "torch"
     assert int8.info["flops"] == pruned.info["flops"] > 0  # the ONNX variant keeps its PyTorch source's count
     assert int8.info["lineage"]["chain"] == "prune>quantize"
