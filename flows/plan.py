@@ -68,6 +68,12 @@ def _hf_config(folder: str) -> dict | None:
 def _student_problem(cfg: PipelineConfig, contract: InputContract) -> str | None:
     """Why the configured student cannot take this data or would not be smaller than the model, or None."""
     distill, m = cfg.compress.distill, cfg.model
+    if distill.hidden_weight:
+        teacher = _hf_config(m.path) if m.arch == HUGGINGFACE and m.path else None
+        student = _fused_config(cfg, ("distill",))  # the student's Hugging Face config, derived or given
+        if not all("num_hidden_layers" in (c or {}) for c in (teacher, student)):
+            return ("distill: compress.distill.hidden_weight pairs the layers of two transformers (Hugging Face "
+                    "configs with num_hidden_layers); this teacher or student has none: set it to 0")
     if distill.derive == "width":
         return None  # the teacher, narrowed: always smaller, always takes the data
     if distill.derive == "layers":

@@ -53,3 +53,10 @@ def test_a_bert_keeps_fusion_and_a_fused_chain_of_its_derived_student(tmp_path):
     assert [list(c) for c in derived.cfg.compress.chains] == [["distill", "fuse", "quantize"], ["prune"]]
     zoo_student = plan(load_config(None, base), text_contract(16, 3, {}), "t")  # the default MLP student
     assert "not one" in zoo_student.skipped["distill_fused_int8"] and "fuse" not in zoo_student.skipped
+
+
+
+def test_hidden_state_distillation_of_a_non_transformer_is_skipped_before_training():
+    cfg = load_config(None, ["compress.distill.hidden_weight=1", "compress.distill.cache_teacher_logits=false"])
+    result = plan(cfg, table_contract(64, 10, (1, 8, 8)), "digits")
+    assert DISTILL_CHAINS <= set(result.skipped) and "hidden_weight pairs the layers" in result.skipped["distill"]
