@@ -139,3 +139,20 @@ def test_fallback_finds_the_worst_tensor_in_one_pass_and_excludes_its_reader(toy
     assert result.excluded_nodes == (first.name,)
     assert len(quantizations) == 2  # the full model, then one re-quantization per fallback step: none per node
     assert result.fallback_seconds > 0
+
+
+
+def test_error_pass_runs_on_a_bert_graph(tmp_path):
+    """BERT's QDQ graph has weights that dequantize to scalars, on which ORT's own weight-error helper fails."""
+    from tasks.techniques.contract import text_contract
+    from tasks.techniques.data import Part
+    from tasks.techniques.static_quant import node_errors
+    from tests.techniques.helpers import tiny_bert
+
+    bert, contract = tiny_bert(), text_contract(12, 3, {})
+    src = export_onnx(bert, contract, tmp_path / "bert.onnx", ExportConfig())
+    ids = np.random.default_rng(0).integers(0, 60, (16, 12))
+    part = Part({"input_ids": ids, "attention_mask": np.ones_like(ids)}, np.zeros(16, np.int64))
+    qdq = quantize_static_int8(src, tmp_path / "int8.onnx", part, StaticQuantConfig(calibration_samples=16)).path
+    errors = node_errors(src, qdq, part, 4, tmp_path)
+    assert errors and all(0 <= e < 10 for e in errors.values())  # every MatMul/Gemm scored, finite
