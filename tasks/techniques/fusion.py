@@ -21,18 +21,17 @@ DistilBERT, ELECTRA and XLM-R; ``vit`` covers ViT and DeiT). Other models are sk
 from __future__ import annotations
 
 import contextlib
-import warnings
 from pathlib import Path
 
 import onnx
-import torch
 from pydantic import Field
 from torch import nn
 
 from tasks.techniques.config import TechniqueConfig
-from tasks.techniques.contract import InputContract, LogitsModule
+from tasks.techniques.contract import InputContract
 from tasks.techniques.files import atomic_write
 from tasks.techniques.graph_prune import attention_modules
+from tasks.techniques.onnx_export import export_torchscript
 
 # Hugging Face model_type -> ORT optimizer family (onnxruntime.transformers.optimizer.MODEL_TYPES).
 ORT_FAMILY = {"bert": "bert", "roberta": "bert", "distilbert": "bert", "electra": "bert", "xlm-roberta": "bert",
@@ -79,15 +78,8 @@ def _eager_attention(model: nn.Module):
 
 def export_for_fusion(model: nn.Module, contract: InputContract, path: str | Path, opset: int) -> Path:
     """TorchScript export with eager attention (module docstring): the graph ORT's fusion patterns match."""
-    wrapped = LogitsModule(model.eval(), contract.names)
-    example = tuple(contract.example(batch=2).values())
-    axes = contract.dynamic_axes() | {"logits": {0: "batch"}}
-    with _eager_attention(model), warnings.catch_warnings(), torch.inference_mode(False):
-        warnings.simplefilter("ignore")  # the exporter's deprecation and tracer warnings: nothing to act on
-        atomic_write(Path(path), lambda tmp: torch.onnx.export(
-            wrapped, example, tmp, dynamo=False, opset_version=opset, input_names=list(contract.names),
-            output_names=["logits"], dynamic_axes=axes))
-    return Path(path)
+    with _eager_attention(model):
+        return export_torchscript(model, contract, path, opset)
 
 
 def attention_shape(model: nn.Module) -> tuple[int, int]:

@@ -237,3 +237,20 @@ def _summary(exc: BaseException, limit: int = 400) -> str:
         text = text.split("## Exception summary", 1)[1]
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and ln.strip() != "⬆️"]
     return " ".join(lines[:2])[:limit] if lines else type(exc).__name__
+
+
+def export_torchscript(model: nn.Module, contract: InputContract, path: str | Path, opset: int) -> Path:
+    """The contract's inputs and one ``logits`` output, dynamic axes as in ``export_onnx``, but through torch's
+    TorchScript exporter, written atomically. For the two graphs the dynamo exporter cannot give here: ORT's
+    transformer fusion patterns (fusion.py) and fake-quantize operators with a dynamic batch (qat.py)."""
+    import warnings
+
+    wrapped = LogitsModule(model.eval(), contract.names)
+    example = tuple(contract.example(batch=2).values())
+    axes = contract.dynamic_axes() | {"logits": {0: BATCH}}
+    with warnings.catch_warnings(), torch.inference_mode(False):
+        warnings.simplefilter("ignore")  # the exporter's deprecation and tracer warnings: nothing to act on
+        atomic_write(Path(path), lambda tmp: torch.onnx.export(
+            wrapped, example, str(tmp), dynamo=False, opset_version=opset, input_names=list(contract.names),
+            output_names=["logits"], dynamic_axes=axes))
+    return Path(path)

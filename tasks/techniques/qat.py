@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import warnings
 from pathlib import Path
 
 import torch
@@ -33,9 +32,10 @@ from pydantic import Field
 from torch import nn
 
 from tasks.techniques.config import TechniqueConfig
-from tasks.techniques.contract import InputContract, LogitsModule, forward_logits
+from tasks.techniques.contract import InputContract, forward_logits
 from tasks.techniques.distill import FinetuneConfig
 from tasks.techniques.files import atomic_write
+from tasks.techniques.onnx_export import export_torchscript
 
 
 def _qat_finetune_default() -> FinetuneConfig:
@@ -109,7 +109,6 @@ def fold_batchnorms(model: nn.Module, contract: InputContract) -> int:
     in place; returns how many. The model's outputs are checked unchanged, else the folding is undone."""
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-    before = copy.deepcopy(model.state_dict())
     original = copy.deepcopy(model)
     folded = 0
     for parent in list(model.modules()):
@@ -123,8 +122,9 @@ def fold_batchnorms(model: nn.Module, contract: InputContract) -> int:
         x = contract.example(batch=2)
         with torch.no_grad():
             same = torch.allclose(forward_logits(original.eval(), x), forward_logits(model.eval(), x), atol=1e-4)
-        if not same:  # a BatchNorm that was not applied right after its conv: keep the model as it was
-            model.load_state_dict(before, strict=False)
+        if not same:  # a BatchNorm that was not applied right after its conv: put the original modules back
+            for name, child in original.named_children():
+                setattr(model, name, child)
             return 0
     return folded
 
@@ -159,13 +159,7 @@ def export_qdq(model: nn.Module, contract: InputContract, path: str | Path, opse
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     raw = path.with_suffix(".fakequant.onnx")
-    wrapped = LogitsModule(model.eval(), contract.names)
-    example = tuple(contract.example(batch=2).values())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation warning: nothing to act on
-        torch.onnx.export(wrapped, example, str(raw), dynamo=False, opset_version=opset,
-                          input_names=list(contract.names), output_names=["logits"],
-                          dynamic_axes=contract.dynamic_axes() | {"logits": {0: "batch"}})
+    export_torchscript(model, contract, raw, opset)
 
     def fold(tmp):
         options = ort.SessionOptions()
