@@ -76,15 +76,19 @@ def train_tokenizer(texts: list[str], out: Path, vocab_size: int = 200):
     return fast
 
 
-def write_bert(out: Path, texts: list[str], num_labels: int = 3, hidden: int = 32, layers: int = 2) -> Path:
-    """A tiny BERT classifier (random weights) with its own WordPiece tokenizer, in one save_pretrained folder."""
+def write_bert(out: Path, texts: list[str], num_labels: int = 3, hidden: int = 32, layers: int = 2, heads: int = 2,
+               ffn_ratio: int = 2, positions: int = 128) -> Path:
+    """A small BERT classifier (random weights) with its own WordPiece tokenizer, in one save_pretrained folder.
+
+    The defaults are the tests' tiny model; ``write_examples`` writes a larger one (see there).
+    """
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
     tokenizer = train_tokenizer(texts, out)
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
-                        intermediate_size=hidden * 2, max_position_embeddings=128, num_labels=num_labels)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                        intermediate_size=hidden * ffn_ratio, max_position_embeddings=positions, num_labels=num_labels)
     BertForSequenceClassification(config).save_pretrained(str(out))
     return out
 
@@ -101,13 +105,19 @@ def write_resnet(out: Path, num_labels: int = 10, channels: int = 3) -> Path:
     return out
 
 
+# The text example's BERT: 6 layers of width 128 with BERT's 4x feed-forward (1.24 M weights). Its layers, not its
+# embeddings, hold most of the weights, as in BERT-base; in a 2-layer width-32 BERT the embeddings and the graph's
+# fixed overhead dominate and no layer-dropped, INT8 student can be much smaller than its teacher.
+EXAMPLE_BERT = {"hidden": 128, "layers": 6, "heads": 4, "ffn_ratio": 4, "positions": 64}
+
+
 def write_examples(root: Path) -> dict[str, Path]:
     """Everything ``configs/examples/*.yaml`` read, under ``root`` (default ``examples/``)."""
     texts_csv = write_text_csv(root / "topics.csv")
     with open(texts_csv) as fh:
         texts = [row["text"] for row in csv.DictReader(fh)]
     return {"images": write_image_folder(root / "digits_images"), "resnet": write_resnet(root / "resnet_tiny"),
-            "texts": texts_csv, "bert": write_bert(root / "bert_tiny", texts)}
+            "texts": texts_csv, "bert": write_bert(root / "bert_tiny", texts, **EXAMPLE_BERT)}
 
 
 def cmd_examples(args: argparse.Namespace) -> int:
