@@ -1,8 +1,12 @@
-"""Cache keys for stages: (stage, stage config, input content hashes, code version).
+"""Cache keys for stages: (stage, stage config, input content hashes, code version, library versions,
+and for the stages that measure or build for a machine, that machine).
 
-A stage re-runs when its config, any input's content or optforge's code changes; otherwise Prefect
-returns the persisted result of the earlier run, so re-running a completed or crashed pipeline
-skips what already finished. The MLflow parent run id is deliberately not part of the key.
+A stage re-runs when its config, any input's content, optforge's code or a library that shapes its
+output changes; otherwise Prefect returns the persisted result of the earlier run, so re-running a
+completed or crashed pipeline skips what already finished. The cache may sit on a volume shared by
+several nodes (infra/): a benchmark timed on one CPU, or an engine built for one GPU, is keyed by
+that hardware so another node measures or builds its own. The MLflow parent run id is deliberately
+not part of the key.
 """
 
 from __future__ import annotations
@@ -19,6 +23,13 @@ from pydantic import BaseModel
 # Parameters that identify *this* pipeline run rather than the stage's work.
 NOT_IN_KEY = frozenset({"parent_run_id"})
 
+# Libraries whose upgrade can change what a stage produces (weights, graphs, quantized models, timings).
+KEYED_LIBRARIES = ("torch", "numpy", "onnx", "onnxruntime", "onnxscript", "transformers", "torch-pruning",
+                   "scikit-learn", "tensorrt", "tensorrt-cu12")
+
+# Stages whose output is a property of the hardware they ran on: timings, and engines built for one GPU.
+MACHINE_BOUND = frozenset({"benchmark", "build_engine"})
+
 
 @lru_cache(maxsize=1)
 def code_version() -> str:
@@ -29,6 +40,33 @@ def code_version() -> str:
         h.update(f.relative_to(root).as_posix().encode())
         h.update(f.read_bytes())
     return h.hexdigest()[:16]
+
+
+@lru_cache(maxsize=1)
+def library_versions() -> dict[str, str]:
+    """Installed versions of ``KEYED_LIBRARIES`` ("absent" for those not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in KEYED_LIBRARIES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "absent"
+    return found
+
+
+@lru_cache(maxsize=1)
+def machine_identity() -> dict[str, str]:
+    """The CPU model and core count, and the GPU when CUDA sees one: what a timing or an engine belongs to."""
+    import os
+
+    import torch
+
+    from tasks.techniques.benchmark import cpu_model
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return {"cpu_model": cpu_model(), "cpu_count": str(os.cpu_count()), "gpu": gpu}
 
 
 def _jsonable(value: Any) -> Any:
@@ -48,7 +86,10 @@ def _jsonable(value: Any) -> Any:
 
 def stage_key(stage: str, parameters: dict[str, Any]) -> str:
     payload = {k: _jsonable(v) for k, v in parameters.items() if k not in NOT_IN_KEY}
-    blob = json.dumps({"stage": stage, "params": payload, "code": code_version()}, sort_keys=True, default=str)
+    key = {"stage": stage, "params": payload, "code": code_version(), "libraries": library_versions()}
+    if stage in MACHINE_BOUND:
+        key["machine"] = machine_identity()
+    blob = json.dumps(key, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

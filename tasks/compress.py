@@ -75,7 +75,8 @@ def prune(cfg: PruneConfig, model: ModelRef, teacher: ModelRef, data: DataRef, w
     """Prune ``model`` (structured or unstructured, iteratively) and fine-tune after each round."""
     out = stage_dir(workdir, "prune", {"prune": cfg, "model": model, "teacher": teacher, "data": data})
     tags = {"optforge.source_run": model.run_id or "", "optforge.teacher_run": teacher.run_id or ""}
-    with child_run(parent_run_id, "prune", run_name=run_name, params={"prune": cfg.to_dict()}, tags=tags) as run:
+    with child_run(parent_run_id, "prune", run_name=run_name, params={"prune": cfg.to_dict()}, tags=tags,
+                   system_metrics=True) as run:
         net, spec = load_model(model.path)
         splits = load_splits(data.path)
         before = model_stats(net, splits.contract)
@@ -123,7 +124,8 @@ def qat(cfg: QatConfig, model: ModelRef, teacher: ModelRef, data: DataRef, workd
     """Quantization-aware fine-tuning of ``model`` (distilling from ``teacher``), exported as a QDQ INT8 ONNX model."""
     out = stage_dir(workdir, "qat", {"qat": cfg, "model": model, "teacher": teacher, "data": data})
     tags = {"optforge.source_run": model.run_id or "", "optforge.teacher_run": teacher.run_id or ""}
-    with child_run(parent_run_id, "qat", run_name=run_name, params={"qat": cfg.to_dict()}, tags=tags) as run:
+    with child_run(parent_run_id, "qat", run_name=run_name, params={"qat": cfg.to_dict()}, tags=tags,
+                   system_metrics=True) as run:
         net, _ = load_model(model.path)
         splits = load_splits(data.path)
         acc_fp32 = evaluate(net, splits.test)["accuracy"]

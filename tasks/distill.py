@@ -65,7 +65,8 @@ def distill(cfg: DistillConfig, teacher: ModelRef, data: DataRef, workdir: str, 
     """
     out = stage_dir(workdir, "distill", {"distill": cfg, "teacher": teacher, "data": data})
     tags = {"optforge.source_run": teacher.run_id or ""}
-    with child_run(parent_run_id, "distill", run_name=run_name, params={"distill": cfg.to_dict()}, tags=tags) as run:
+    with child_run(parent_run_id, "distill", run_name=run_name, params={"distill": cfg.to_dict()}, tags=tags,
+                   system_metrics=True) as run:
         teacher_model, teacher_spec = load_model(teacher.path)
         # Built here so a bad student fails in seconds, before Ray starts workers; a student that is not
         # smaller than its teacher only warns (it may still be the better model).

@@ -19,6 +19,8 @@ STAGE_TAG = "optforge.stage"
 ERROR_TAG = "optforge.error"
 # MLflow caps a tag value at 8,000 characters (the SQL stores' column size); error texts are cut to fit.
 _MAX_TAG = 5000
+# MLflow samples every 10 s by default: too coarse for stages that take tens of seconds.
+SYSTEM_METRICS_INTERVAL_S = 2
 
 
 def tracking_uri() -> str:
@@ -60,10 +62,20 @@ def error_tags(exc: BaseException) -> dict[str, str]:
 
 @contextlib.contextmanager
 def child_run(parent_run_id: str | None, stage: str, run_name: str | None = None, params: dict | None = None,
-              tags: dict | None = None) -> Iterator[mlflow.ActiveRun]:
-    """A nested MLflow run for one stage; on error it ends FAILED with the error as a tag."""
+              tags: dict | None = None, system_metrics: bool = False) -> Iterator[mlflow.ActiveRun]:
+    """A nested MLflow run for one stage; on error it ends FAILED with the error as a tag.
+
+    ``system_metrics`` turns on MLflow's system metrics monitor for the run (``system/cpu_utilization_percentage``,
+    memory, disk, network; GPU utilisation and memory when ``nvidia-ml-py`` is installed and a GPU is present),
+    sampled every ``SYSTEM_METRICS_INTERVAL_S`` unless ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` says otherwise.
+    The training stages use it; the samples are of the machine running the driver, which for local Ray is the
+    machine doing the work.
+    """
     all_tags = {STAGE_TAG: stage, **(tags or {})}
-    with mlflow.start_run(run_name=run_name or stage, parent_run_id=parent_run_id, nested=True, tags=all_tags) as run:
+    if system_metrics and not os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"):
+        mlflow.system_metrics.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
+    with mlflow.start_run(run_name=run_name or stage, parent_run_id=parent_run_id, nested=True, tags=all_tags,
+                          log_system_metrics=system_metrics) as run:
         try:
             if params:
                 mlflow.log_params(flatten(params))
@@ -74,10 +86,15 @@ def child_run(parent_run_id: str | None, stage: str, run_name: str | None = None
 
 
 def _process_start(pid: int) -> str | None:
-    """Start time of ``pid`` in clock ticks since boot (Linux), to tell a live run from a reused pid."""
+    """Creation time of ``pid`` (psutil: Linux, macOS, Windows), or None when no such process exists.
+
+    With the pid it tells a live run from a dead one whose pid a new process reused.
+    """
+    import psutil
+
     try:
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
+        return f"{psutil.Process(pid).create_time():.3f}"
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return None
 
 
@@ -117,18 +134,27 @@ def close_dead_runs(experiment_id: str, current_run_id: str) -> list[str]:
     return closed
 
 
+LOCK_TIMEOUT_S = 600.0  # longer than any locked section takes; OPTFORGE_LOCK_TIMEOUT_S overrides
+
+
 @contextlib.contextmanager
 def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on ``path`` (created if missing) for the duration of the block."""
-    import fcntl
+    """An exclusive lock on ``path`` (created if missing) for the duration of the block.
 
+    ``filelock`` takes an OS lock (``flock`` on POSIX, ``msvcrt.locking`` on Windows), which the OS
+    releases when the holder dies, so a killed run never leaves a stale lock behind. Waiting longer
+    than ``OPTFORGE_LOCK_TIMEOUT_S`` raises an error that names the file and the setting.
+    """
+    from filelock import FileLock, Timeout
+
+    timeout = float(os.environ.get("OPTFORGE_LOCK_TIMEOUT_S") or LOCK_TIMEOUT_S)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
+    try:
+        with FileLock(str(path), timeout=timeout):
             yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    except Timeout as exc:
+        raise TimeoutError(f"could not lock {path} within {timeout:g} s: another optforge run on this host holds it "
+                           "(raise OPTFORGE_LOCK_TIMEOUT_S to wait longer)") from exc
 
 
 @contextlib.contextmanager
@@ -138,7 +164,7 @@ def registry_lock(model_name: str) -> Iterator[None]:
     MLflow has no compare-and-set for aliases: two runs that both read "no champion" would both
     claim it. An exclusive lock on a file named after (tracking URI, model name) makes the decision
     one run at a time. Runs on several hosts need ``OPTFORGE_LOCK_DIR`` on a shared file system that
-    supports ``flock``.
+    supports OS file locks.
     """
     import hashlib
     import tempfile

@@ -48,7 +48,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, data: DataRef, workdir: str,
             **({"optforge.init_from": init.info["init_from"], "optforge.init_resolved": init.info["resolved"]}
                if init else {})}
     with child_run(parent_run_id, "train", params={"train": cfg.to_dict(), "model": model_cfg.to_dict()},
-                   tags=tags) as run:
+                   tags=tags, system_metrics=True) as run:
         contract = data.inputs
         # Build or load once here so a bad factory, folder or shape fails in seconds, before Ray starts workers.
         model, spec, pretrained = starting_model(model_cfg, contract)

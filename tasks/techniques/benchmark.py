@@ -117,11 +117,22 @@ def count_params_onnx(path: str | Path) -> int:
 
 
 def cpu_model() -> str:
-    """The CPU's model name, logged with every benchmark because latencies only compare on one CPU."""
+    """The CPU's model name, logged with every benchmark because latencies only compare on one CPU.
+
+    Linux names it in /proc/cpuinfo and macOS in sysctl; ``platform.processor()`` (Windows) is the fallback.
+    """
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    if platform.system() == "Darwin":
+        import subprocess
+
+        try:
+            return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
+                                  timeout=5, check=True).stdout.strip() or "unknown"
+        except (OSError, subprocess.SubprocessError):
+            pass
     return platform.processor() or "unknown"

@@ -39,6 +39,8 @@ def test_pipeline_tracks_registers_and_reuses_cache(tiny_config, mlflow_store, m
     train_run = next(r for r in children if r.data.tags["optforge.stage"] == "train")
     history = client.get_metric_history(train_run.info.run_id, "val_accuracy")
     assert len(history) == 4 and [m.step for m in history] == [0, 1, 2, 3]  # one point per epoch, rank 0 only
+    # MLflow's system metrics beside the curves (psutil, sampled every 2 s while training ran)
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(train_run.data.metrics)
 
     variant_runs = {r.data.tags["optforge.variant"]: r for r in children if r.data.tags["optforge.stage"] == "benchmark"}
     assert set(variant_runs) == VARIANTS
