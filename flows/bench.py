@@ -135,9 +135,10 @@ def _write_json(report: dict, path: Path) -> Path:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """``optforge bench``: print the table, write the JSON, log to MLflow; exit 3 on a missed target with --strict."""
-    from flows.environment import embedded_defaults
+    from flows.environment import embedded_defaults, quiet_libraries
 
     embedded_defaults()
+    quiet_libraries()
     from pydantic import ValidationError
 
     from flows.params import ConfigError

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from flows.environment import embedded_defaults
+from flows.environment import embedded_defaults, quiet_libraries
 
 EXIT_CONFIG, EXIT_FAILED = 2, 1
 
@@ -48,6 +48,7 @@ def format_summary(summary: dict) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     embedded_defaults()
+    quiet_libraries(args.verbose)
     from flows.preflight import PreflightError, check_environment
 
     try:  # an unreachable server fails here in seconds, naming its variable, instead of hanging in retries
@@ -103,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", help="YAML config (default: the built-in defaults, as in configs/default.yaml)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.epochs=3")
     run.add_argument("--force", action="store_true", help="re-run every stage instead of reusing cached ones")
+    run.add_argument("--verbose", action="store_true",
+                     help="also show library warnings, ONNX Runtime's log and the Ray workers' own output")
     run.set_defaults(func=cmd_run)
     runs = sub.add_parser("runs", help="list recent pipeline runs from MLflow")
     runs.add_argument("--experiment", default="optforge")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 
@@ -16,3 +17,46 @@ def embedded_defaults() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+# Warnings a user of optforge cannot act on: the exporters' and MLflow's notes about their own internals.
+QUIET_WARNING_FILES = re.compile(r"[/\\](torch|mlflow|transformers|onnxruntime|onnxscript)[/\\]|[/\\]copyreg\.py$")
+
+
+def quiet_libraries(verbose: bool = False) -> None:
+    """Keep the terminal to what a user can act on: progress, stage lines, skips, errors, the summary.
+
+    Unless ``verbose``: no download/load progress bars from Hugging Face and MLflow, no library
+    UserWarnings/FutureWarnings about their internals, no torch exporter notes ("torchvision is not
+    installed"), no MLflow system-metrics monitor chatter, and ONNX Runtime logs errors only (its
+    "Serializing optimized model with Graph Optimization level greater than ORT_ENABLE_EXTENDED" warning
+    is about a record optforge keeps of the benchmarked graph on purpose). ``verbose`` also shows the Ray
+    workers' own output (``OPTFORGE_VERBOSE``, read by ``ensure_ray``). Variables the user set win.
+    """
+    import logging
+    import warnings
+
+    if verbose:
+        os.environ["OPTFORGE_VERBOSE"] = "1"
+        return
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # also transformers' "Loading weights" bar
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("TORCH_LOGS", "-onnx")  # torch sets its loggers' levels from this when it is imported
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+    # A display hook rather than a warnings filter: MLflow puts its own "once" filter in front of ours inside
+    # its functions (filter_user_warnings_once), so only the hook that prints can drop those.
+    warnings.showwarning = _without_library_notes(warnings.showwarning)
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(3)  # 3 = error
+
+
+def _without_library_notes(show):
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, (UserWarning, FutureWarning)) and QUIET_WARNING_FILES.search(filename or ""):
+            return
+        show(message, category, filename, lineno, file, line)
+
+    showwarning.optforge_quiet = True
+    return showwarning if not getattr(show, "optforge_quiet", False) else show

@@ -184,7 +184,7 @@ class AsgdWorker:
 
 
 def run_asgd(worker: WorkerConfig, storage: Path, name: str, out_dir: Path,
-             worker_delays_s: dict[int, float] | None = None) -> dict:
+             worker_delays_s: dict[int, float] | None = None, progress=None) -> dict:
     """Train with asynchronous SGD on Ray actors; write the best model to ``out_dir``; return the summary.
 
     Args:
@@ -195,6 +195,7 @@ def run_asgd(worker: WorkerConfig, storage: Path, name: str, out_dir: Path,
         out_dir: where the best model is saved (``save_model``).
         worker_delays_s: {worker index: seconds slept per micro-batch}: only for tests and benchmarks that
             need an artificially slow worker.
+        progress: a ``tasks.progress.ProgressFeed``, told about each finished epoch (None: silent).
 
     Returns:
         The shape of ``run_training``'s summary; ``metrics`` holds the last epoch's metrics overlaid with
@@ -226,7 +227,7 @@ def run_asgd(worker: WorkerConfig, storage: Path, name: str, out_dir: Path,
         if log and not found:
             log({"initial_val_loss": first["loss"], "initial_val_accuracy": first["accuracy"],
                  "staleness_bound": cfg.staleness_bound}, step=0)
-        _supervise(server, loops, log)
+        _supervise(server, loops, log, progress)
         result = ray.get(server.result.remote())
     finally:
         for actor in [*workers, server]:
@@ -240,7 +241,7 @@ def run_asgd(worker: WorkerConfig, storage: Path, name: str, out_dir: Path,
     return training_summary(result, found is not None, {**result["metrics"], **result["totals"]})
 
 
-def _supervise(server, loops: dict, log) -> None:
+def _supervise(server, loops: dict, log, progress=None) -> None:
     """Wait for every worker loop; count dead workers, log finished epochs; raise when training cannot go on."""
     pending, lost, failure, death = list(loops), 0, None, None
     while pending:
@@ -260,7 +261,7 @@ def _supervise(server, loops: dict, log) -> None:
                 lost, death = lost + 1, exc  # the worker process died: the others carry on
                 print(f"[optforge] asgd worker {i} died ({type(exc).__name__}); {len(loops) - lost} left")
                 ray.get(server.worker_lost.remote(i))
-        _log_epochs(server, log)
+        _log_epochs(server, log, progress)
     status = ray.get(server.status.remote())
     if failure is not None:
         if status["nonfinite"]:
@@ -271,10 +272,12 @@ def _supervise(server, loops: dict, log) -> None:
             f"asgd: all {len(loops)} workers died before training ended (epoch {status['epoch']})") from death
 
 
-def _log_epochs(server, log) -> None:
+def _log_epochs(server, log, progress=None) -> None:
     for record in ray.get(server.drain.remote()):
         if log:
             log({k: v for k, v in record.items() if k != "epoch"}, step=int(record["epoch"]))
+        if progress is not None:
+            progress.epoch(int(record["epoch"]), record)
 
 
 def _wait_names_free(names: list[str], timeout_s: float = 10.0) -> None:

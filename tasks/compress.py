@@ -13,6 +13,7 @@ import numpy as np
 
 from tasks.caching import stage_dir, stage_task
 from tasks.distill import teacher_logits_file
+from tasks.progress import StageProgress
 from tasks.refs import DataRef, Format, ModelRef, file_sha256
 from tasks.techniques.contract import as_tensors
 from tasks.techniques.data import Splits, load_splits
@@ -42,10 +43,12 @@ def _soft_targets(cfg: FinetuneConfig, teacher: ModelRef, data: DataRef, workdir
         return z["train"]
 
 
-def _tuner(cfg: FinetuneConfig, splits: Splits, soft: np.ndarray | None):
-    """``finetune(model, round)`` for the techniques; logs each round's validation accuracy."""
+def _tuner(cfg: FinetuneConfig, splits: Splits, soft: np.ndarray | None, label: str):
+    """``finetune(model, round)`` for the techniques; shows its progress, logs each round's validation accuracy."""
     def tune(model, step: int = 0) -> dict:
-        result = finetune(model, splits.train, splits.val, cfg, soft)
+        with StageProgress(f"{label} fine-tune", cfg.epochs) as progress:
+            feed = progress.feed()
+            result = finetune(model, splits.train, splits.val, cfg, soft, on_epoch=feed.epoch, on_batch=feed.batch)
         mlflow.log_metrics({"val_accuracy_before_finetune": result["val_accuracy_before"],
                             "val_accuracy": result["val_accuracy"]}, step=step)
         return result
@@ -81,7 +84,7 @@ def prune(cfg: PruneConfig, model: ModelRef, teacher: ModelRef, data: DataRef, w
         splits = load_splits(data.path)
         before = model_stats(net, splits.contract)
         acc_before = evaluate(net, splits.test)["accuracy"]
-        tune = _tuner(cfg.finetune, splits, _soft_targets(cfg.finetune, teacher, data, workdir))
+        tune = _tuner(cfg.finetune, splits, _soft_targets(cfg.finetune, teacher, data, workdir), run_name)
         widths_before = widths(net)
         net, spec = prune_model(net, spec, cfg, tune)
         info = _log_result(net, before, acc_before, splits)
@@ -111,7 +114,7 @@ def factorize(cfg: FactorizeConfig, model: ModelRef, teacher: ModelRef, data: Da
         mlflow.log_dict(report, "factorize_report.json")
         mlflow.log_params({f"rank.{name}": r["rank"] if r["factorized"] else "kept" for name, r in report.items()})
         mlflow.log_metric("accuracy_before_finetune", evaluate(net, splits.test)["accuracy"])
-        _tuner(cfg.finetune, splits, _soft_targets(cfg.finetune, teacher, data, workdir))(net)
+        _tuner(cfg.finetune, splits, _soft_targets(cfg.finetune, teacher, data, workdir), run_name)(net)
         info = _log_result(net, before, acc_before, splits)
         save_model(net, spec, out / "model")
         mlflow.log_artifacts(str(out / "model"), "model")
@@ -134,7 +137,7 @@ def qat(cfg: QatConfig, model: ModelRef, teacher: ModelRef, data: DataRef, workd
         # The same quantizer before any fine-tuning: what post-training INT8 of this model would give.
         acc_ptq = onnx_accuracy(export_qdq(prepared, splits.contract, out / "before.onnx", cfg.opset), splits.test)
         (out / "before.onnx").unlink()
-        _tuner(cfg.finetune, splits, _soft_targets(cfg.finetune, teacher, data, workdir))(prepared)
+        _tuner(cfg.finetune, splits, _soft_targets(cfg.finetune, teacher, data, workdir), run_name)(prepared)
         path = export_qdq(prepared, splits.contract, out / "model.onnx", cfg.opset)
         acc = onnx_accuracy(path, splits.test)
         mlflow.log_metrics({"accuracy_fp32": acc_fp32, "accuracy_before_finetune": acc_ptq, "accuracy": acc,

@@ -32,11 +32,13 @@ from tasks.techniques.training import (
     precision_for,
     train_epoch,
 )
+from tasks.progress import ProgressFeed
 from tasks.worker_common import CKPT_FILE, ERROR_FILE, WorkerConfig, make_loader, mlflow_logger, train_dataset
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Runs in every Ray Train worker. ``config["worker"]`` is a ``WorkerConfig`` as a dict."""
+    """Runs in every Ray Train worker. ``config["worker"]`` is a ``WorkerConfig`` as a dict; ``config["progress"]``
+    the driver's progress queue (``tasks.progress``), fed by rank 0."""
     worker = WorkerConfig.from_dict(config["worker"])
     cfg = worker.train_cfg
     torch.set_num_threads(cfg.threads_per_worker)
@@ -87,6 +89,8 @@ def train_loop_per_worker(config: dict) -> None:
         start_epoch, done = state["epoch"] + 1, state["done"]
 
     log = mlflow_logger(worker) if rank == 0 else None
+    queue = config.get("progress")  # an empty Ray queue is falsy: compare with None
+    feed = ProgressFeed.to_queue(queue, cfg.epochs) if rank == 0 and queue is not None else None
     averager = ModelAverager(base, cfg.local_steps) if averaging else None
     if averager:
         averager.average()  # start from identical weights (DDP would have broadcast them)
@@ -103,7 +107,8 @@ def train_loop_per_worker(config: dict) -> None:
         t0 = time.perf_counter()
         try:
             stats = train_epoch(model, loader, opt, sched, precision, cfg.grad_accum_steps, no_sync, device, loss_fn,
-                                after_step=averager.after_step if averager else None)
+                                after_step=averager.after_step if averager else None,
+                                on_batch=(lambda done, total: feed.batch(epoch, done, total)) if feed else None)
             if averager:
                 averager.average()  # every rank evaluates and checkpoints the same weights
         except FloatingPointError as exc:
@@ -132,6 +137,8 @@ def train_loop_per_worker(config: dict) -> None:
         _report(metrics, state, rank, spec, best_state if stop else None)
         if log:
             log({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+        if feed:
+            feed.epoch(epoch, metrics)
         if stop:
             break
     if done:  # resumed after the final checkpoint: report it again so the result carries it

@@ -17,6 +17,7 @@ import ray.train
 import torch
 
 from tasks.asgd_worker import run_asgd
+from tasks.progress import StageProgress
 from tasks.techniques.augment import build_cache, cache_path
 from tasks.techniques.data import load_splits
 from tasks.train_worker import train_loop_per_worker
@@ -41,15 +42,23 @@ def run_training(worker: WorkerConfig, storage: Path, name: str, out_dir: Path) 
         path = cache_path(worker.data_path, cfg.loader, cfg.seed)
         built = build_cache(splits.fit.inputs[name_in], cfg.loader, splits.contract.image_shape, cfg.seed, path)
         worker = replace(worker, augment_path=str(built))
-    if cfg.strategy == "asgd":  # no collective at all: a parameter server on plain Ray actors
-        return run_asgd(worker, storage, name, out_dir)
-    ensure_ray()
+    # Live progress in the terminal and on the Prefect flow run while the workers train (tasks/progress.py).
+    with StageProgress("distill" if worker.kd else "train", cfg.epochs) as progress:
+        if cfg.strategy == "asgd":  # no collective at all: a parameter server on plain Ray actors
+            return run_asgd(worker, storage, name, out_dir, progress=progress.feed())
+        ensure_ray()
+        return _fit(worker, storage, name, out_dir, progress.remote_queue())
+
+
+def _fit(worker: WorkerConfig, storage: Path, name: str, out_dir: Path, progress_queue) -> dict:
+    """ssgd and model averaging: Ray Train's ``TorchTrainer``, resuming from ``name``'s newest checkpoint."""
     from ray.train.torch import TorchTrainer
 
+    cfg = worker.train_cfg
     resumed = latest_checkpoint(storage, name) is not None
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"worker": worker.to_dict()},
+        train_loop_config={"worker": worker.to_dict(), "progress": progress_queue},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
         run_config=ray.train.RunConfig(
             name=name, storage_path=str(storage),

@@ -192,7 +192,10 @@ def ensure_ray() -> None:
         return
     address = os.environ.get("RAY_ADDRESS") or None
     local = {} if address and address != "local" else {"_node_ip_address": "127.0.0.1"}
-    ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False, **local)
+    # The workers' own output (library warnings, Ray Train's notes) reaches the terminal only with --verbose;
+    # their progress comes through tasks/progress.py either way.
+    verbose = os.environ.get("OPTFORGE_VERBOSE") == "1"
+    ray.init(address=address, include_dashboard=False, log_to_driver=verbose, configure_logging=False, **local)
 
 
 def latest_checkpoint(storage: Path, name: str) -> ray.train.Checkpoint | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -117,12 +118,14 @@ def check_student(student: nn.Module, teacher: nn.Module) -> tuple[int, int]:
     return s, t
 
 
-def finetune(model: nn.Module, train, val, cfg: FinetuneConfig, soft_targets: np.ndarray | None = None
-             ) -> dict[str, float]:
+def finetune(model: nn.Module, train, val, cfg: FinetuneConfig, soft_targets: np.ndarray | None = None,
+             on_epoch: Callable[[int, dict], None] | None = None,
+             on_batch: Callable[[int, int, int], None] | None = None) -> dict[str, float]:
     """Fine-tune ``model`` in place on the ``train`` part; keep the epoch with the best accuracy on ``val``.
 
     ``soft_targets`` are the teacher's logits on ``train``'s rows; without them (or with ``kd_alpha=0``)
     the loss is plain cross-entropy. Batches are read from the (memory-mapped) parts one at a time.
+    ``on_epoch(epoch, metrics)`` and ``on_batch(epoch, done, total)`` report progress as it happens.
     Returns the validation accuracy before and after.
     """
     before = evaluate(model, val)["accuracy"]
@@ -150,11 +153,14 @@ def finetune(model: nn.Module, train, val, cfg: FinetuneConfig, soft_targets: np
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         try:
-            for _ in range(cfg.epochs):
+            for epoch in range(cfg.epochs):
                 order = torch.randperm(n, generator=generator).numpy()
-                train_epoch(model, _Batches(train, order, cfg.batch_size, soft), opt, sched, precision, 1,
-                            loss_fn=loss_fn)
+                stats = train_epoch(model, _Batches(train, order, cfg.batch_size, soft), opt, sched, precision, 1,
+                                    loss_fn=loss_fn,
+                                    on_batch=(lambda done, total: on_batch(epoch, done, total)) if on_batch else None)
                 acc = evaluate(model, val)["accuracy"]
+                if on_epoch is not None:
+                    on_epoch(epoch, {"train_loss": stats["loss"], "val_accuracy": acc})
                 if acc > best:
                     best, best_state = acc, copy.deepcopy(model.state_dict())
         finally:

@@ -144,6 +144,7 @@ def train_epoch(
     device: torch.device | str = "cpu",
     loss_fn: Callable[..., torch.Tensor] | None = None,
     after_step: Callable[[], None] | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> dict[str, float]:
     """One pass over ``batches`` with gradient accumulation; returns loss, accuracy (%), samples.
 
@@ -160,6 +161,7 @@ def train_epoch(
 
     ``after_step`` runs after every optimizer step (model averaging hooks in there). With it, gradients
     are local to the worker, so the finiteness check is left to the hook's synchronised weights.
+    ``on_batch(done, total)`` runs after every micro-batch (live progress; it must be cheap).
     """
     model.train()
     loss_fn = loss_fn or nn.functional.cross_entropy
@@ -197,6 +199,8 @@ def train_epoch(
         total_loss += loss.item() * len(yb)
         correct += (logits.argmax(1) == yb).sum().item()
         seen += len(yb)
+        if on_batch is not None:
+            on_batch(i + 1, total)
     return {"loss": total_loss / max(1, seen), "accuracy": 100.0 * correct / max(1, seen), "samples": float(seen)}
 
 
