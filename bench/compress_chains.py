@@ -28,7 +28,7 @@ TARGET = {"speedup_b1": 4.0, "smaller": 8.0, "max_drop": 1.0}
 def chain_rows(summary: dict, chains) -> list[dict]:
     """One row per chain variant (plus the teacher), with ratios against the teacher. Chains the run's plan
     skipped (they cannot apply to this model or data: ``summary["skipped"]``) have no variant and no row."""
-    from flows.chain_config import expand, product_name
+    from optforge.flows.chain_config import expand, product_name
 
     by_name = {v["variant"]: v for v in summary["variants"]}
     if TEACHER not in by_name:
@@ -78,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
-    from flows.optimize import optimize
-    from flows.params import load_config
+    from optforge.flows.optimize import optimize
+    from optforge.flows.params import load_config
 
     cfg = load_config(args.config, args.set)
     summary = optimize(config_path=args.config, overrides=args.set, force=args.force)

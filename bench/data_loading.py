@@ -77,8 +77,8 @@ def train_loop(config: dict) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
 
     if config["mode"] == "loader":
-        from tasks.techniques.data import Part
-        from tasks.worker_common import PartDataset
+        from optforge.tasks.techniques.data import Part
+        from optforge.tasks.worker_common import PartDataset
 
         folder = Path(config["folder"])
         part = Part({"pixel_values": np.load(folder / "inputs.npy", mmap_mode="r")},

@@ -33,9 +33,9 @@ WARMUP_STEPS = 10
 def _model(overrides: list[str]):
     import torch
 
-    from flows.params import load_config
-    from tasks.techniques.contract import table_contract
-    from tasks.techniques.models import ModelSpec, build_model
+    from optforge.flows.params import load_config
+    from optforge.tasks.techniques.contract import table_contract
+    from optforge.tasks.techniques.models import ModelSpec, build_model
 
     cfg = load_config(None, overrides)
     torch.manual_seed(0)  # both ranks build identical weights (DDP would broadcast them anyway)
@@ -45,8 +45,8 @@ def _model(overrides: list[str]):
 def _samples_per_s(model, steps: int, batch: int) -> float:
     import torch
 
-    from tasks.techniques.contract import forward_logits
-    from tasks.techniques.training import TrainConfig, make_optimizer
+    from optforge.tasks.techniques.contract import forward_logits
+    from optforge.tasks.techniques.training import TrainConfig, make_optimizer
 
     x, y = {"input": torch.randn(batch, 64)}, torch.randint(0, 10, (batch,))  # a batch as the training loop sees it
     opt = make_optimizer(model, TrainConfig())  # the optimizer training uses (fused AdamW)

@@ -44,7 +44,7 @@ def write_bert_base(root: Path, rows: int) -> tuple[Path, Path]:
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
-    from flows.examples import train_tokenizer, write_text_csv
+    from optforge.flows.examples import train_tokenizer, write_text_csv
 
     texts_csv = write_text_csv(root / "texts.csv", rows=rows, long_every=3)
     with open(texts_csv) as fh:
@@ -63,7 +63,7 @@ def write_resnet50(root: Path, rows: int) -> tuple[Path, Path]:
     import torch
     from transformers import ResNetConfig, ResNetForImageClassification
 
-    from flows.examples import write_image_folder
+    from optforge.flows.examples import write_image_folder
 
     images = write_image_folder(root / "images", per_class=max(2, rows // 10), size=224)
     folder = root / "resnet50"
@@ -95,7 +95,7 @@ ORT_FP32 = "onnx_fp32"
 
 
 def run_model(name: str, args, root: Path) -> dict:
-    from flows.optimize import optimize
+    from optforge.flows.optimize import optimize
 
     write, data_overrides = MODELS[name]
     data, model = write(root / name, args.rows)

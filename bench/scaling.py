@@ -45,11 +45,11 @@ def run_one(strategy: str, workers: int, args, data, tmp: Path) -> dict:
     import mlflow
     from mlflow import MlflowClient
 
-    from flows.params import load_config
-    from tasks.techniques.models import ModelSpec
-    from tasks.tracking import tracking_uri
-    from tasks.training_driver import run_training
-    from tasks.worker_common import WorkerConfig
+    from optforge.flows.params import load_config
+    from optforge.tasks.techniques.models import ModelSpec
+    from optforge.tasks.tracking import tracking_uri
+    from optforge.tasks.training_driver import run_training
+    from optforge.tasks.worker_common import WorkerConfig
 
     cfg = load_config(None, [f"train.strategy={strategy}", f"train.num_workers={workers}",
                              f"train.epochs={args.epochs}", "train.patience=0", "train.threads_per_worker=1",
@@ -62,7 +62,7 @@ def run_one(strategy: str, workers: int, args, data, tmp: Path) -> dict:
         worker = WorkerConfig(cfg.train.to_dict(), asdict(spec), data.path, tracking_uri(), run.info.run_id)
         start = time.perf_counter()
         if strategy == "asgd" and args.slow_worker and workers > 1:
-            from tasks.asgd_worker import run_asgd
+            from optforge.tasks.asgd_worker import run_asgd
 
             summary = run_asgd(worker, tmp / "ray", run.info.run_id, tmp / f"out-{run.info.run_id}",
                                worker_delays_s={1: args.slow_worker})
@@ -111,9 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from flows.params import load_config
-    from tasks.data import prepare_data
-    from tasks.tracking import configure
+    from optforge.flows.params import load_config
+    from optforge.tasks.data import prepare_data
+    from optforge.tasks.tracking import configure
 
     configure("optforge-scaling")
     tmp = Path(tempfile.mkdtemp(prefix="optforge-scaling-"))

@@ -9,6 +9,6 @@ from pathlib import Path
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout that is not pip-installed
-    from flows.serve_cmd import main
+    from optforge.flows.serve_cmd import main
 
     sys.exit(main())

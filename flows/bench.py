@@ -40,9 +40,9 @@ def git_commit(root: Path = ROOT) -> str:
 
 def measure_variants(variants, data, cfg, harness) -> dict:
     """Load every buildable variant, time them all side by side; the report without run identifiers."""
-    from tasks.benchmark import SKIPPED, load_variant
-    from tasks.techniques.data import load_splits
-    from tasks.techniques.harness import machine_info, measure_side_by_side, ratios, verdicts
+    from optforge.tasks.benchmark import SKIPPED, load_variant
+    from optforge.tasks.techniques.data import load_splits
+    from optforge.tasks.techniques.harness import machine_info, measure_side_by_side, ratios, verdicts
 
     splits = load_splits(data.path)
     loaded, skipped = {}, {}
@@ -69,7 +69,7 @@ def _metric_key(text: str) -> str:
 def _log_report(report: dict, text: str) -> None:
     import mlflow
 
-    from tasks.tracking import flatten
+    from optforge.tasks.tracking import flatten
 
     mlflow.log_params(flatten({"settings": report["settings"], "machine": report["machine"]}))
     metrics = {f"{n}.{k}": v for n, m in report["variants"].items() for k, v in m.items() if isinstance(v, float)}
@@ -99,11 +99,11 @@ def _bench_flow():
     def bench_flow(config_path, overrides, force: bool, harness: dict) -> dict:
         import mlflow
 
-        from flows.optimize import StageRunner, build_variants
-        from flows.params import load_config, peek_tracking
-        from tasks.caching import code_version
-        from tasks.techniques.harness import HarnessConfig, format_report
-        from tasks.tracking import configure, error_tags, process_tags
+        from optforge.flows.optimize import StageRunner, build_variants
+        from optforge.flows.params import load_config, peek_tracking
+        from optforge.tasks.caching import code_version
+        from optforge.tasks.techniques.harness import HarnessConfig, format_report
+        from optforge.tasks.tracking import configure, error_tags, process_tags
 
         configure(peek_tracking(config_path, overrides).experiment)
         cfg = load_config(config_path, overrides)
@@ -135,14 +135,14 @@ def _write_json(report: dict, path: Path) -> Path:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """``optforge bench``: print the table, write the JSON, log to MLflow; exit 3 on a missed target with --strict."""
-    from flows.environment import embedded_defaults, quiet_libraries
+    from optforge.flows.environment import embedded_defaults, quiet_libraries
 
     embedded_defaults()
     quiet_libraries()
     from pydantic import ValidationError
 
-    from flows.params import ConfigError
-    from tasks.techniques.harness import HarnessConfig, format_report
+    from optforge.flows.params import ConfigError
+    from optforge.tasks.techniques.harness import HarnessConfig, format_report
 
     previous = None
     if args.compare:

@@ -10,11 +10,11 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from tasks.techniques.config import TechniqueConfig
-from tasks.techniques.distill import DistillConfig
-from tasks.techniques.factorize import FactorizeConfig
-from tasks.techniques.prune import PruneConfig
-from tasks.techniques.qat import QatConfig
+from optforge.tasks.techniques.config import TechniqueConfig
+from optforge.tasks.techniques.distill import DistillConfig
+from optforge.tasks.techniques.factorize import FactorizeConfig
+from optforge.tasks.techniques.prune import PruneConfig
+from optforge.tasks.techniques.qat import QatConfig
 
 Stage = Literal["distill", "prune", "factorize", "export", "fuse", "quantize", "static", "qat"]
 TORCH_STEPS = ("distill", "prune", "factorize")

@@ -14,18 +14,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from flows.chain_config import CompressConfig, expand, product_name
-from tasks.compress import factorize, prune, qat
-from tasks.distill import distill
-from tasks.export import export
-from tasks.fuse import fuse_onnx
-from tasks.quantize import quantize
-from tasks.quantize_static import quantize_static
-from tasks.refs import DataRef, ModelRef
-from tasks.techniques.fusion import FuseConfig
-from tasks.techniques.onnx_export import ExportConfig
-from tasks.techniques.quantization import DynamicQuantConfig
-from tasks.techniques.static_quant import StaticQuantConfig
+from optforge.flows.chain_config import CompressConfig, expand, product_name
+from optforge.tasks.compress import factorize, prune, qat
+from optforge.tasks.distill import distill
+from optforge.tasks.export import export
+from optforge.tasks.fuse import fuse_onnx
+from optforge.tasks.quantize import quantize
+from optforge.tasks.quantize_static import quantize_static
+from optforge.tasks.refs import DataRef, ModelRef
+from optforge.tasks.techniques.fusion import FuseConfig
+from optforge.tasks.techniques.onnx_export import ExportConfig
+from optforge.tasks.techniques.quantization import DynamicQuantConfig
+from optforge.tasks.techniques.static_quant import StaticQuantConfig
 
 __all__ = ["CompressConfig", "OnnxSteps", "chain_variants", "expand", "product_name"]
 

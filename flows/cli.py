@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from flows.environment import embedded_defaults, quiet_libraries
+from optforge.flows.environment import embedded_defaults, quiet_libraries
 
 EXIT_CONFIG, EXIT_FAILED = 2, 1
 
@@ -49,15 +49,15 @@ def format_summary(summary: dict) -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     embedded_defaults()
     quiet_libraries(args.verbose)
-    from flows.preflight import PreflightError, check_environment
+    from optforge.flows.preflight import PreflightError, check_environment
 
     try:  # an unreachable server fails here in seconds, naming its variable, instead of hanging in retries
         check_environment()
     except PreflightError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    from flows.optimize import optimize
-    from flows.params import ConfigError, peek_tracking
+    from optforge.flows.optimize import optimize
+    from optforge.flows.params import ConfigError, peek_tracking
 
     try:
         summary = optimize(config_path=args.config, overrides=args.set, force=args.force)
@@ -78,7 +78,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_runs(args: argparse.Namespace) -> int:
     import mlflow
 
-    from tasks.tracking import tracking_uri
+    from optforge.tasks.tracking import tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())
     if mlflow.get_experiment_by_name(args.experiment) is None:
@@ -111,10 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--experiment", default="optforge")
     runs.add_argument("--last", type=int, default=10)
     runs.set_defaults(func=cmd_runs)
-    from flows.bench import add_parser as add_bench_parser
-    from flows.examples import add_parser as add_examples_parser
-    from flows.inspect_cmds import add_parsers
-    from flows.serve_cmd import add_parser as add_serve_parser
+    from optforge.flows.bench import add_parser as add_bench_parser
+    from optforge.flows.examples import add_parser as add_examples_parser
+    from optforge.flows.inspect_cmds import add_parsers
+    from optforge.flows.serve_cmd import add_parser as add_serve_parser
 
     add_parsers(sub)  # report RUN_ID, compare
     add_bench_parser(sub)

@@ -10,12 +10,12 @@ import logging
 
 from pydantic import Field
 
-from tasks.refs import DataRef, Format, ModelRef
-from tasks.techniques.config import TechniqueConfig
-from tasks.techniques.fp16 import Fp16Config
-from tasks.techniques.static_quant import StaticQuantConfig
-from tasks.techniques.tensorrt_engine import TensorRTConfig, environment
-from tasks.techniques.torch_gpu import TorchGpuConfig, cuda_unavailable_reason, gpu_variants
+from optforge.tasks.refs import DataRef, Format, ModelRef
+from optforge.tasks.techniques.config import TechniqueConfig
+from optforge.tasks.techniques.fp16 import Fp16Config
+from optforge.tasks.techniques.static_quant import StaticQuantConfig
+from optforge.tasks.techniques.tensorrt_engine import TensorRTConfig, environment
+from optforge.tasks.techniques.torch_gpu import TorchGpuConfig, cuda_unavailable_reason, gpu_variants
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +38,9 @@ def engine_variants(cfg: EnginesConfig, onnx_fp32: ModelRef, baseline: ModelRef,
     are left out and the reason is a tag on the pipeline run.
     """
     # The task shells import Prefect and MLflow; flows.params imports this module for EnginesConfig alone.
-    from tasks.fp16 import convert_to_fp16
-    from tasks.quantize_static import quantize_static
-    from tasks.tensorrt import build_engines
+    from optforge.tasks.fp16 import convert_to_fp16
+    from optforge.tasks.quantize_static import quantize_static
+    from optforge.tasks.tensorrt import build_engines
 
     variants: list[ModelRef] = []
     if cfg.static_int8.enabled:

@@ -18,22 +18,22 @@ import yaml
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from flows.chains import OnnxSteps, chain_variants
-from flows.engines import engine_variants
-from flows.params import PipelineConfig, load_config, peek_tracking
-from flows.plan import Plan, plan
-from flows.preflight import check_environment
-from tasks.benchmark import benchmark
-from tasks.data import prepare_data
-from tasks.export import export, import_onnx
-from tasks.fuse import fuse_onnx
-from tasks.init_from import resolve_init
-from tasks.quantize import quantize
-from tasks.refs import DataRef, Format, ModelRef, file_sha256
-from tasks.register import hash_config, register
-from tasks.report import report
-from tasks.tracking import close_dead_runs, configure, error_tags, flatten, process_tags
-from tasks.train import train
+from optforge.flows.chains import OnnxSteps, chain_variants
+from optforge.flows.engines import engine_variants
+from optforge.flows.params import PipelineConfig, load_config, peek_tracking
+from optforge.flows.plan import Plan, plan
+from optforge.flows.preflight import check_environment
+from optforge.tasks.benchmark import benchmark
+from optforge.tasks.data import prepare_data
+from optforge.tasks.export import export, import_onnx
+from optforge.tasks.fuse import fuse_onnx
+from optforge.tasks.init_from import resolve_init
+from optforge.tasks.quantize import quantize
+from optforge.tasks.refs import DataRef, Format, ModelRef, file_sha256
+from optforge.tasks.register import hash_config, register
+from optforge.tasks.report import report
+from optforge.tasks.tracking import close_dead_runs, configure, error_tags, flatten, process_tags
+from optforge.tasks.train import train
 
 
 class StageRunner:

@@ -13,17 +13,17 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from flows.chain_config import CompressConfig
-from flows.engines import EnginesConfig
-from tasks.techniques.benchmark import BenchmarkConfig
-from tasks.techniques.config import TechniqueConfig
-from tasks.techniques.data import DataConfig
-from tasks.techniques.fusion import FuseConfig
-from tasks.techniques.models import ModelConfig
-from tasks.techniques.onnx_export import ExportConfig
-from tasks.techniques.quantization import DynamicQuantConfig
-from tasks.techniques.selection import RegisterConfig
-from tasks.techniques.training import TrainConfig
+from optforge.flows.chain_config import CompressConfig
+from optforge.flows.engines import EnginesConfig
+from optforge.tasks.techniques.benchmark import BenchmarkConfig
+from optforge.tasks.techniques.config import TechniqueConfig
+from optforge.tasks.techniques.data import DataConfig
+from optforge.tasks.techniques.fusion import FuseConfig
+from optforge.tasks.techniques.models import ModelConfig
+from optforge.tasks.techniques.onnx_export import ExportConfig
+from optforge.tasks.techniques.quantization import DynamicQuantConfig
+from optforge.tasks.techniques.selection import RegisterConfig
+from optforge.tasks.techniques.training import TrainConfig
 
 
 class ConfigError(ValueError):

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
-from flows.chain_config import expand, product_name
-from flows.params import PipelineConfig
-from tasks.techniques.contract import InputContract
-from tasks.techniques.fusion import unsupported_reason
-from tasks.techniques.model_source import check_runs
-from tasks.techniques.models import HUGGINGFACE, ONNX, ModelSpec, build_model, count_params
+from optforge.flows.chain_config import expand, product_name
+from optforge.flows.params import PipelineConfig
+from optforge.tasks.techniques.contract import InputContract
+from optforge.tasks.techniques.fusion import unsupported_reason
+from optforge.tasks.techniques.model_source import check_runs
+from optforge.tasks.techniques.models import HUGGINGFACE, ONNX, ModelSpec, build_model, count_params
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ def _param_count(build) -> int | None:
 def _teacher_builder(cfg: PipelineConfig, contract: InputContract):
     m = cfg.model
     if m.arch == HUGGINGFACE:
-        from tasks.techniques.hf import from_config
+        from optforge.tasks.techniques.hf import from_config
 
         return lambda: from_config(_hf_config(m.path) or {}, contract)
     return lambda: build_model(ModelSpec(m.to_dict(), contract.to_dict()))
@@ -85,7 +85,7 @@ def _student_problem(cfg: PipelineConfig, contract: InputContract) -> str | None
     student_cfg = distill.student
     what = f"the student (compress.distill.student.arch={student_cfg.arch})"
     if student_cfg.arch == HUGGINGFACE:  # weights load in the stage; here only its config counts
-        from tasks.techniques.hf import from_config
+        from optforge.tasks.techniques.hf import from_config
 
         raw = _hf_config(student_cfg.path)
         if raw is None:

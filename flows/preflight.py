@@ -228,7 +228,7 @@ def check_environment(env: Mapping[str, str] | None = None, timeout: float = DEF
 
 
 def main() -> int:
-    """``python -m flows.preflight``: check this environment, print the outcome, exit 0 or 1."""
+    """``python -m optforge.flows.preflight``: check this environment, print the outcome, exit 0 or 1."""
     import sys
 
     try:

@@ -55,8 +55,8 @@ def serve_kwargs(args: argparse.Namespace) -> dict:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Check the servers, validate the config, then serve until interrupted."""
-    from flows.environment import embedded_defaults
-    from flows.preflight import PreflightError, check_environment
+    from optforge.flows.environment import embedded_defaults
+    from optforge.flows.preflight import PreflightError, check_environment
 
     embedded_defaults()
     if not os.environ.get("PREFECT_API_URL"):
@@ -68,21 +68,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except PreflightError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    from flows.params import ConfigError, load_config
+    from optforge.flows.params import ConfigError, load_config
 
     try:  # a bad config should stop `serve` now, not fail every scheduled run at 2 a.m.
         load_config(args.config, args.set)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from flows.optimize import optimize
+    from optforge.flows.optimize import optimize
 
     optimize.serve(**serve_kwargs(args))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m flows.serve_cmd`` / ``deployments/serve.py``: the same as ``optforge serve``."""
+    """``python -m optforge.flows.serve_cmd`` / ``deployments/serve.py``: the same as ``optforge serve``."""
     parser = argparse.ArgumentParser(prog="optforge")
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])

@@ -17,9 +17,9 @@ from pathlib import Path
 import mlflow
 import torch
 
-from tasks.caching import stage_task
-from tasks.refs import DataRef, Format, ModelRef, VariantResult
-from tasks.techniques.benchmark import (
+from optforge.tasks.caching import stage_task
+from optforge.tasks.refs import DataRef, Format, ModelRef, VariantResult
+from optforge.tasks.techniques.benchmark import (
     BenchmarkConfig,
     count_params_onnx,
     count_params_torch,
@@ -28,11 +28,11 @@ from tasks.techniques.benchmark import (
     size_mb,
     torch_predictor,
 )
-from tasks.techniques.data import load_splits
-from tasks.techniques.metrics import Predictor
-from tasks.techniques.models import load_model
-from tasks.techniques.ort_session import session_predictor, session_settings, tuned_session
-from tasks.tracking import child_run
+from optforge.tasks.techniques.data import load_splits
+from optforge.tasks.techniques.metrics import Predictor
+from optforge.tasks.techniques.models import load_model
+from optforge.tasks.techniques.ort_session import session_predictor, session_settings, tuned_session
+from optforge.tasks.tracking import child_run
 
 SKIPPED = Format.SKIPPED  # a variant that could not be built on this machine (see tasks/tensorrt.py)
 TIMED = ("accuracy", "latency_ms_p50_b1", "latency_ms_p95_b1", "throughput_sps_b64", "size_mb")
@@ -65,14 +65,14 @@ def _onnx(ref: ModelRef, cfg: BenchmarkConfig, scratch: Path) -> Loaded:
 
 
 def _tensorrt(ref: ModelRef, cfg: BenchmarkConfig, scratch: Path) -> Loaded:
-    from tasks.techniques.tensorrt_engine import EngineRunner
+    from optforge.tasks.techniques.tensorrt_engine import EngineRunner
 
     settings = {k: str(v) for k, v in ref.info.get("build", {}).items()}
     return Loaded(EngineRunner(ref.path), size_mb(ref.path), count_params_onnx(ref.info["source_onnx"]), settings)
 
 
 def _torch_cuda(ref: ModelRef, cfg: BenchmarkConfig, scratch: Path) -> Loaded:
-    from tasks.techniques.torch_gpu import device_predictor
+    from optforge.tasks.techniques.torch_gpu import device_predictor
 
     model, _ = load_model(ref.path)
     info = ref.info

@@ -63,7 +63,7 @@ def machine_identity() -> dict[str, str]:
 
     import torch
 
-    from tasks.techniques.benchmark import cpu_model
+    from optforge.tasks.techniques.benchmark import cpu_model
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     return {"cpu_model": cpu_model(), "cpu_count": str(os.cpu_count()), "gpu": gpu}
@@ -113,7 +113,7 @@ def stage_task(name: str, **options):
     retries for transient failures only (``tasks.retrying.retry_transient``)."""
     from prefect import task
 
-    from tasks.retrying import retry_transient
+    from optforge.tasks.retrying import retry_transient
 
     defaults = {"retries": len(RETRY_DELAYS_S), "retry_delay_seconds": RETRY_DELAYS_S, "retry_condition_fn": retry_transient}
     return task(name=name, cache_key_fn=cache_key_fn, persist_result=True, **(defaults | options))

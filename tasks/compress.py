@@ -11,25 +11,25 @@ from __future__ import annotations
 import mlflow
 import numpy as np
 
-from tasks.caching import stage_dir, stage_task
-from tasks.distill import teacher_logits_file
-from tasks.progress import StageProgress
-from tasks.refs import DataRef, Format, ModelRef, file_sha256
-from tasks.techniques.contract import as_tensors
-from tasks.techniques.data import Splits, load_splits
-from tasks.techniques.distill import FinetuneConfig, finetune
-from tasks.techniques.factorize import FactorizeConfig
-from tasks.techniques.factorize import factorize as factorize_model
-from tasks.techniques.flops import model_stats
-from tasks.techniques.graph_prune import widths
-from tasks.techniques.models import load_model, save_model
-from tasks.techniques.prune import PruneConfig
-from tasks.techniques.prune import prune as prune_model
-from tasks.techniques.qat import QatConfig, calibrate, export_qdq, prepare
-from tasks.techniques.static_quant import accuracy as onnx_accuracy
-from tasks.techniques.static_quant import count_qdq_nodes
-from tasks.techniques.training import evaluate
-from tasks.tracking import child_run
+from optforge.tasks.caching import stage_dir, stage_task
+from optforge.tasks.distill import teacher_logits_file
+from optforge.tasks.progress import StageProgress
+from optforge.tasks.refs import DataRef, Format, ModelRef, file_sha256
+from optforge.tasks.techniques.contract import as_tensors
+from optforge.tasks.techniques.data import Splits, load_splits
+from optforge.tasks.techniques.distill import FinetuneConfig, finetune
+from optforge.tasks.techniques.factorize import FactorizeConfig
+from optforge.tasks.techniques.factorize import factorize as factorize_model
+from optforge.tasks.techniques.flops import model_stats
+from optforge.tasks.techniques.graph_prune import widths
+from optforge.tasks.techniques.models import load_model, save_model
+from optforge.tasks.techniques.prune import PruneConfig
+from optforge.tasks.techniques.prune import prune as prune_model
+from optforge.tasks.techniques.qat import QatConfig, calibrate, export_qdq, prepare
+from optforge.tasks.techniques.static_quant import accuracy as onnx_accuracy
+from optforge.tasks.techniques.static_quant import count_qdq_nodes
+from optforge.tasks.techniques.training import evaluate
+from optforge.tasks.tracking import child_run
 
 CALIBRATION_ROWS = 512  # training rows whose activations set QAT's starting ranges
 UNSTRUCTURED_NOTE = ("unstructured sparsity {:.1%}: the tensors stay dense, so dense kernels (PyTorch, ONNX Runtime) "

@@ -7,10 +7,10 @@ from pathlib import Path
 import mlflow
 import numpy as np
 
-from tasks.caching import stage_task
-from tasks.refs import DataRef
-from tasks.techniques.data import DataConfig, data_name, load_splits, prepare
-from tasks.tracking import child_run
+from optforge.tasks.caching import stage_task
+from optforge.tasks.refs import DataRef
+from optforge.tasks.techniques.data import DataConfig, data_name, load_splits, prepare
+from optforge.tasks.tracking import child_run
 
 # Rows of each split handed to mlflow.data as a schema sample: the fingerprint covers the whole split.
 SCHEMA_ROWS = 8

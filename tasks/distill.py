@@ -8,17 +8,17 @@ from pathlib import Path
 import mlflow
 import numpy as np
 
-from tasks.caching import stage_dir, stage_task
-from tasks.distill_worker import run_distillation
-from tasks.refs import DataRef, Format, ModelRef, file_sha256
-from tasks.techniques.data import load_splits
-from tasks.techniques.distill import DistillConfig, check_student, teacher_logits
-from tasks.techniques.files import atomic_write
-from tasks.techniques.flops import model_stats
-from tasks.techniques.models import ModelSpec, load_model, save_model
-from tasks.techniques.students import student_model
-from tasks.techniques.training import evaluate
-from tasks.tracking import child_run, tracking_uri
+from optforge.tasks.caching import stage_dir, stage_task
+from optforge.tasks.distill_worker import run_distillation
+from optforge.tasks.refs import DataRef, Format, ModelRef, file_sha256
+from optforge.tasks.techniques.data import load_splits
+from optforge.tasks.techniques.distill import DistillConfig, check_student, teacher_logits
+from optforge.tasks.techniques.files import atomic_write
+from optforge.tasks.techniques.flops import model_stats
+from optforge.tasks.techniques.models import ModelSpec, load_model, save_model
+from optforge.tasks.techniques.students import student_model
+from optforge.tasks.techniques.training import evaluate
+from optforge.tasks.tracking import child_run, tracking_uri
 
 
 def teacher_logits_file(teacher: ModelRef, data: DataRef, workdir: str) -> Path:

@@ -12,10 +12,10 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-from tasks.techniques.distill import DistillConfig
-from tasks.techniques.models import ModelSpec
-from tasks.training_driver import run_training
-from tasks.worker_common import KdConfig, WorkerConfig
+from optforge.tasks.techniques.distill import DistillConfig
+from optforge.tasks.techniques.models import ModelSpec
+from optforge.tasks.training_driver import run_training
+from optforge.tasks.worker_common import KdConfig, WorkerConfig
 
 
 def run_distillation(

@@ -21,9 +21,9 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from prefect import task
 
-from tasks.refs import Format, ModelRef, file_sha256
-from tasks.techniques.init_weights import FIELD
-from tasks.techniques.models import MODEL_FILES, missing_model_file
+from optforge.tasks.refs import Format, ModelRef, file_sha256
+from optforge.tasks.techniques.init_weights import FIELD
+from optforge.tasks.techniques.models import MODEL_FILES, missing_model_file
 
 
 def _model_folder(root: Path) -> Path | None:

@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import mlflow
 
-from tasks.caching import stage_dir, stage_task
-from tasks.refs import DataRef, Format, ModelRef, file_sha256
-from tasks.techniques.data import load_splits
-from tasks.techniques.static_quant import StaticQuantConfig, count_qdq_nodes, quantize_static_int8, scaled_calibration
-from tasks.tracking import child_run
+from optforge.tasks.caching import stage_dir, stage_task
+from optforge.tasks.refs import DataRef, Format, ModelRef, file_sha256
+from optforge.tasks.techniques.data import load_splits
+from optforge.tasks.techniques.static_quant import (
+    StaticQuantConfig,
+    count_qdq_nodes,
+    quantize_static_int8,
+    scaled_calibration,
+)
+from optforge.tasks.tracking import child_run
 
 VARIANT = "onnx_int8_static"
 

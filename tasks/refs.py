@@ -39,7 +39,7 @@ class DataRef:
 
     @property
     def inputs(self):
-        from tasks.techniques.contract import InputContract
+        from optforge.tasks.techniques.contract import InputContract
 
         return InputContract.from_dict(self.contract)
 

@@ -26,14 +26,14 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
-from tasks.caching import stage_task
-from tasks.refs import DataRef, Format, ModelRef, Registration, VariantResult
-from tasks.techniques.benchmark import cpu_model, torch_predictor
-from tasks.techniques.data import Splits, load_splits
-from tasks.techniques.metrics import top1_accuracy
-from tasks.techniques.models import load_model
-from tasks.techniques.onnx_export import save_program
-from tasks.techniques.selection import (
+from optforge.tasks.caching import stage_task
+from optforge.tasks.refs import DataRef, Format, ModelRef, Registration, VariantResult
+from optforge.tasks.techniques.benchmark import cpu_model, torch_predictor
+from optforge.tasks.techniques.data import Splits, load_splits
+from optforge.tasks.techniques.metrics import top1_accuracy
+from optforge.tasks.techniques.models import load_model
+from optforge.tasks.techniques.onnx_export import save_program
+from optforge.tasks.techniques.selection import (
     CHAMPION,
     Incumbent,
     RankMetric,
@@ -41,8 +41,8 @@ from tasks.techniques.selection import (
     decide_promotion,
     select_variant,
 )
-from tasks.techniques.texts import raw_texts
-from tasks.tracking import child_run, registry_lock
+from optforge.tasks.techniques.texts import raw_texts
+from optforge.tasks.tracking import child_run, registry_lock
 
 # Run by MLflow on load (a "model from code"); see that file for why ONNX is not logged with mlflow.onnx.
 SERVING_PYFUNC = Path(__file__).with_name("serving_pyfunc.py")

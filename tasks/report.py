@@ -20,10 +20,17 @@ from mlflow.exceptions import MlflowException
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.refs import ModelRef, Registration, VariantResult
-from tasks.techniques.report import COLUMNS, ReportData, formatted_rows, headline, render_markdown, write_report
-from tasks.techniques.selection import RegisterConfig, Selection, select_variant
-from tasks.tracking import STAGE_TAG
+from optforge.tasks.refs import ModelRef, Registration, VariantResult
+from optforge.tasks.techniques.report import (
+    COLUMNS,
+    ReportData,
+    formatted_rows,
+    headline,
+    render_markdown,
+    write_report,
+)
+from optforge.tasks.techniques.selection import RegisterConfig, Selection, select_variant
+from optforge.tasks.tracking import STAGE_TAG
 
 ARTIFACT_DIR = "report"
 SELECTION_FILE = "selection.json"  # written by tasks.register

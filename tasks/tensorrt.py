@@ -14,14 +14,20 @@ from pathlib import Path
 import mlflow
 from prefect.states import Completed
 
-from tasks.benchmark import SKIPPED
-from tasks.caching import stage_dir, stage_task
-from tasks.refs import DataRef, Format, ModelRef, file_sha256
-from tasks.techniques.data import load_splits
-from tasks.techniques.fp16 import Fp16Config, convert_fp16
-from tasks.techniques.static_quant import StaticQuantConfig, quantize_static_int8, scaled_calibration
-from tasks.techniques.tensorrt_engine import EngineRunner, TensorRTConfig, build_engine, parity, unavailable_reason
-from tasks.tracking import child_run
+from optforge.tasks.benchmark import SKIPPED
+from optforge.tasks.caching import stage_dir, stage_task
+from optforge.tasks.refs import DataRef, Format, ModelRef, file_sha256
+from optforge.tasks.techniques.data import load_splits
+from optforge.tasks.techniques.fp16 import Fp16Config, convert_fp16
+from optforge.tasks.techniques.static_quant import StaticQuantConfig, quantize_static_int8, scaled_calibration
+from optforge.tasks.techniques.tensorrt_engine import (
+    EngineRunner,
+    TensorRTConfig,
+    build_engine,
+    parity,
+    unavailable_reason,
+)
+from optforge.tasks.tracking import child_run
 
 
 def _int8_for_tensorrt(cfg: StaticQuantConfig) -> StaticQuantConfig:

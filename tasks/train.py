@@ -14,19 +14,19 @@ from pathlib import Path
 import mlflow
 import numpy as np
 
-from tasks.caching import stage_dir, stage_task
-from tasks.refs import DataRef, Format, ModelRef, file_sha256
-from tasks.techniques.data import load_splits
-from tasks.techniques.distill import DistillConfig, teacher_logits
-from tasks.techniques.files import atomic_write
-from tasks.techniques.flops import count_flops
-from tasks.techniques.init_weights import load_init_state
-from tasks.techniques.model_source import starting_model
-from tasks.techniques.models import ModelConfig, count_params, load_model, save_model
-from tasks.techniques.training import TrainConfig, evaluate
-from tasks.tracking import child_run, tracking_uri
-from tasks.training_driver import run_training
-from tasks.worker_common import KdConfig, WorkerConfig
+from optforge.tasks.caching import stage_dir, stage_task
+from optforge.tasks.refs import DataRef, Format, ModelRef, file_sha256
+from optforge.tasks.techniques.data import load_splits
+from optforge.tasks.techniques.distill import DistillConfig, teacher_logits
+from optforge.tasks.techniques.files import atomic_write
+from optforge.tasks.techniques.flops import count_flops
+from optforge.tasks.techniques.init_weights import load_init_state
+from optforge.tasks.techniques.model_source import starting_model
+from optforge.tasks.techniques.models import ModelConfig, count_params, load_model, save_model
+from optforge.tasks.techniques.training import TrainConfig, evaluate
+from optforge.tasks.tracking import child_run, tracking_uri
+from optforge.tasks.training_driver import run_training
+from optforge.tasks.worker_common import KdConfig, WorkerConfig
 
 # Whole-run figures the strategies report beside the per-epoch curves.
 STRATEGY_METRICS = ("staleness_mean", "staleness_max", "stale_dropped", "workers_lost", "updates",

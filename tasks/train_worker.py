@@ -19,12 +19,13 @@ import ray.train
 import ray.train.torch
 import torch
 
-from tasks.techniques.averaging import ModelAverager
-from tasks.techniques.data import load_splits
-from tasks.techniques.init_weights import apply_init, load_init_state
-from tasks.techniques.models import ModelSpec, build_model, save_model
-from tasks.techniques.sampling import MixingSampler
-from tasks.techniques.training import (
+from optforge.tasks.progress import ProgressFeed
+from optforge.tasks.techniques.averaging import ModelAverager
+from optforge.tasks.techniques.data import load_splits
+from optforge.tasks.techniques.init_weights import apply_init, load_init_state
+from optforge.tasks.techniques.models import ModelSpec, build_model, save_model
+from optforge.tasks.techniques.sampling import MixingSampler
+from optforge.tasks.techniques.training import (
     EarlyStopping,
     evaluate,
     make_optimizer,
@@ -32,8 +33,7 @@ from tasks.techniques.training import (
     precision_for,
     train_epoch,
 )
-from tasks.progress import ProgressFeed
-from tasks.worker_common import CKPT_FILE, ERROR_FILE, WorkerConfig, make_loader, mlflow_logger, train_dataset
+from optforge.tasks.worker_common import CKPT_FILE, ERROR_FILE, WorkerConfig, make_loader, mlflow_logger, train_dataset
 
 
 def train_loop_per_worker(config: dict) -> None:

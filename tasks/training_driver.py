@@ -16,12 +16,19 @@ import ray
 import ray.train
 import torch
 
-from tasks.asgd_worker import run_asgd
-from tasks.progress import StageProgress
-from tasks.techniques.augment import build_cache, cache_path
-from tasks.techniques.data import load_splits
-from tasks.train_worker import train_loop_per_worker
-from tasks.worker_common import CKPT_FILE, ERROR_FILE, WorkerConfig, ensure_ray, latest_checkpoint, training_summary
+from optforge.tasks.asgd_worker import run_asgd
+from optforge.tasks.progress import StageProgress
+from optforge.tasks.techniques.augment import build_cache, cache_path
+from optforge.tasks.techniques.data import load_splits
+from optforge.tasks.train_worker import train_loop_per_worker
+from optforge.tasks.worker_common import (
+    CKPT_FILE,
+    ERROR_FILE,
+    WorkerConfig,
+    ensure_ray,
+    latest_checkpoint,
+    training_summary,
+)
 
 
 def run_training(worker: WorkerConfig, storage: Path, name: str, out_dir: Path) -> dict:

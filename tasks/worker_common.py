@@ -21,12 +21,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from tasks.techniques.augment import AugmentedDataset, CachedCopies
-from tasks.techniques.data import Part, Splits
-from tasks.techniques.distill import DistillConfig, kd_loss
-from tasks.techniques.loader import LoaderConfig
-from tasks.techniques.models import ModelSpec, load_model
-from tasks.techniques.training import TrainConfig
+from optforge.tasks.techniques.augment import AugmentedDataset, CachedCopies
+from optforge.tasks.techniques.data import Part, Splits
+from optforge.tasks.techniques.distill import DistillConfig, kd_loss
+from optforge.tasks.techniques.loader import LoaderConfig
+from optforge.tasks.techniques.models import ModelSpec, load_model
+from optforge.tasks.techniques.training import TrainConfig
 
 CKPT_FILE = "train_state.pt"
 ERROR_FILE = "error.json"
@@ -123,8 +123,8 @@ class _Inputs:
 def _kd_columns_and_loss(kd: KdConfig, fit: Part, device, student: nn.Module | None = None):
     """The extra batch column and loss of distillation: cached teacher logits, or the teacher run live (and
     then, with ``hidden_weight``, the paired layer outputs of ``student`` and teacher as well)."""
-    from tasks.techniques.contract import forward_logits
-    from tasks.techniques.students import LayerOutputs, hidden_state_loss
+    from optforge.tasks.techniques.contract import forward_logits
+    from optforge.tasks.techniques.students import LayerOutputs, hidden_state_loss
 
     cfg = DistillConfig.from_dict(kd.distill)
     if kd.logits_path:

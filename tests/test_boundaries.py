@@ -5,13 +5,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import tasks.techniques
+import optforge.tasks.techniques as techniques
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_techniques_never_import_prefect_or_mlflow():
-    modules = [f"tasks.techniques.{m.name}" for m in pkgutil.iter_modules(tasks.techniques.__path__)]
+    modules = [f"optforge.tasks.techniques.{m.name}" for m in pkgutil.iter_modules(techniques.__path__)]
     assert len(modules) >= 6
     code = (
         "import importlib, sys\n"
@@ -26,9 +26,24 @@ def test_techniques_never_import_prefect_or_mlflow():
 def test_importing_flows_has_no_side_effects(tmp_path):
     """Importing the flow and CLI modules must not create files, start Ray or set MLflow's URI."""
     code = (
-        "import flows.optimize, flows.cli, ray, mlflow, os\n"
+        "import optforge.flows.optimize, optforge.flows.cli, ray, mlflow, os\n"
         "assert not ray.is_initialized()\n"
         "print(sorted(os.listdir('.')))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_users_tasks_py_and_flows_folder_cannot_shadow_the_pipeline(tmp_path):
+    """A Celery-style ``tasks.py`` and a ``flows/`` package in the user's folder (first on ``sys.path`` for
+    ``python -c``, a notebook or a script there) are not what the pipeline imports: it is ``optforge.*``."""
+    (tmp_path / "tasks.py").write_text("raise RuntimeError(\"the user's tasks.py was imported\")\n")
+    (tmp_path / "flows").mkdir()
+    (tmp_path / "flows" / "__init__.py").write_text("raise RuntimeError(\"the user's flows/ was imported\")\n")
+    code = ("import sys, optforge.flows.optimize, optforge.flows.cli, optforge.tasks.train\n"
+            "import importlib.util, os  # a plain 'import tasks' here would get the user's file:\n"
+            "assert importlib.util.find_spec('tasks').origin == os.path.join(os.getcwd(), 'tasks.py')\n"
+            "print(optforge.tasks.train.__file__)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert Path(out.stdout.strip()).resolve() == ROOT / "tasks" / "train.py"

@@ -4,11 +4,11 @@ from pathlib import Path
 
 import torch
 
-from tasks.refs import DataRef, Format, ModelRef, file_sha256
-from tasks.techniques.contract import as_tensors
-from tasks.techniques.data import Splits
-from tasks.techniques.models import ModelConfig, ModelSpec, build_model, save_model
-from tasks.techniques.training import TrainConfig, make_optimizer, make_scheduler, precision_for, train_epoch
+from optforge.tasks.refs import DataRef, Format, ModelRef, file_sha256
+from optforge.tasks.techniques.contract import as_tensors
+from optforge.tasks.techniques.data import Splits
+from optforge.tasks.techniques.models import ModelConfig, ModelSpec, build_model, save_model
+from optforge.tasks.techniques.training import TrainConfig, make_optimizer, make_scheduler, precision_for, train_epoch
 
 
 def train_in_process(model_cfg: ModelConfig, data: DataRef, splits: Splits, epochs: int,

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from tasks.techniques.files import atomic_write
-from tasks.techniques.loader import LoaderConfig
+from optforge.tasks.techniques.files import atomic_write
+from optforge.tasks.techniques.loader import LoaderConfig
 
 
 def augment_sample(x: np.ndarray, index: int, copy: int, cfg: LoaderConfig, image_shape, seed: int) -> np.ndarray:

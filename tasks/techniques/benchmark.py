@@ -18,9 +18,9 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from tasks.techniques.config import TechniqueConfig
-from tasks.techniques.contract import as_tensors, forward_logits
-from tasks.techniques.metrics import Predictor, part_accuracy
+from optforge.tasks.techniques.config import TechniqueConfig
+from optforge.tasks.techniques.contract import as_tensors, forward_logits
+from optforge.tasks.techniques.metrics import Predictor, part_accuracy
 
 
 class BenchmarkConfig(TechniqueConfig):

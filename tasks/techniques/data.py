@@ -28,9 +28,9 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from tasks.techniques.config import TechniqueConfig
-from tasks.techniques.contract import DTYPES, InputContract, Kind, table_contract
-from tasks.techniques.split import split_indices
+from optforge.tasks.techniques.config import TechniqueConfig
+from optforge.tasks.techniques.contract import DTYPES, InputContract, Kind, table_contract
+from optforge.tasks.techniques.split import split_indices
 
 PARTS = ("train", "val", "test", "new")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -237,7 +237,7 @@ def prepare(cfg: DataConfig, root: str | Path, tokenizer: str | None = None) -> 
     ``tokenizer`` (text only) is the folder to tokenize with when ``cfg.tokenizer`` is not set (the
     Hugging Face model folder's own). Returns the folder.
     """
-    from tasks.techniques import images, tables, texts
+    from optforge.tasks.techniques import images, tables, texts
 
     root = Path(root)
     kind = source_kind(cfg)

@@ -25,10 +25,17 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from tasks.techniques.config import TechniqueConfig
-from tasks.techniques.contract import as_tensors, forward_logits
-from tasks.techniques.models import ModelConfig, count_params
-from tasks.techniques.training import TrainConfig, evaluate, make_optimizer, make_scheduler, precision_for, train_epoch
+from optforge.tasks.techniques.config import TechniqueConfig
+from optforge.tasks.techniques.contract import as_tensors, forward_logits
+from optforge.tasks.techniques.models import ModelConfig, count_params
+from optforge.tasks.techniques.training import (
+    TrainConfig,
+    evaluate,
+    make_optimizer,
+    make_scheduler,
+    precision_for,
+    train_epoch,
+)
 
 
 def _student_default() -> ModelConfig:

@@ -22,9 +22,9 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from tasks.techniques.config import TechniqueConfig
-from tasks.techniques.distill import FinetuneConfig
-from tasks.techniques.models import LowRank, ModelSpec
+from optforge.tasks.techniques.config import TechniqueConfig
+from optforge.tasks.techniques.distill import FinetuneConfig
+from optforge.tasks.techniques.models import LowRank, ModelSpec
 
 
 class FactorizeConfig(TechniqueConfig):

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from tasks.techniques.contract import InputContract, forward_logits
-from tasks.techniques.models import count_params
+from optforge.tasks.techniques.contract import InputContract, forward_logits
+from optforge.tasks.techniques.models import count_params
 
 # Layers whose weights pruning and sparsity talk about; biases and norms are a few hundred values.
 WEIGHTED = (nn.Linear, nn.Conv2d)

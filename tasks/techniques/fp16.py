@@ -12,9 +12,9 @@ from pathlib import Path
 import onnx
 from pydantic import Field
 
-from tasks.techniques.config import TechniqueConfig
-from tasks.techniques.files import atomic_write
-from tasks.techniques.onnx_export import load_onnx
+from optforge.tasks.techniques.config import TechniqueConfig
+from optforge.tasks.techniques.files import atomic_write
+from optforge.tasks.techniques.onnx_export import load_onnx
 
 
 class Fp16Config(TechniqueConfig):

@@ -27,11 +27,11 @@ import onnx
 from pydantic import Field
 from torch import nn
 
-from tasks.techniques.config import TechniqueConfig
-from tasks.techniques.contract import InputContract
-from tasks.techniques.files import atomic_write
-from tasks.techniques.graph_prune import attention_modules
-from tasks.techniques.onnx_export import export_torchscript
+from optforge.tasks.techniques.config import TechniqueConfig
+from optforge.tasks.techniques.contract import InputContract
+from optforge.tasks.techniques.files import atomic_write
+from optforge.tasks.techniques.graph_prune import attention_modules
+from optforge.tasks.techniques.onnx_export import export_torchscript
 
 # Hugging Face model_type -> ORT optimizer family (onnxruntime.transformers.optimizer.MODEL_TYPES).
 ORT_FAMILY = {"bert": "bert", "roberta": "bert", "distilbert": "bert", "electra": "bert", "xlm-roberta": "bert",

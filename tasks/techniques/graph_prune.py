@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import nn
 
-from tasks.techniques.contract import InputContract, forward_logits
+from optforge.tasks.techniques.contract import InputContract, forward_logits
 
 History = list[list[Any]]  # torch-pruning's [[module name, pruned outputs?, [channel indices]], ...]
 

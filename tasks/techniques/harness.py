@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from pydantic import Field
 
-from tasks.techniques.benchmark import time_calls, timing_rows
-from tasks.techniques.config import TechniqueConfig
-from tasks.techniques.metrics import Predictor, part_accuracy
+from optforge.tasks.techniques.benchmark import time_calls, timing_rows
+from optforge.tasks.techniques.config import TechniqueConfig
+from optforge.tasks.techniques.metrics import Predictor, part_accuracy
 
 BASELINE = "pytorch_fp32"
 # (label, variant, reference): the ratio is variant vs reference; "best" is resolved per report.
@@ -66,7 +66,7 @@ def machine_info() -> dict:
     import onnxruntime
     import torch
 
-    from tasks.techniques.benchmark import cpu_model
+    from optforge.tasks.techniques.benchmark import cpu_model
 
     return {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
             "python": platform.python_version(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,

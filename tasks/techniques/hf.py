@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from tasks.techniques.contract import InputContract
+from optforge.tasks.techniques.contract import InputContract
 
 FIELD = "model.path"
 CONVERT_HINT = ("convert it once where you trust the file: python -c \"from transformers import AutoModel; "

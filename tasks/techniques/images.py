@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.techniques.contract import image_contract
-from tasks.techniques.split import split_indices
+from optforge.tasks.techniques.contract import image_contract
+from optforge.tasks.techniques.split import split_indices
 
 SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -71,7 +71,7 @@ def _first_size(path: Path) -> int:
 
 def prepare_images(cfg, out: Path) -> None:
     """Decode ``cfg.source`` into the split folder ``out`` (see ``tasks.techniques.data``)."""
-    from tasks.techniques.data import write_meta
+    from optforge.tasks.techniques.data import write_meta
 
     folder = Path(cfg.source)
     files, labels, classes = scan(folder)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tasks.techniques.models import ModelSpec, build_model, missing_model_file, read_spec
+from optforge.tasks.techniques.models import ModelSpec, build_model, missing_model_file, read_spec
 
 FIELD = "train.init_from"
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from tasks.techniques.config import TechniqueConfig
+from optforge.tasks.techniques.config import TechniqueConfig
 
 
 class LoaderConfig(TechniqueConfig):

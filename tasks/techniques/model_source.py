@@ -9,8 +9,8 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from tasks.techniques.contract import InputContract, call_style, forward_logits
-from tasks.techniques.models import HUGGINGFACE, ModelConfig, ModelSpec, build_model, load_weights_file
+from optforge.tasks.techniques.contract import InputContract, call_style, forward_logits
+from optforge.tasks.techniques.models import HUGGINGFACE, ModelConfig, ModelSpec, build_model, load_weights_file
 
 
 def starting_model(model_cfg: ModelConfig, contract: InputContract) -> tuple[nn.Module, ModelSpec, bool]:
@@ -24,7 +24,7 @@ def starting_model(model_cfg: ModelConfig, contract: InputContract) -> tuple[nn.
     spec = ModelSpec(model_cfg.to_dict(), contract.to_dict())
     trained = False
     if model_cfg.arch == HUGGINGFACE:
-        from tasks.techniques.hf import load_pretrained
+        from optforge.tasks.techniques.hf import load_pretrained
 
         model, hf_config = load_pretrained(model_cfg.path, contract)
         spec, trained = replace(spec, hf_config=hf_config), True

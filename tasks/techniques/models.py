@@ -27,10 +27,10 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from tasks.techniques.config import TechniqueConfig
-from tasks.techniques.contract import InputContract, table_contract
-from tasks.techniques.files import atomic_write
-from tasks.techniques.graph_prune import replay
+from optforge.tasks.techniques.config import TechniqueConfig
+from optforge.tasks.techniques.contract import InputContract, table_contract
+from optforge.tasks.techniques.files import atomic_write
+from optforge.tasks.techniques.graph_prune import replay
 
 ZOO = ("mlp", "cnn", "dscnn")
 HUGGINGFACE, ONNX = "huggingface", "onnx"
@@ -220,7 +220,7 @@ def build_model(spec: ModelSpec) -> nn.Module:
         cls = SmallCNN if cfg.arch == "cnn" else DSCNN
         model = cls(contract.image_shape, spec.num_classes, cfg.channels, cfg.dropout)
     elif cfg.arch == HUGGINGFACE:
-        from tasks.techniques.hf import from_config
+        from optforge.tasks.techniques.hf import from_config
 
         model = from_config(spec.hf_config or {}, contract)
     elif cfg.arch == ONNX:

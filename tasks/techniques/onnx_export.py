@@ -19,9 +19,9 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from tasks.techniques.config import TechniqueConfig
-from tasks.techniques.contract import BATCH, InputContract, LogitsModule, as_tensors
-from tasks.techniques.files import atomic_write
+from optforge.tasks.techniques.config import TechniqueConfig
+from optforge.tasks.techniques.contract import BATCH, InputContract, LogitsModule, as_tensors
+from optforge.tasks.techniques.files import atomic_write
 
 # The dynamo exporter implements opset 18 natively; lower opsets go through ONNX's version converter.
 _NATIVE_OPSET = 18
@@ -168,8 +168,8 @@ def save_program(model: nn.Module, contract: InputContract, example: dict[str, n
 
 def max_abs_diff(model: nn.Module, onnx_path: str | Path, batch: dict[str, np.ndarray]) -> float:
     """Largest absolute difference between PyTorch's and ONNX Runtime's logits on one batch of named inputs."""
-    from tasks.techniques.contract import forward_logits
-    from tasks.techniques.ort_session import session_predictor, tuned_session
+    from optforge.tasks.techniques.contract import forward_logits
+    from optforge.tasks.techniques.ort_session import session_predictor, tuned_session
 
     load_onnx(onnx_path)  # errors name the file
     if not batch or len(next(iter(batch.values()))) == 0:

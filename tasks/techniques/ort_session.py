@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks.techniques.metrics import Predictor
+from optforge.tasks.techniques.metrics import Predictor
 
 LEVELS = ("disable", "basic", "extended", "all")
 

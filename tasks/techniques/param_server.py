@@ -35,8 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.techniques.sampling import epoch_order
-from tasks.techniques.training import EarlyStopping, TrainConfig, all_finite, make_optimizer, make_scheduler
+from optforge.tasks.techniques.sampling import epoch_order
+from optforge.tasks.techniques.training import EarlyStopping, TrainConfig, all_finite, make_optimizer, make_scheduler
 
 Validate = Callable[[nn.Module], dict[str, float]]  # model -> {"loss", "accuracy" (%)} on the validation set
 

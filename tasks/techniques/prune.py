@@ -31,12 +31,12 @@ from pydantic import Field
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from tasks.techniques.config import TechniqueConfig
-from tasks.techniques.contract import InputContract, forward_logits
-from tasks.techniques.distill import FinetuneConfig
-from tasks.techniques.flops import WEIGHTED, count_flops
-from tasks.techniques.graph_prune import prune_channels
-from tasks.techniques.models import LowRank, ModelSpec, count_params
+from optforge.tasks.techniques.config import TechniqueConfig
+from optforge.tasks.techniques.contract import InputContract, forward_logits
+from optforge.tasks.techniques.distill import FinetuneConfig
+from optforge.tasks.techniques.flops import WEIGHTED, count_flops
+from optforge.tasks.techniques.graph_prune import prune_channels
+from optforge.tasks.techniques.models import LowRank, ModelSpec, count_params
 
 Target = Literal["channels", "params", "flops", "latency"]
 SEARCH_STEPS = 8  # bisection steps on the channel ratio: 1/256 resolution, finer than one channel of most layers
@@ -66,7 +66,7 @@ class PruneConfig(TechniqueConfig):
 
 def _latency_ms(model: nn.Module, contract: InputContract, calls: int = 15) -> float:
     """Median PyTorch batch-1 latency of ``model`` on the contract's example input (ms)."""
-    from tasks.techniques.benchmark import time_calls
+    from optforge.tasks.techniques.benchmark import time_calls
 
     x = contract.example(batch=1)
 

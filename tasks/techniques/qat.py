@@ -31,11 +31,11 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from tasks.techniques.config import TechniqueConfig
-from tasks.techniques.contract import InputContract, forward_logits
-from tasks.techniques.distill import FinetuneConfig
-from tasks.techniques.files import atomic_write
-from tasks.techniques.onnx_export import export_torchscript
+from optforge.tasks.techniques.config import TechniqueConfig
+from optforge.tasks.techniques.contract import InputContract, forward_logits
+from optforge.tasks.techniques.distill import FinetuneConfig
+from optforge.tasks.techniques.files import atomic_write
+from optforge.tasks.techniques.onnx_export import export_torchscript
 
 
 def _qat_finetune_default() -> FinetuneConfig:

@@ -13,8 +13,8 @@ from typing import Literal
 import onnx
 from pydantic import Field
 
-from tasks.techniques.config import TechniqueConfig
-from tasks.techniques.onnx_export import load_onnx
+from optforge.tasks.techniques.config import TechniqueConfig
+from optforge.tasks.techniques.onnx_export import load_onnx
 
 
 class DynamicQuantConfig(TechniqueConfig):

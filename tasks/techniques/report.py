@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.techniques.pareto import plot_pareto
-from tasks.techniques.selection import RegisterConfig, Selection, describe_goals, is_measured
+from optforge.tasks.techniques.pareto import plot_pareto
+from optforge.tasks.techniques.selection import RegisterConfig, Selection, describe_goals, is_measured
 
 MARKDOWN, HTML, PLOT = "report.md", "report.html", "pareto.png"
 # (key, header, format) of the variants table; "speedup" and "delta" are derived from the baseline.

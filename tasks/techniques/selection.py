@@ -27,8 +27,8 @@ from typing import Literal, get_args
 
 from pydantic import Field, model_validator
 
-from tasks.techniques.config import TechniqueConfig
-from tasks.techniques.pareto import dominator, pareto_front
+from optforge.tasks.techniques.config import TechniqueConfig
+from optforge.tasks.techniques.pareto import dominator, pareto_front
 
 RankMetric = Literal[
     "latency_ms_p50_b1", "latency_ms_p95_b1", "throughput_sps_b64", "size_mb", "params", "flops", "accuracy"

@@ -21,8 +21,8 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from tasks.techniques.config import TechniqueConfig
-from tasks.techniques.onnx_export import load_onnx
+from optforge.tasks.techniques.config import TechniqueConfig
+from optforge.tasks.techniques.onnx_export import load_onnx
 
 CALIBRATION_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 # Weight-bearing ops carry most of the quantization error (and most of the speed-up), so they are the
@@ -108,14 +108,14 @@ def _reader(part, batch: int):
 
 def logits(path: Path, part) -> np.ndarray:
     """Run an ONNX model over every row of ``part`` (in batches) and return its first output."""
-    from tasks.techniques.metrics import predict_part
-    from tasks.techniques.ort_session import onnx_predictor
+    from optforge.tasks.techniques.metrics import predict_part
+    from optforge.tasks.techniques.ort_session import onnx_predictor
 
     return predict_part(onnx_predictor(path), part)
 
 
 def accuracy(path: Path, part) -> float:
-    from tasks.techniques.metrics import top1_accuracy
+    from optforge.tasks.techniques.metrics import top1_accuracy
 
     return top1_accuracy(logits(path, part), part.labels)
 
@@ -124,7 +124,7 @@ class _Quantizer:
     """Calibrates once (ranges cached as JSON), then re-quantizes cheaply with different node sets."""
 
     def __init__(self, fp32: Path, rows, cfg: StaticQuantConfig, tmp: Path):
-        from tasks.techniques.ort_session import ORT_DTYPES, tuned_session
+        from optforge.tasks.techniques.ort_session import ORT_DTYPES, tuned_session
 
         self.fp32, self.rows, self.cfg, self.tmp = fp32, rows, cfg, tmp
         session = tuned_session(fp32)
@@ -167,7 +167,7 @@ def node_errors(fp32: Path, qdq: Path, part, batch: int, tmp: Path) -> dict[str,
         modify_model_output_intermediate_tensors,
     )
 
-    from tasks.techniques.ort_session import ORT_DTYPES, tuned_session
+    from optforge.tasks.techniques.ort_session import ORT_DTYPES, tuned_session
 
     augmented = tmp / "augmented.onnx"
     modify_model_output_intermediate_tensors(str(qdq), str(augmented))
@@ -201,7 +201,7 @@ def quantize_static_int8(src: str | Path, dst: str | Path, calibration, cfg: Sta
     Returns:
         The result with gate accuracies and the nodes kept in FP32 (most sensitive first).
     """
-    from tasks.techniques.quantization import preprocess
+    from optforge.tasks.techniques.quantization import preprocess
 
     src, dst = Path(src), Path(dst)
     load_onnx(src)  # clear error naming the file when it is missing or not ONNX

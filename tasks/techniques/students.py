@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tasks.techniques.contract import InputContract
-from tasks.techniques.graph_prune import prune_channels
-from tasks.techniques.model_source import check_runs, starting_model
-from tasks.techniques.models import ModelConfig, ModelSpec
+from optforge.tasks.techniques.contract import InputContract
+from optforge.tasks.techniques.graph_prune import prune_channels
+from optforge.tasks.techniques.model_source import check_runs, starting_model
+from optforge.tasks.techniques.models import ModelConfig, ModelSpec
 
 Derive = Literal["none", "layers", "width"]
 
@@ -95,7 +95,7 @@ def derive_student(teacher: nn.Module, spec: ModelSpec, how: Derive, layer_strid
 def _hf_student(folder: str, contract: InputContract) -> tuple[nn.Module, dict, bool]:
     """(model, config, has weights) of a Hugging Face student: its weights when the folder has them, else a
     fresh model of its config.json with a head for the data's classes."""
-    from tasks.techniques.hf import from_config, load_pretrained
+    from optforge.tasks.techniques.hf import from_config, load_pretrained
 
     path = Path(folder)
     if any(path.glob("*.safetensors")) or any(path.glob("*.bin")):

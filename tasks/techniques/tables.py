@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.techniques.split import split_indices
+from optforge.tasks.techniques.split import split_indices
 
 
 def read_table(source: str, label_column: str, field: str = "data.source") -> tuple[np.ndarray, np.ndarray]:

@@ -17,9 +17,9 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from tasks.techniques.config import TechniqueConfig
-from tasks.techniques.files import atomic_write
-from tasks.techniques.onnx_export import load_onnx
+from optforge.tasks.techniques.config import TechniqueConfig
+from optforge.tasks.techniques.files import atomic_write
+from optforge.tasks.techniques.onnx_export import load_onnx
 
 
 class TensorRTConfig(TechniqueConfig):
@@ -187,8 +187,8 @@ class EngineRunner:
 
 def parity(runner, onnx_path: str | Path, part) -> dict[str, float]:
     """Engine vs ONNX Runtime on the same ONNX model over ``part``: max abs logit difference, top-1 agreement."""
-    from tasks.techniques.metrics import predict_part
-    from tasks.techniques.static_quant import logits
+    from optforge.tasks.techniques.metrics import predict_part
+    from optforge.tasks.techniques.static_quant import logits
 
     ours = predict_part(runner, part)
     ref = logits(Path(onnx_path), part)

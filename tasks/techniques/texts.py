@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.techniques.contract import text_contract
-from tasks.techniques.split import split_indices
+from optforge.tasks.techniques.contract import text_contract
+from optforge.tasks.techniques.split import split_indices
 
 CHUNK_ROWS = 2048  # rows tokenized at a time: bounds memory, large enough for the fast tokenizer's batching
 SUFFIXES = (".csv", ".jsonl", ".parquet")
@@ -115,7 +115,7 @@ def raw_texts(folder: Path, part: str = "test") -> Iterator[str]:
 
 def prepare_texts(cfg, out: Path, tokenizer_folder: str | None) -> None:
     """Tokenize ``cfg.source`` into the split folder ``out`` (see ``tasks.techniques.data``)."""
-    from tasks.techniques.data import write_meta
+    from optforge.tasks.techniques.data import write_meta
 
     path = check_file(cfg)
     tokenizer = load_tokenizer(tokenizer_folder)

@@ -15,9 +15,9 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from tasks.techniques.config import TechniqueConfig
-from tasks.techniques.contract import forward_logits
-from tasks.techniques.metrics import Predictor
+from optforge.tasks.techniques.config import TechniqueConfig
+from optforge.tasks.techniques.contract import forward_logits
+from optforge.tasks.techniques.metrics import Predictor
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

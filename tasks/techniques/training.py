@@ -17,9 +17,9 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from tasks.techniques.config import TechniqueConfig
-from tasks.techniques.contract import as_tensors, forward_logits, to_device
-from tasks.techniques.loader import LoaderConfig
+from optforge.tasks.techniques.config import TechniqueConfig
+from optforge.tasks.techniques.contract import as_tensors, forward_logits, to_device
+from optforge.tasks.techniques.loader import LoaderConfig
 
 
 class TrainConfig(TechniqueConfig):
@@ -224,7 +224,7 @@ def _to(value, device):
 @torch.inference_mode()
 def evaluate(model: nn.Module, part, batch_size: int = 256, device="cpu") -> dict[str, float]:
     """Mean cross-entropy and accuracy (%) over the whole of ``part`` (a data split), read a batch at a time."""
-    from tasks.techniques.metrics import top1_accuracy
+    from optforge.tasks.techniques.metrics import top1_accuracy
 
     model.eval()
     loss_sum, logits_all = 0.0, []

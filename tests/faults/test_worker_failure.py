@@ -22,11 +22,11 @@ TRAIN = """
 import json, sys
 from dataclasses import asdict
 from pathlib import Path
-from tasks.techniques.data import DataConfig, load_splits, prepare
-from tasks.techniques.models import ModelConfig, ModelSpec
-from tasks.techniques.training import TrainConfig
-from tasks.training_driver import run_training
-from tasks.worker_common import WorkerConfig
+from optforge.tasks.techniques.data import DataConfig, load_splits, prepare
+from optforge.tasks.techniques.models import ModelConfig, ModelSpec
+from optforge.tasks.techniques.training import TrainConfig
+from optforge.tasks.training_driver import run_training
+from optforge.tasks.worker_common import WorkerConfig
 
 tmp, uri, run_id = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 data_path = prepare(DataConfig(), tmp / "data")

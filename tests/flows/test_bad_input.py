@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from flows.cli import main
+from optforge.flows.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 

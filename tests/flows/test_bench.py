@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from flows.bench import EXIT_CONFIG, add_parser, cmd_bench, git_commit
-from tasks.techniques.data import Part
-from tasks.techniques.harness import HarnessConfig, format_report, measure_side_by_side, ratios, verdicts
+from optforge.flows.bench import EXIT_CONFIG, add_parser, cmd_bench, git_commit
+from optforge.tasks.techniques.data import Part
+from optforge.tasks.techniques.harness import HarnessConfig, format_report, measure_side_by_side, ratios, verdicts
 
 
 def _m(acc, p50, thr):
@@ -82,7 +82,7 @@ def test_bench_after_optimize_reuses_every_stage(tiny_config, mlflow_store, caps
     from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
     from prefect.client.schemas.sorting import TaskRunSort
 
-    from flows.optimize import optimize
+    from optforge.flows.optimize import optimize
 
     # The tiny pipeline, 2 epochs, without issue 3's compression chains (they have their own tests).
     raw = yaml.safe_load(tiny_config.read_text())

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.cli import main
-from flows.examples import write_bert, write_image_folder, write_resnet, write_text_csv
+from optforge.flows.cli import main
+from optforge.flows.examples import write_bert, write_image_folder, write_resnet, write_text_csv
 
 pytestmark = pytest.mark.slow
 

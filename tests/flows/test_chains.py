@@ -8,17 +8,17 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from flows.chains import CompressConfig, OnnxSteps, chain_variants, expand, product_name
-from flows.params import ConfigError, load_config
-from tasks.data import prepare_data
-from tasks.refs import Format, ModelRef, file_sha256
-from tasks.techniques.data import DataConfig
-from tasks.techniques.fusion import FuseConfig
-from tasks.techniques.models import ModelConfig, ModelSpec, build_model, load_model, save_model
-from tasks.techniques.onnx_export import ExportConfig
-from tasks.techniques.quantization import DynamicQuantConfig
-from tasks.techniques.static_quant import StaticQuantConfig, count_qdq_nodes
-from tasks.tracking import configure
+from optforge.flows.chains import CompressConfig, OnnxSteps, chain_variants, expand, product_name
+from optforge.flows.params import ConfigError, load_config
+from optforge.tasks.data import prepare_data
+from optforge.tasks.refs import Format, ModelRef, file_sha256
+from optforge.tasks.techniques.data import DataConfig
+from optforge.tasks.techniques.fusion import FuseConfig
+from optforge.tasks.techniques.models import ModelConfig, ModelSpec, build_model, load_model, save_model
+from optforge.tasks.techniques.onnx_export import ExportConfig
+from optforge.tasks.techniques.quantization import DynamicQuantConfig
+from optforge.tasks.techniques.static_quant import StaticQuantConfig, count_qdq_nodes
+from optforge.tasks.tracking import configure
 from tests.conftest import TINY
 
 
@@ -114,7 +114,7 @@ def test_chain_variants_share_prefixes_and_carry_lineage(teacher, tmp_path):
 
 @pytest.mark.slow
 def test_flow_builds_chain_variants_with_lineage_and_caches_them(tmp_path, mlflow_store):
-    from flows.optimize import optimize
+    from optforge.flows.optimize import optimize
 
     compress = {
         "chains": [["distill", "quantize"], ["distill", "prune"], ["factorize"]],

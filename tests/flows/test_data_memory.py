@@ -18,9 +18,9 @@ import resource, sys
 from pathlib import Path
 import numpy as np, torch
 from torch.utils.data import DataLoader
-from flows.examples import write_image_folder
-from tasks.techniques.data import DataConfig, load_splits, prepare
-from tasks.worker_common import PartDataset
+from optforge.flows.examples import write_image_folder
+from optforge.tasks.techniques.data import DataConfig, load_splits, prepare
+from optforge.tasks.worker_common import PartDataset
 
 root = Path(sys.argv[1])
 write_image_folder(root / "imgs", per_class=150, size=64)

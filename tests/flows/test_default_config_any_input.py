@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import yaml
 
-from flows.cli import main
+from optforge.flows.cli import main
 
 pytestmark = pytest.mark.slow
 

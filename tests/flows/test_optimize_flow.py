@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from flows.optimize import optimize
-from tasks.techniques.data import load_splits
+from optforge.flows.optimize import optimize
+from optforge.tasks.techniques.data import load_splits
 
 pytestmark = pytest.mark.slow
 

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.params import ConfigError, PipelineConfig, apply_overrides, load_config, validate
+from optforge.flows.params import ConfigError, PipelineConfig, apply_overrides, load_config, validate
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from flows.examples import write_resnet
-from flows.params import load_config
-from flows.plan import plan
-from tasks.techniques.contract import image_contract, table_contract
+from optforge.flows.examples import write_resnet
+from optforge.flows.params import load_config
+from optforge.flows.plan import plan
+from optforge.tasks.techniques.contract import image_contract, table_contract
 
 DISTILL_CHAINS = {"distill", "distill_int8", "distill_qat_int8", "distill_prune_int8"}
 
@@ -43,8 +43,8 @@ def test_a_smaller_student_is_kept_for_a_user_model(tmp_path):
 
 
 def test_a_bert_keeps_fusion_and_a_fused_chain_of_its_derived_student(tmp_path):
-    from flows.examples import write_bert
-    from tasks.techniques.contract import text_contract
+    from optforge.flows.examples import write_bert
+    from optforge.tasks.techniques.contract import text_contract
 
     folder = write_bert(tmp_path / "bert", ["a b c", "d e f"] * 10)
     base = ["model.arch=huggingface", f"model.path={folder}", "compress.chains=[[distill, fuse, quantize], [prune]]"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.progress import ProgressFeed, StageProgress
+from optforge.tasks.progress import ProgressFeed, StageProgress
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -59,7 +59,7 @@ def test_a_real_run_shows_every_epoch_before_the_stage_ends_and_no_library_noise
     cfg["train"]["epochs"] = 3
     tiny_config.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--config", str(tiny_config)], env=env,
+    out = subprocess.run([sys.executable, "-m", "optforge.flows.cli", "run", "--config", str(tiny_config)], env=env,
                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
     text = out.stdout + out.stderr
     assert out.returncode == 0, text[-3000:]

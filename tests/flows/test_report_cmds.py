@@ -16,14 +16,14 @@ from mlflow import MlflowClient
 from onnx import TensorProto, helper, numpy_helper
 from prefect import flow
 
-from flows.inspect_cmds import add_parsers
-from tasks.refs import DataRef, ModelRef, VariantResult
-from tasks.register import register
-from tasks.report import report
-from tasks.techniques.contract import table_contract
-from tasks.techniques.data import Part, Splits, save_splits
-from tasks.techniques.selection import RegisterConfig
-from tasks.tracking import child_run, configure
+from optforge.flows.inspect_cmds import add_parsers
+from optforge.tasks.refs import DataRef, ModelRef, VariantResult
+from optforge.tasks.register import register
+from optforge.tasks.report import report
+from optforge.tasks.techniques.contract import table_contract
+from optforge.tasks.techniques.data import Part, Splits, save_splits
+from optforge.tasks.techniques.selection import RegisterConfig
+from optforge.tasks.tracking import child_run, configure
 
 CFG = RegisterConfig(model_name="report-test", baseline="onnx_fp32", max_accuracy_drop=2.0)
 W = np.random.default_rng(0).normal(size=(8, 3)).astype(np.float32)

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.techniques.fp16 import Fp16Config, convert_fp16
-from tasks.techniques.models import MLP
-from tasks.techniques.onnx_export import ExportConfig, export_onnx
-from tasks.techniques.static_quant import StaticQuantConfig, quantize_static_int8
-from tasks.techniques.tensorrt_engine import EngineRunner, TensorRTConfig, build_engine, parity
+from optforge.tasks.techniques.fp16 import Fp16Config, convert_fp16
+from optforge.tasks.techniques.models import MLP
+from optforge.tasks.techniques.onnx_export import ExportConfig, export_onnx
+from optforge.tasks.techniques.static_quant import StaticQuantConfig, quantize_static_int8
+from optforge.tasks.techniques.tensorrt_engine import EngineRunner, TensorRTConfig, build_engine, parity
 
 pytestmark = [
     pytest.mark.gpu,

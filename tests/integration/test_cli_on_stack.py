@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from flows.preflight import check_environment
+from optforge.flows.preflight import check_environment
 from tests.integration.api import flow_run, http_bytes, ray_actors
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from flows.serve_cmd import DEFAULT_CRON
+from optforge.flows.serve_cmd import DEFAULT_CRON
 from tests.integration.api import deployment_by_name, wait_for_state
 from tests.integration.conftest import ROOT, wait_until
 
@@ -90,7 +90,7 @@ def test_prefect_yaml_deployment_runs_on_a_process_worker(stack, spawn):
 
 def test_optforge_serve_serves_a_scheduled_deployment(stack, spawn):
     name = "optforge-serve-it"
-    serve = spawn("optforge-serve", [sys.executable, "-m", "flows.serve_cmd", "--name", name,
+    serve = spawn("optforge-serve", [sys.executable, "-m", "optforge.flows.serve_cmd", "--name", name,
                                      "--config", str(stack.config), "--timezone", "Europe/Berlin"])
     wait_until(lambda: deployment_by_name(stack.prefect_api_url, "optimize", name) is not None, serve,
                "deployment registered")
@@ -107,8 +107,8 @@ def test_optforge_serve_serves_a_scheduled_deployment(stack, spawn):
 
 def test_optforge_has_the_serve_command():
     """``optforge serve`` is wired into the CLI (flows/cli.py registers flows/serve_cmd.py's parser)."""
-    from flows.cli import build_parser
-    from flows.serve_cmd import cmd_serve
+    from optforge.flows.cli import build_parser
+    from optforge.flows.serve_cmd import cmd_serve
 
     args = build_parser().parse_args(["serve", "--cron", "*/30 * * * *", "--set", "train.epochs=2"])
     assert args.func is cmd_serve and args.cron == "*/30 * * * *" and args.set == ["train.epochs=2"]

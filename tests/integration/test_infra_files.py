@@ -97,7 +97,7 @@ def test_kuberay_manifest():
 def test_prefect_yaml_matches_the_flow():
     from prefect.schedules import Cron
 
-    from flows.optimize import optimize
+    from optforge.flows.optimize import optimize
 
     spec = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
     (deployment,) = spec["deployments"]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.preflight import PreflightError, check_environment, check_mlflow, check_prefect, check_ray
+from optforge.flows.preflight import PreflightError, check_environment, check_mlflow, check_prefect, check_ray
 from tests.integration.conftest import free_port
 
 pytestmark = pytest.mark.integration
@@ -132,7 +132,7 @@ def test_optforge_run_stops_within_30_s_naming_the_variable(variable, silent_por
 
 
 def test_serve_refuses_without_a_prefect_server(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "flows.serve_cmd"], env=_optforge_env(tmp_path), cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-m", "optforge.flows.serve_cmd"], env=_optforge_env(tmp_path), cwd=tmp_path,
                           capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 1
     assert "PREFECT_API_URL is not set" in proc.stderr

@@ -12,11 +12,11 @@ import pytest
 import ray
 from mlflow import MlflowClient
 
-from tasks.asgd_worker import actor_name, run_asgd
-from tasks.techniques.data import DataConfig, load_splits, prepare
-from tasks.techniques.models import ModelSpec, load_model
-from tasks.techniques.training import TrainConfig, evaluate
-from tasks.worker_common import WorkerConfig, ensure_ray
+from optforge.tasks.asgd_worker import actor_name, run_asgd
+from optforge.tasks.techniques.data import DataConfig, load_splits, prepare
+from optforge.tasks.techniques.models import ModelSpec, load_model
+from optforge.tasks.techniques.training import TrainConfig, evaluate
+from optforge.tasks.worker_common import WorkerConfig, ensure_ray
 
 pytestmark = pytest.mark.slow
 # Measured on this 2-core machine: 95-96 % best val accuracy after 5 epochs (94-95 % after 3).

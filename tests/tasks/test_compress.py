@@ -5,19 +5,19 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from tasks.compress import factorize, prune, qat
-from tasks.data import prepare_data
-from tasks.distill import teacher_logits_file
-from tasks.refs import Format, ModelRef, file_sha256
-from tasks.techniques.data import DataConfig, load_splits
-from tasks.techniques.distill import FinetuneConfig
-from tasks.techniques.factorize import FactorizeConfig
-from tasks.techniques.models import LowRank, ModelConfig, ModelSpec, build_model, load_model, save_model
-from tasks.techniques.prune import PruneConfig
-from tasks.techniques.qat import QatConfig
-from tasks.techniques.static_quant import count_qdq_nodes
-from tasks.techniques.training import evaluate
-from tasks.tracking import configure
+from optforge.tasks.compress import factorize, prune, qat
+from optforge.tasks.data import prepare_data
+from optforge.tasks.distill import teacher_logits_file
+from optforge.tasks.refs import Format, ModelRef, file_sha256
+from optforge.tasks.techniques.data import DataConfig, load_splits
+from optforge.tasks.techniques.distill import FinetuneConfig
+from optforge.tasks.techniques.factorize import FactorizeConfig
+from optforge.tasks.techniques.models import LowRank, ModelConfig, ModelSpec, build_model, load_model, save_model
+from optforge.tasks.techniques.prune import PruneConfig
+from optforge.tasks.techniques.qat import QatConfig
+from optforge.tasks.techniques.static_quant import count_qdq_nodes
+from optforge.tasks.techniques.training import evaluate
+from optforge.tasks.tracking import configure
 
 QUICK = FinetuneConfig(epochs=2, lr=3e-3)
 
@@ -25,7 +25,7 @@ QUICK = FinetuneConfig(epochs=2, lr=3e-3)
 @pytest.fixture
 def teacher(mlflow_store, tmp_path):
     """An active parent run, the digits split and a quickly fitted 64-64 MLP teacher."""
-    from tasks.techniques.distill import finetune
+    from optforge.tasks.techniques.distill import finetune
 
     configure("compress")
     with mlflow.start_run(run_name="parent") as parent:
@@ -101,12 +101,12 @@ def test_distill_worker_live_teacher_loss_equals_cached_logits_loss(tmp_path):
     import numpy as np
     from torch.utils.data import default_collate
 
-    from tasks.techniques.contract import table_contract
-    from tasks.techniques.data import Part, Splits
-    from tasks.techniques.distill import DistillConfig
-    from tasks.techniques.models import ModelConfig, ModelSpec, build_model, save_model
-    from tasks.techniques.training import TrainConfig
-    from tasks.worker_common import KdConfig, WorkerConfig, train_dataset
+    from optforge.tasks.techniques.contract import table_contract
+    from optforge.tasks.techniques.data import Part, Splits
+    from optforge.tasks.techniques.distill import DistillConfig
+    from optforge.tasks.techniques.models import ModelConfig, ModelSpec, build_model, save_model
+    from optforge.tasks.techniques.training import TrainConfig
+    from optforge.tasks.worker_common import KdConfig, WorkerConfig, train_dataset
 
     torch.manual_seed(0)
     contract = table_contract(6, 3)

@@ -8,22 +8,22 @@ import torch
 from mlflow import MlflowClient
 from prefect.states import State
 
-from flows.engines import EnginesConfig, engine_variants
-from tasks.benchmark import benchmark
-from tasks.data import prepare_data
-from tasks.export import export
-from tasks.fp16 import convert_to_fp16
-from tasks.quantize_static import quantize_static
-from tasks.refs import Format, ModelRef, file_sha256
-from tasks.techniques.benchmark import BenchmarkConfig
-from tasks.techniques.data import DataConfig, load_splits
-from tasks.techniques.fp16 import Fp16Config
-from tasks.techniques.models import ModelConfig, ModelSpec, build_model, save_model
-from tasks.techniques.onnx_export import ExportConfig
-from tasks.techniques.static_quant import StaticQuantConfig
-from tasks.techniques.tensorrt_engine import TensorRTConfig, environment, unavailable_reason
-from tasks.tensorrt import _int8_for_tensorrt, build_engines
-from tasks.tracking import configure
+from optforge.flows.engines import EnginesConfig, engine_variants
+from optforge.tasks.benchmark import benchmark
+from optforge.tasks.data import prepare_data
+from optforge.tasks.export import export
+from optforge.tasks.fp16 import convert_to_fp16
+from optforge.tasks.quantize_static import quantize_static
+from optforge.tasks.refs import Format, ModelRef, file_sha256
+from optforge.tasks.techniques.benchmark import BenchmarkConfig
+from optforge.tasks.techniques.data import DataConfig, load_splits
+from optforge.tasks.techniques.fp16 import Fp16Config
+from optforge.tasks.techniques.models import ModelConfig, ModelSpec, build_model, save_model
+from optforge.tasks.techniques.onnx_export import ExportConfig
+from optforge.tasks.techniques.static_quant import StaticQuantConfig
+from optforge.tasks.techniques.tensorrt_engine import TensorRTConfig, environment, unavailable_reason
+from optforge.tasks.tensorrt import _int8_for_tensorrt, build_engines
+from optforge.tasks.tracking import configure
 
 FAST_BENCH = BenchmarkConfig(warmup=2, iters_b1=10, iters_batch=2)
 NO_GPU = pytest.mark.skipif(unavailable_reason() is None, reason="CUDA and tensorrt present: engines get built, not skipped")

@@ -14,12 +14,12 @@ import pytest
 from mlflow import MlflowClient
 from onnx import TensorProto, helper, numpy_helper
 
-from tasks.refs import DataRef, Format, ModelRef, VariantResult
-from tasks.register import RegistryOutcome, register
-from tasks.techniques.contract import table_contract
-from tasks.techniques.data import Part, Splits, load_splits, save_splits
-from tasks.techniques.selection import RegisterConfig
-from tasks.tracking import configure
+from optforge.tasks.refs import DataRef, Format, ModelRef, VariantResult
+from optforge.tasks.register import RegistryOutcome, register
+from optforge.tasks.techniques.contract import table_contract
+from optforge.tasks.techniques.data import Part, Splits, load_splits, save_splits
+from optforge.tasks.techniques.selection import RegisterConfig
+from optforge.tasks.tracking import configure
 
 NAME = "registry-test"
 CFG = RegisterConfig(model_name=NAME, baseline="onnx_fp32")

@@ -5,8 +5,8 @@ import uuid
 import pytest
 from prefect import flow
 
-from tasks.caching import stage_task
-from tasks.retrying import is_transient
+from optforge.tasks.caching import stage_task
+from optforge.tasks.retrying import is_transient
 
 CALLS: dict[str, int] = {}
 

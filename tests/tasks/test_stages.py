@@ -5,19 +5,19 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from tasks.benchmark import benchmark
-from tasks.data import prepare_data
-from tasks.export import export
-from tasks.quantize import quantize
-from tasks.register import register
-from tasks.techniques.benchmark import BenchmarkConfig
-from tasks.techniques.data import DataConfig, load_splits
-from tasks.techniques.models import ModelConfig
-from tasks.techniques.onnx_export import ExportConfig
-from tasks.techniques.quantization import DynamicQuantConfig
-from tasks.techniques.selection import RegisterConfig
-from tasks.techniques.training import evaluate
-from tasks.tracking import configure
+from optforge.tasks.benchmark import benchmark
+from optforge.tasks.data import prepare_data
+from optforge.tasks.export import export
+from optforge.tasks.quantize import quantize
+from optforge.tasks.register import register
+from optforge.tasks.techniques.benchmark import BenchmarkConfig
+from optforge.tasks.techniques.data import DataConfig, load_splits
+from optforge.tasks.techniques.models import ModelConfig
+from optforge.tasks.techniques.onnx_export import ExportConfig
+from optforge.tasks.techniques.quantization import DynamicQuantConfig
+from optforge.tasks.techniques.selection import RegisterConfig
+from optforge.tasks.techniques.training import evaluate
+from optforge.tasks.tracking import configure
 from tests.trained import train_in_process
 
 FAST_BENCH = BenchmarkConfig(warmup=2, iters_b1=20, iters_batch=2)

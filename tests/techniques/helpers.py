@@ -11,9 +11,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from tasks.techniques.contract import table_contract
-from tasks.techniques.data import Part
-from tasks.techniques.models import ModelSpec
+from optforge.tasks.techniques.contract import table_contract
+from optforge.tasks.techniques.data import Part
+from optforge.tasks.techniques.models import ModelSpec
 
 INPUT = "input"  # the one input of a table contract
 
@@ -71,7 +71,7 @@ def tiny_resnet(num_labels: int = 10):
 
 def hf_spec(model, contract) -> ModelSpec:
     """The spec the pipeline keeps for a Hugging Face model: its config.json content and the data's contract."""
-    from tasks.techniques.models import ModelConfig
+    from optforge.tasks.techniques.models import ModelConfig
 
     return ModelSpec(ModelConfig(arch="huggingface", path="unused").to_dict(), contract.to_dict(),
                      hf_config=model.config.to_dict())

@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from tasks.techniques.averaging import ModelAverager
+from optforge.tasks.techniques.averaging import ModelAverager
 
 
 def _free_port() -> int:

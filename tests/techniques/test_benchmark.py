@@ -7,7 +7,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from tasks.techniques.benchmark import (
+from optforge.tasks.techniques.benchmark import (
     BenchmarkConfig,
     count_params_onnx,
     count_params_torch,
@@ -16,9 +16,9 @@ from tasks.techniques.benchmark import (
     size_mb,
     torch_predictor,
 )
-from tasks.techniques.contract import table_contract
-from tasks.techniques.onnx_export import ExportConfig, export_onnx
-from tasks.techniques.ort_session import onnx_predictor, tuned_session
+from optforge.tasks.techniques.contract import table_contract
+from optforge.tasks.techniques.onnx_export import ExportConfig, export_onnx
+from optforge.tasks.techniques.ort_session import onnx_predictor, tuned_session
 from tests.techniques.helpers import rows, table_part
 
 F, C = 16, 4

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from tasks.techniques.contract import (
+from optforge.tasks.techniques.contract import (
     InputContract,
     LogitsModule,
     call_style,
@@ -17,7 +17,7 @@ from tasks.techniques.contract import (
     table_contract,
     text_contract,
 )
-from tasks.techniques.onnx_export import ExportConfig, export_onnx
+from optforge.tasks.techniques.onnx_export import ExportConfig, export_onnx
 
 # Classes at module level: forward_logits caches the call style per model class.
 

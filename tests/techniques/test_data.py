@@ -2,9 +2,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.techniques.data import DataConfig, Part, fingerprint, load_splits, prepare, save_splits
-from tasks.techniques.split import split_indices
-from tasks.techniques.tables import read_table
+from optforge.tasks.techniques.data import DataConfig, Part, fingerprint, load_splits, prepare, save_splits
+from optforge.tasks.techniques.split import split_indices
+from optforge.tasks.techniques.tables import read_table
 
 
 def _splits(root, cfg=None):

@@ -9,8 +9,8 @@ import yaml
 from pydantic import ValidationError
 from torch import nn
 
-from tasks.techniques.data import DataConfig, load_splits, prepare
-from tasks.techniques.distill import (
+from optforge.tasks.techniques.data import DataConfig, load_splits, prepare
+from optforge.tasks.techniques.distill import (
     DistillConfig,
     FinetuneConfig,
     check_student,
@@ -18,8 +18,8 @@ from tasks.techniques.distill import (
     kd_loss,
     teacher_logits,
 )
-from tasks.techniques.models import ModelConfig, ModelSpec, build_model
-from tasks.techniques.training import evaluate, precision_for, train_epoch
+from optforge.tasks.techniques.models import ModelConfig, ModelSpec, build_model
+from optforge.tasks.techniques.training import evaluate, precision_for, train_epoch
 from tests.techniques.helpers import table_part
 
 

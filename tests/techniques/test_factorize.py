@@ -5,8 +5,8 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from tasks.techniques.factorize import FactorizeConfig, breaks_even, choose_rank, factorize, factorize_layer
-from tasks.techniques.models import LowRank, ModelConfig, build_model, count_params, load_model, save_model
+from optforge.tasks.techniques.factorize import FactorizeConfig, breaks_even, choose_rank, factorize, factorize_layer
+from optforge.tasks.techniques.models import LowRank, ModelConfig, build_model, count_params, load_model, save_model
 from tests.techniques.helpers import hf_spec, table_spec, tiny_bert
 
 
@@ -102,9 +102,9 @@ def test_bert_attention_and_feed_forward_linears_factorize_and_rebuild(tmp_path)
     """Issue 13 item 4: the transformer's projections take the same rank and skip rules as the zoo's layers."""
     import numpy as np
 
-    from tasks.techniques.contract import forward_logits, text_contract
-    from tasks.techniques.onnx_export import ExportConfig, export_onnx
-    from tasks.techniques.ort_session import tuned_session
+    from optforge.tasks.techniques.contract import forward_logits, text_contract
+    from optforge.tasks.techniques.onnx_export import ExportConfig, export_onnx
+    from optforge.tasks.techniques.ort_session import tuned_session
 
     bert, contract = tiny_bert(hidden=64), text_contract(12, 3, {})
     s = hf_spec(bert, contract)

@@ -1,10 +1,10 @@
 import torch
 from torch import nn
 
-from tasks.techniques.contract import table_contract
-from tasks.techniques.factorize import factorize_layer
-from tasks.techniques.flops import count_flops, model_stats, weight_sparsity
-from tasks.techniques.models import ModelConfig, build_model, count_params
+from optforge.tasks.techniques.contract import table_contract
+from optforge.tasks.techniques.factorize import factorize_layer
+from optforge.tasks.techniques.flops import count_flops, model_stats, weight_sparsity
+from optforge.tasks.techniques.models import ModelConfig, build_model, count_params
 from tests.techniques.helpers import table_spec
 
 

@@ -8,12 +8,12 @@ import copy
 import numpy as np
 import pytest
 
-from tasks.techniques.contract import text_contract
-from tasks.techniques.fusion import attention_shape, export_for_fusion, fuse, unsupported_reason
-from tasks.techniques.graph_prune import prune_channels
-from tasks.techniques.onnx_export import max_abs_diff
-from tasks.techniques.ort_session import onnx_predictor
-from tasks.techniques.quantization import DynamicQuantConfig, quantize_dynamic_int8
+from optforge.tasks.techniques.contract import text_contract
+from optforge.tasks.techniques.fusion import attention_shape, export_for_fusion, fuse, unsupported_reason
+from optforge.tasks.techniques.graph_prune import prune_channels
+from optforge.tasks.techniques.onnx_export import max_abs_diff
+from optforge.tasks.techniques.ort_session import onnx_predictor
+from optforge.tasks.techniques.quantization import DynamicQuantConfig, quantize_dynamic_int8
 from tests.techniques.helpers import tiny_bert, tiny_resnet
 
 

@@ -13,11 +13,11 @@ import pytest
 import torch
 from torch import nn
 
-from tasks.techniques.contract import forward_logits, image_contract, table_contract, text_contract
-from tasks.techniques.graph_prune import attention_modules, prune_channels, replay
-from tasks.techniques.models import MLP
-from tasks.techniques.models import count_params as count
-from tasks.techniques.onnx_export import ExportConfig, export_onnx
+from optforge.tasks.techniques.contract import forward_logits, image_contract, table_contract, text_contract
+from optforge.tasks.techniques.graph_prune import attention_modules, prune_channels, replay
+from optforge.tasks.techniques.models import MLP
+from optforge.tasks.techniques.models import count_params as count
+from optforge.tasks.techniques.onnx_export import ExportConfig, export_onnx
 from tests.techniques.helpers import tiny_bert, tiny_resnet
 
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from tasks.techniques.contract import image_contract
-from tasks.techniques.init_weights import apply_init, load_init_state
-from tasks.techniques.models import ModelSpec, build_model, save_model
+from optforge.tasks.techniques.contract import image_contract
+from optforge.tasks.techniques.init_weights import apply_init, load_init_state
+from optforge.tasks.techniques.models import ModelSpec, build_model, save_model
 from tests.techniques.helpers import table_spec
 
 MLP = {"arch": "mlp", "hidden": [16], "channels": [8], "dropout": 0.0, "kwargs": {}}

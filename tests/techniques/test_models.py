@@ -7,8 +7,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from tasks.techniques.contract import table_contract
-from tasks.techniques.models import ModelConfig, build_model, count_params, load_model, read_spec, save_model
+from optforge.tasks.techniques.contract import table_contract
+from optforge.tasks.techniques.models import ModelConfig, build_model, count_params, load_model, read_spec, save_model
 from tests.techniques.helpers import table_spec
 
 

@@ -9,8 +9,8 @@ from onnx.external_data_helper import uses_external_data
 from pydantic import ValidationError
 from torch import nn
 
-from tasks.techniques.contract import table_contract
-from tasks.techniques.onnx_export import ExportConfig, check_parity, export_onnx, load_onnx, max_abs_diff
+from optforge.tasks.techniques.contract import table_contract
+from optforge.tasks.techniques.onnx_export import ExportConfig, check_parity, export_onnx, load_onnx, max_abs_diff
 from tests.techniques.helpers import rows
 
 F, C = 16, 4

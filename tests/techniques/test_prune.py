@@ -7,10 +7,10 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from tasks.techniques.flops import weight_sparsity
-from tasks.techniques.models import ModelConfig, build_model, count_params, load_model, save_model
-from tasks.techniques.onnx_export import ExportConfig, export_onnx, max_abs_diff
-from tasks.techniques.prune import PruneConfig, measure, prune
+from optforge.tasks.techniques.flops import weight_sparsity
+from optforge.tasks.techniques.models import ModelConfig, build_model, count_params, load_model, save_model
+from optforge.tasks.techniques.onnx_export import ExportConfig, export_onnx, max_abs_diff
+from optforge.tasks.techniques.prune import PruneConfig, measure, prune
 from tests.techniques.helpers import hf_spec, rows, table_spec, tiny_bert
 
 
@@ -166,7 +166,7 @@ def test_a_factorized_model_is_not_pruned_structurally():
 
 def test_a_pruned_hugging_face_bert_rebuilds_from_its_spec(tmp_path):
     """A Hugging Face config has one head count for all layers: the pruned model is the config plus the history."""
-    from tasks.techniques.contract import forward_logits, text_contract
+    from optforge.tasks.techniques.contract import forward_logits, text_contract
 
     bert, contract = tiny_bert(hidden=32), text_contract(12, 3, {})
     s = hf_spec(bert, contract)

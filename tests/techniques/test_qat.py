@@ -12,12 +12,12 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from tasks.techniques.contract import as_tensors, forward_logits, table_contract, text_contract
-from tasks.techniques.distill import FinetuneConfig, finetune
-from tasks.techniques.models import MLP, SmallCNN
-from tasks.techniques.onnx_export import ExportConfig, export_onnx
-from tasks.techniques.qat import QuantLayer, calibrate, export_qdq, fold_batchnorms, prepare
-from tasks.techniques.static_quant import StaticQuantConfig, accuracy, quantize_static_int8
+from optforge.tasks.techniques.contract import as_tensors, forward_logits, table_contract, text_contract
+from optforge.tasks.techniques.distill import FinetuneConfig, finetune
+from optforge.tasks.techniques.models import MLP, SmallCNN
+from optforge.tasks.techniques.onnx_export import ExportConfig, export_onnx
+from optforge.tasks.techniques.qat import QuantLayer, calibrate, export_qdq, fold_batchnorms, prepare
+from optforge.tasks.techniques.static_quant import StaticQuantConfig, accuracy, quantize_static_int8
 from tests.techniques.helpers import table_part, tiny_bert
 
 

@@ -9,9 +9,9 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from tasks.techniques.contract import table_contract
-from tasks.techniques.onnx_export import ExportConfig, export_onnx
-from tasks.techniques.quantization import DynamicQuantConfig, quantize_dynamic_int8
+from optforge.tasks.techniques.contract import table_contract
+from optforge.tasks.techniques.onnx_export import ExportConfig, export_onnx
+from optforge.tasks.techniques.quantization import DynamicQuantConfig, quantize_dynamic_int8
 
 F, C = 16, 4
 QUANT_OPS = {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
@@ -102,8 +102,8 @@ def test_bert_preprocess_falls_back_and_leaves_nothing_in_the_working_directory(
     to ONNX's shape inference and removes that debris."""
     from transformers import BertConfig, BertForSequenceClassification
 
-    from tasks.techniques.contract import text_contract
-    from tasks.techniques.quantization import SHAPE_DEBRIS, preprocess
+    from optforge.tasks.techniques.contract import text_contract
+    from optforge.tasks.techniques.quantization import SHAPE_DEBRIS, preprocess
 
     torch.manual_seed(0)
     bert = BertForSequenceClassification(BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=1,

@@ -6,8 +6,8 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from tasks.techniques.pareto import dominates, pareto_front
-from tasks.techniques.selection import (
+from optforge.tasks.techniques.pareto import dominates, pareto_front
+from optforge.tasks.techniques.selection import (
     CHALLENGER,
     CHAMPION,
     Incumbent,

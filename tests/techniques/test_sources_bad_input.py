@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from flows.examples import write_bert, write_image_folder, write_text_csv
-from tasks.techniques.contract import image_contract, text_contract
-from tasks.techniques.data import DataConfig, load_splits, prepare
-from tasks.techniques.model_source import starting_model
-from tasks.techniques.models import ModelConfig
+from optforge.flows.examples import write_bert, write_image_folder, write_text_csv
+from optforge.tasks.techniques.contract import image_contract, text_contract
+from optforge.tasks.techniques.data import DataConfig, load_splits, prepare
+from optforge.tasks.techniques.model_source import starting_model
+from optforge.tasks.techniques.models import ModelConfig
 
 
 def _prepare(tmp_path, **data):

@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from tasks.techniques.contract import forward_logits, image_contract, text_contract
-from tasks.techniques.hf import to_dict
-from tasks.techniques.models import ModelConfig, count_params, load_model, save_model
-from tasks.techniques.students import derive_student, kept_layer_indices, student_model
+from optforge.tasks.techniques.contract import forward_logits, image_contract, text_contract
+from optforge.tasks.techniques.hf import to_dict
+from optforge.tasks.techniques.models import ModelConfig, count_params, load_model, save_model
+from optforge.tasks.techniques.students import derive_student, kept_layer_indices, student_model
 from tests.techniques.helpers import hf_spec, tiny_bert, tiny_resnet
 
 
@@ -73,7 +73,7 @@ def test_a_hugging_face_config_alone_gives_a_fresh_student_with_the_datas_classe
 
 
 def test_hidden_state_loss_pairs_layers_evenly_and_is_zero_for_the_teacher_itself():
-    from tasks.techniques.students import LayerOutputs, hidden_state_loss, layer_pairs
+    from optforge.tasks.techniques.students import LayerOutputs, hidden_state_loss, layer_pairs
 
     assert [j for _, j in layer_pairs(6, 12)] == kept_layer_indices(12, 2)  # the layers a derived student came from
     teacher, contract = tiny_bert(4), text_contract(12, 3, {})
@@ -91,7 +91,7 @@ def test_hidden_state_loss_pairs_layers_evenly_and_is_zero_for_the_teacher_itsel
 def test_hidden_state_distillation_needs_the_live_teacher():
     from pydantic import ValidationError
 
-    from tasks.techniques.distill import DistillConfig
+    from optforge.tasks.techniques.distill import DistillConfig
 
     with pytest.raises(ValidationError, match="cache_teacher_logits=false"):
         DistillConfig(hidden_weight=1.0)
