@@ -82,20 +82,30 @@ def _tag_prefect_run(parent_run_id: str) -> None:
 
 
 @flow(name="optimize")
-def optimize(config_path: str | None = None, overrides: list[str] | None = None, force: bool = False) -> dict:
-    """Run the whole pipeline once; return a summary (variants, metrics, registration, stage timings)."""
+def optimize(config: PipelineConfig | None = None, config_path: str | None = None, overrides: list[str] | None = None,
+             force: bool = False) -> dict:
+    """Run the whole pipeline once; return a summary (variants, metrics, registration, stage timings).
+
+    Args:
+        config: the pipeline config, typed: the Prefect UI shows each section's fields with their defaults
+            and descriptions, and a deployment's server rejects a bad value before it creates a run.
+        config_path: a YAML config instead (the CLI's ``--config``); not both.
+        overrides: ``KEY=VALUE`` strings applied on top of either (the CLI's ``--set``).
+        force: re-run every stage instead of reusing cached ones.
+    """
     logger = get_run_logger()
     check_environment(prefect=False)  # deployment runs do not pass through the CLI's check
-    experiment_id = configure(peek_tracking(config_path, overrides).experiment)
+    experiment_id = configure(peek_tracking(config_path, overrides, config).experiment)
+    given = config_path or ("<typed config>" if config is not None else "<defaults>")
     tags = {"optforge.pipeline": "optimize", "prefect.flow_run_id": str(flow_run.get_id() or ""),
-            "optforge.config_path": str(config_path or "<defaults>"), **process_tags()}
+            "optforge.config_path": str(given), **process_tags()}
     with mlflow.start_run(run_name=f"optimize-{flow_run.get_name() or 'local'}", tags=tags) as parent:
         closed = close_dead_runs(experiment_id, parent.info.run_id)
         if closed:
             mlflow.set_tag("optforge.closed_dead_runs", ",".join(closed))
             logger.warning("marked %d run(s) of killed processes KILLED: %s", len(closed), ", ".join(closed))
         try:
-            summary = _pipeline(config_path, overrides, force, parent.info.run_id)
+            summary = _pipeline(load_config(config_path, overrides, config), force, parent.info.run_id)
         except BaseException as exc:
             mlflow.set_tags(error_tags(exc))
             logger.error("pipeline failed: %s", exc)
@@ -159,9 +169,8 @@ def build_variants(cfg: PipelineConfig, workdir: str, stage: StageRunner) -> tup
     return data, variants, run_plan
 
 
-def _pipeline(config_path, overrides, force: bool, parent_run_id: str) -> dict:
+def _pipeline(cfg: PipelineConfig, force: bool, parent_run_id: str) -> dict:
     _tag_prefect_run(parent_run_id)
-    cfg = load_config(config_path, overrides)
     mlflow.log_params(flatten(cfg.to_dict()))
     config_hash = hash_config(cfg.to_dict())
     mlflow.set_tag("optforge.config_hash", config_hash)

@@ -136,17 +136,24 @@ def validate(raw: dict[str, Any]) -> PipelineConfig:
         raise ConfigError("config error: " + "; ".join(lines)) from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
-    """Defaults, then the YAML file (if any), then the overrides, validated."""
-    raw = read_yaml(path) if path else {}
-    return validate(apply_overrides(raw, list(overrides or [])))
+def _base(path: str | Path | None, typed: PipelineConfig | None) -> dict[str, Any]:
+    if typed is not None and path:
+        raise ConfigError(f"config and config_path ({path}): give the pipeline config one way, not both")
+    return typed.to_dict() if typed is not None else (read_yaml(path) if path else {})
 
 
-def peek_tracking(path: str | Path | None, overrides: list[str] | None) -> TrackingConfig:
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                typed: PipelineConfig | None = None) -> PipelineConfig:
+    """Defaults, then the YAML file or the typed config (if any), then the overrides, validated."""
+    return validate(apply_overrides(_base(path, typed), list(overrides or [])))
+
+
+def peek_tracking(path: str | Path | None, overrides: list[str] | None,
+                  typed: PipelineConfig | None = None) -> TrackingConfig:
     """The tracking section, read leniently, so that even a broken config's failure is recorded
     in its experiment and the CLI can say where stage outputs were kept."""
     try:
-        raw = apply_overrides(read_yaml(path) if path else {}, list(overrides or []))
+        raw = apply_overrides(_base(path, typed), list(overrides or []))
         return TrackingConfig.model_validate(raw.get("tracking") or {})
     except Exception:
         return TrackingConfig()

@@ -4,3 +4,7 @@ The pipeline's code lives in the repository's ``flows/`` and ``tasks/`` folders 
 ``optforge.flows`` and ``optforge.tasks`` (see pyproject.toml), so nothing a user keeps next to their
 config or notebook (a Celery ``tasks.py``, a ``flows/`` folder) can shadow it.
 """
+
+from optforge.flows.api import optimize
+
+__all__ = ["optimize"]

@@ -62,3 +62,25 @@ def test_missing_or_broken_config_file(tmp_path):
 def test_kl_weight_needs_the_model_it_keeps_close_to():
     with pytest.raises(ConfigError, match="train.kl_weight: .* set train.init_from"):
         load_config(None, ["train.kl_weight=0.5"])
+
+
+def test_a_typed_config_is_the_flows_parameter_and_a_bad_value_is_rejected_before_any_stage(mlflow_store):
+    """What the Prefect UI's form and a deployment send: the config as typed fields, validated by Prefect
+    before the flow body (and so any stage or MLflow run) starts."""
+    from mlflow import MlflowClient
+    from prefect.exceptions import ParameterTypeError
+    from prefect.utilities.callables import parameter_schema
+
+    from optforge.flows.optimize import optimize
+
+    schema = parameter_schema(optimize.fn).model_dump()
+    assert list(schema["properties"]) == ["config", "config_path", "overrides", "force"]
+    lr = schema["definitions"]["TrainConfig"]["properties"]["lr"]
+    assert lr == {"default": 0.001, "description": "peak learning rate (after warm-up)", "exclusiveMinimum": 0,
+                  "title": "Lr", "type": "number"}
+    with pytest.raises(ParameterTypeError, match="lr"):
+        optimize(config={"train": {"lr": -1}})
+    assert MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()]) == []
+    assert load_config(None, ["train.epochs=2"], PipelineConfig.from_dict({"train": {"lr": 0.5}})).train.lr == 0.5
+    with pytest.raises(ConfigError, match="config and config_path .*not both"):
+        load_config("x.yaml", [], PipelineConfig())

@@ -31,6 +31,10 @@ def flow_run(api: str, flow_run_id: str) -> dict:
     return http_json("GET", f"{api}/flow_runs/{flow_run_id}")
 
 
+def count_flow_runs(api: str) -> int:
+    return int(http_json("POST", f"{api}/flow_runs/count", {}))
+
+
 def deployment_by_name(api: str, flow_name: str, deployment_name: str) -> dict | None:
     try:
         return http_json("GET", f"{api}/deployments/name/{flow_name}/{deployment_name}")

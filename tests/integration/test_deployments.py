@@ -13,10 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from mlflow import MlflowClient
 
 from optforge.flows.serve_cmd import DEFAULT_CRON
-from tests.integration.api import deployment_by_name, wait_for_state
+from tests.integration.api import count_flow_runs, deployment_by_name, wait_for_state
 from tests.integration.conftest import ROOT, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -39,9 +40,11 @@ def prefect(stack, *args: str, cwd: Path | None = None, env: dict | None = None,
     return output
 
 
-def trigger(stack, name: str, experiment: str) -> str:
-    """``prefect deployment run`` with the tiny config; returns the new flow run's id."""
-    params = {"config_path": str(stack.config), "overrides": [f"tracking.experiment={experiment}"]}
+def trigger(stack, name: str, experiment: str, typed: bool = False) -> str:
+    """``prefect deployment run`` with the tiny config (a path, or with ``typed`` its content as the typed
+    ``config`` parameter); returns the new flow run's id."""
+    config = {"config": yaml.safe_load(stack.config.read_text())} if typed else {"config_path": str(stack.config)}
+    params = {**config, "overrides": [f"tracking.experiment={experiment}"]}
     out = prefect(stack, "deployment", "run", name, "--params", json.dumps(params))
     match = re.search(r"UUID:\s*([0-9a-f-]{36})", out)
     assert match, out
@@ -70,13 +73,25 @@ def test_prefect_yaml_deployment_runs_on_a_process_worker(stack, spawn):
     deployment = deployment_by_name(stack.prefect_api_url, "optimize", "optforge-nightly")
     assert deployment["entrypoint"] == "flows/optimize.py:optimize"
     assert deployment["work_pool_name"] == "optforge-process"
-    assert deployment["parameters"] == {"config_path": "configs/default.yaml", "overrides": [], "force": False}
+    assert deployment["parameters"] == {"config": {"train": {"epochs": 20}, "register": {"max_accuracy_drop": 1.0}},
+                                        "overrides": [], "force": False}
+    assert deployment["enforce_parameter_schema"] is True
+    # The run form's schema: every section's fields with defaults and descriptions.
+    lr = deployment["parameter_openapi_schema"]["definitions"]["TrainConfig"]["properties"]["lr"]
+    assert lr["default"] == 0.001 and lr["exclusiveMinimum"] == 0 and lr["description"]
+    runs_before = count_flow_runs(stack.prefect_api_url)
+    bad = {"config": {"train": {"lr": -1}}}  # rejected by the server: no flow run is created, no stage runs
+    proc = subprocess.run([str(BIN / "prefect"), "--no-prompt", "deployment", "run", "optimize/optforge-nightly",
+                           "--params", json.dumps(bad)], cwd=stack.root, env=stack.env, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode != 0 and "lr" in proc.stdout + proc.stderr, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert count_flow_runs(stack.prefect_api_url) == runs_before
     (schedule,) = deployment["schedules"]
     assert schedule["schedule"]["cron"] == "0 2 * * *" and schedule["schedule"]["timezone"] == "UTC"
     assert deployment["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]["directory"] == \
         "{{ $OPTFORGE_HOME }}"  # resolved by each worker when a run starts
 
-    flow_run_id = trigger(stack, "optimize/optforge-nightly", "optforge-it-deployment")
+    flow_run_id = trigger(stack, "optimize/optforge-nightly", "optforge-it-deployment", typed=True)
     worker = spawn("prefect-worker", [str(BIN / "prefect"), "worker", "start", "--pool", "optforge-process",
                                       "--run-once", "--limit", "1"],
                    env=stack.client_env(OPTFORGE_HOME=str(ROOT)))

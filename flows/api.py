@@ -1,0 +1,143 @@
+"""The Python API: ``optforge.optimize(model, data, config=...)`` runs the optimize flow from a notebook or script.
+
+It turns what a Python user holds into what the flow reads, then runs the same flow as ``optforge run``:
+
+- ``model``: a Hugging Face ``PreTrainedModel`` is saved with ``save_pretrained`` (``model.arch: huggingface``);
+  any other ``nn.Module`` is saved whole with cloudpickle, so a class defined in the notebook itself reaches
+  the Ray workers, and rebuilt there by ``load_pickled_module`` (a factory, ``model.arch``) with its weights
+  beside it (``model.weights``); a string or path is a ``save_pretrained`` folder or an ``.onnx`` file.
+- ``data``: ``(X, y)`` arrays become an ``.npz`` table; a string or path is anything ``data.source`` takes.
+
+The files go under ``<tracking.workdir>/inputs/<content hash>/``, so the same model and data give the same
+stage cache keys on the next call. A model handed over as an object is taken as already trained
+(``train.epochs: 0``, the FP32 baseline) unless the config sets ``train.epochs``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PICKLED_MODULE_FACTORY = "optforge.flows.api:load_pickled_module"
+
+
+def optimize(model: Any = None, data: Any = None, config: Any = None, *, overrides: list[str] | tuple = (),
+             force: bool = False, verbose: bool = False) -> dict:
+    """Optimize ``model`` on ``data`` with the optimize flow; return its summary (variants, registration, report).
+
+    Args:
+        model: an ``nn.Module`` (a Hugging Face model or your own), a model folder or ``.onnx`` path, or None
+            (the config's ``model`` section).
+        data: ``(X, y)`` numpy arrays (a numeric table), a path ``data.source`` accepts, or None (the config's).
+        config: a ``PipelineConfig``, a dict of sections (``{"train": {"epochs": 3}}``), a YAML path, or None.
+        overrides: ``KEY=VALUE`` strings applied last, as with ``optforge run --set``.
+        force: re-run every stage instead of reusing cached ones.
+        verbose: also show library warnings and the Ray workers' own output.
+
+    Raises:
+        ConfigError: a bad config value (the message names the field).
+        TypeError: ``model`` or ``data`` is of a kind optforge cannot take.
+    """
+    import warnings
+
+    from optforge.flows.environment import embedded_defaults, quiet_libraries
+
+    show = warnings.showwarning  # quiet_libraries' warning hook is for this call only, not the whole session
+    try:
+        embedded_defaults()
+        quiet_libraries(verbose)
+        return _run(model, data, config, overrides, force)
+    finally:
+        warnings.showwarning = show
+
+
+def _run(model: Any, data: Any, config: Any, overrides, force: bool) -> dict:
+    from optforge.flows.optimize import optimize as optimize_flow
+    from optforge.flows.params import apply_overrides, read_yaml, validate
+
+    # What the caller set, without defaults: a model object is the FP32 baseline unless they set train.epochs.
+    if config is None:
+        raw = {}
+    elif isinstance(config, (str, Path)):
+        raw = read_yaml(config)
+    elif isinstance(config, dict):
+        raw = apply_overrides(config, [])  # a copy: the caller's dict is left as it was
+    else:
+        raw = config.model_dump(mode="json", exclude_unset=True)
+    raw = apply_overrides(raw, list(overrides))
+    inputs = Path(validate(raw).tracking.workdir).resolve() / "inputs"
+    if model is not None:
+        raw["model"] = _model_section(model, inputs)
+        if not isinstance(model, (str, Path)) and "epochs" not in (raw.get("train") or {}):
+            raw.setdefault("train", {})["epochs"] = 0
+    if data is not None:
+        raw.setdefault("data", {})["source"] = _data_source(data, inputs)
+    return optimize_flow(config=validate(raw), force=force)
+
+
+def _digest(blob: bytes) -> str:
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _model_section(model: Any, inputs: Path) -> dict[str, Any]:
+    """The ``model`` config section for ``model``, writing it under ``inputs`` first when it is an object."""
+    from torch import nn
+
+    if isinstance(model, (str, Path)):
+        path = Path(model)
+        return {"arch": "onnx" if path.suffix == ".onnx" else "huggingface", "path": str(path.resolve())}
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, a model folder or an .onnx path, got {type(model).__name__}")
+    import torch
+
+    weights = io.BytesIO()
+    torch.save(model.state_dict(), weights)
+    if hasattr(model, "save_pretrained") and hasattr(model, "config"):  # a Hugging Face model
+        folder = inputs / f"hf-{_digest(weights.getvalue() + model.config.to_json_string().encode())}"
+        if not (folder / "config.json").exists():
+            model.save_pretrained(str(folder))
+        return {"arch": "huggingface", "path": str(folder)}
+    import cloudpickle
+
+    pickled = cloudpickle.dumps(model)
+    folder = inputs / f"module-{_digest(pickled)}"
+    if not (folder / "weights.pt").exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "module.pkl").write_bytes(pickled)
+        (folder / "weights.pt").write_bytes(weights.getvalue())  # last: its presence marks a complete folder
+    return {"arch": PICKLED_MODULE_FACTORY, "kwargs": {"file": str(folder / "module.pkl")},
+            "weights": str(folder / "weights.pt")}
+
+
+def _data_source(data: Any, inputs: Path) -> str:
+    """``data.source`` for ``data``: a path as given, or ``(X, y)`` arrays written as an ``.npz`` table."""
+    if isinstance(data, (str, Path)):
+        return str(Path(data).resolve())
+    if not (isinstance(data, tuple) and len(data) == 2):
+        raise TypeError(f"data: expected (X, y) arrays or a path, got {type(data).__name__}")
+    x, y = (np.asarray(a) for a in data)
+    blob = io.BytesIO()
+    np.savez(blob, X=x, y=y)
+    path = inputs / f"table-{_digest(blob.getvalue())}.npz"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(blob.getvalue())
+        tmp.replace(path)
+    return str(path)
+
+
+def load_pickled_module(file: str):
+    """The factory behind an ``nn.Module`` given to ``optimize``: unpickles the module ``optimize`` wrote.
+
+    Unpickling runs code, like importing a factory: only point ``model.kwargs.file`` at a file that
+    ``optforge.optimize`` wrote from your own model.
+    """
+    import cloudpickle
+
+    with open(file, "rb") as fh:
+        return cloudpickle.load(fh)
