@@ -5,8 +5,9 @@ cached on (config, input content, code version), so a re-run after a completed o
 skips the stages that finished; ``force`` re-runs them all.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: Prefect validates the flow's parameters with a pydantic
+# model built from the signature, and a served or deployed flow is loaded from this file under another
+# module name, where string annotations ("PipelineConfig | None") cannot be resolved.
 import json
 import time
 from dataclasses import replace

@@ -1,9 +1,13 @@
 """End to end: the real flow with local Ray (2 workers), Prefect's engine and a SQLite MLflow store."""
 
+from uuid import UUID
+
 import mlflow
 import numpy as np
 import pytest
 from mlflow import MlflowClient
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterType
 
 from optforge.flows.optimize import optimize
 from optforge.tasks.techniques.data import load_splits
@@ -41,6 +45,12 @@ def test_pipeline_tracks_registers_and_reuses_cache(tiny_config, mlflow_store, m
     assert len(history) == 4 and [m.step for m in history] == [0, 1, 2, 3]  # one point per epoch, rank 0 only
     # MLflow's system metrics beside the curves (psutil, sampled every 2 s while training ran)
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(train_run.data.metrics)
+    # Training's live progress as a Prefect progress artifact on the flow run, at 100% when the stage ended.
+    with get_client(sync_client=True) as prefect:
+        flow_run_id = UUID(parent.data.tags["prefect.flow_run_id"])
+        (progress,) = prefect.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]), type=ArtifactFilterType(any_=["progress"])))
+    assert progress.key == "train-progress" and progress.data == 100.0 and "train: done in" in progress.description
 
     variant_runs = {r.data.tags["optforge.variant"]: r for r in children if r.data.tags["optforge.stage"] == "benchmark"}
     assert set(variant_runs) == VARIANTS
