@@ -10,14 +10,16 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from optforge.tasks.techniques.binarize import BinarizeConfig
+from optforge.tasks.techniques.clustering import ClusterConfig
 from optforge.tasks.techniques.config import TechniqueConfig
 from optforge.tasks.techniques.distill import DistillConfig
 from optforge.tasks.techniques.factorize import FactorizeConfig
 from optforge.tasks.techniques.prune import PruneConfig
 from optforge.tasks.techniques.qat import QatConfig
 
-Stage = Literal["distill", "prune", "factorize", "export", "fuse", "quantize", "static", "qat"]
-TORCH_STEPS = ("distill", "prune", "factorize")
+Stage = Literal["distill", "prune", "factorize", "cluster", "binarize", "export", "fuse", "quantize", "static", "qat"]
+TORCH_STEPS = ("distill", "prune", "factorize", "cluster", "binarize")
 SUFFIX = {"export": "onnx", "fuse": "fused", "quantize": "int8", "static": "static_int8", "qat": "qat_int8"}
 # What may follow the PyTorch steps: an ONNX export (plain, or fused by ONNX Runtime's transformer
 # optimizer, which exports its own graph), then optionally INT8: dynamic (quantize, MatMul-heavy models)
@@ -45,6 +47,10 @@ class CompressConfig(TechniqueConfig):
     prune: PruneConfig = Field(default_factory=PruneConfig, description="pruning and its fine-tuning")
     factorize: FactorizeConfig = Field(default_factory=FactorizeConfig, description="SVD factorization and fine-tuning")
     qat: QatConfig = Field(default_factory=QatConfig, description="quantization-aware fine-tuning, exported as QDQ INT8")
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="weight clustering: 2**bits shared "
+                                   "values per layer, stored bit-packed")
+    binarize: BinarizeConfig = Field(default_factory=BinarizeConfig, description="binary weights (sign x channel "
+                                     "scale) for the inner layers, stored one bit each")
 
     @field_validator("chains")
     @classmethod

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from optforge.flows.chain_config import CompressConfig, expand, product_name
-from optforge.tasks.compress import factorize, prune, qat
+from optforge.tasks.compress import binarize_weights, cluster_weights, factorize, prune, qat
 from optforge.tasks.distill import distill
 from optforge.tasks.export import export
 from optforge.tasks.fuse import fuse_onnx
@@ -40,6 +40,10 @@ class OnnxSteps:
     static: StaticQuantConfig
 
 
+# The in-process PyTorch steps, each with its config section of the same name (compress.<step>).
+TORCH_TASKS = {"prune": prune, "factorize": factorize, "cluster": cluster_weights, "binarize": binarize_weights}
+
+
 def _run_step(step: str, source: ModelRef, name: str, teacher: ModelRef, cfg: CompressConfig, data: DataRef,
               workdir: str, stage, onnx_cfgs: OnnxSteps) -> ModelRef:
     """One chain step through ``stage``; the task is renamed to its product so each gets its own stage tags."""
@@ -49,8 +53,8 @@ def _run_step(step: str, source: ModelRef, name: str, teacher: ModelRef, cfg: Co
     if step == "qat":
         return stage(qat.with_options(name=name), cfg=cfg.qat, model=source, teacher=teacher, data=data,
                      workdir=workdir, run_name=name)
-    if step in ("prune", "factorize"):
-        task, step_cfg = (prune, cfg.prune) if step == "prune" else (factorize, cfg.factorize)
+    if step in TORCH_TASKS:
+        task, step_cfg = TORCH_TASKS[step], getattr(cfg, step)
         return stage(task.with_options(name=name), cfg=step_cfg, model=source, teacher=teacher, data=data,
                      workdir=workdir, run_name=name)
     if step == "export":

@@ -129,7 +129,7 @@ def plan(cfg: PipelineConfig, contract: InputContract, data_name: str) -> Plan:
     for chain in cfg.compress.chains:
         name = product_name(expand(chain), "_")
         if m.arch == ONNX:
-            skipped[name] = "model.arch=onnx: no PyTorch model to compress (distill, prune and factorize need one)"
+            skipped[name] = "model.arch=onnx: no PyTorch model to compress (distill, prune, factorize, cluster and binarize need one)"
             continue
         if "fuse" in chain and (reason := unsupported_reason(_fused_config(cfg, chain))):
             skipped[name] = reason

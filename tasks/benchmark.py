@@ -32,6 +32,7 @@ from optforge.tasks.techniques.data import load_splits
 from optforge.tasks.techniques.metrics import Predictor
 from optforge.tasks.techniques.models import load_model
 from optforge.tasks.techniques.ort_session import session_predictor, session_settings, tuned_session
+from optforge.tasks.techniques.packing import PACKED_FILE
 from optforge.tasks.tracking import child_run
 
 SKIPPED = Format.SKIPPED  # a variant that could not be built on this machine (see tasks/tensorrt.py)
@@ -52,7 +53,15 @@ class Loaded:
 def _torch(ref: ModelRef, cfg: BenchmarkConfig, scratch: Path) -> Loaded:
     model, _ = load_model(ref.path)
     settings = {"torch": torch.__version__, "intra_op_threads": cfg.threads}
-    return Loaded(torch_predictor(model, cfg.threads), size_mb(Path(ref.path) / "model.pt"), count_params_torch(model), settings)
+    return Loaded(torch_predictor(model, cfg.threads), size_mb(_stored_form(Path(ref.path))), count_params_torch(model),
+                  settings)
+
+
+def _stored_form(folder: Path) -> Path:
+    """What a PyTorch variant costs to store: its bit-packed form when it has one (weight clustering), else
+    its state_dict. It still runs as float, so only the size differs."""
+    packed = folder / PACKED_FILE
+    return packed if packed.is_file() else folder / "model.pt"
 
 
 def _onnx(ref: ModelRef, cfg: BenchmarkConfig, scratch: Path) -> Loaded:

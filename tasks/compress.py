@@ -15,6 +15,9 @@ from optforge.tasks.caching import stage_dir, stage_task
 from optforge.tasks.distill import teacher_logits_file
 from optforge.tasks.progress import StageProgress
 from optforge.tasks.refs import DataRef, Format, ModelRef, file_sha256
+from optforge.tasks.techniques import binarize, clustering
+from optforge.tasks.techniques.binarize import BinarizeConfig
+from optforge.tasks.techniques.clustering import ClusterConfig
 from optforge.tasks.techniques.contract import as_tensors
 from optforge.tasks.techniques.data import Splits, load_splits
 from optforge.tasks.techniques.distill import FinetuneConfig, finetune
@@ -23,6 +26,7 @@ from optforge.tasks.techniques.factorize import factorize as factorize_model
 from optforge.tasks.techniques.flops import model_stats
 from optforge.tasks.techniques.graph_prune import widths
 from optforge.tasks.techniques.models import load_model, save_model
+from optforge.tasks.techniques.packing import PACKED_FILE
 from optforge.tasks.techniques.prune import PruneConfig
 from optforge.tasks.techniques.prune import prune as prune_model
 from optforge.tasks.techniques.qat import QatConfig, calibrate, export_qdq, prepare
@@ -145,3 +149,51 @@ def qat(cfg: QatConfig, model: ModelRef, teacher: ModelRef, data: DataRef, workd
         mlflow.log_artifact(str(path), "onnx")
     info = {k: v for k, v in model.info.items() if k in ("flops", "params")} | {"accuracy": acc}
     return ModelRef("qat", Format.ONNX, str(path), file_sha256(path), run.info.run_id, info)
+
+
+@stage_task("cluster")
+def cluster_weights(cfg: ClusterConfig, model: ModelRef, teacher: ModelRef, data: DataRef, workdir: str,
+                    parent_run_id: str | None, run_name: str = "cluster") -> ModelRef:
+    """Cluster each large layer's weights into ``2**bits`` shared values, fine-tune them, store them bit-packed."""
+    def store(net, folder):
+        return clustering.pack(net, clustering.bake(net), cfg.bits, folder / PACKED_FILE)
+
+    return _few_values_stage("cluster", cfg, model, teacher, data, workdir, parent_run_id, run_name,
+                             lambda net: clustering.cluster(net, cfg), store)
+
+
+@stage_task("binarize")
+def binarize_weights(cfg: BinarizeConfig, model: ModelRef, teacher: ModelRef, data: DataRef, workdir: str,
+                     parent_run_id: str | None, run_name: str = "binarize") -> ModelRef:
+    """Binary weights (sign x per-channel scale) for the inner layers, fine-tuned straight-through, stored 1 bit each."""
+    def store(net, folder):
+        return binarize.pack(net, binarize.bake(net), folder / PACKED_FILE)
+
+    return _few_values_stage("binarize", cfg, model, teacher, data, workdir, parent_run_id, run_name,
+                             lambda net: binarize.binarize(net, cfg), store)
+
+
+def _few_values_stage(stage: str, cfg, model: ModelRef, teacher: ModelRef, data: DataRef, workdir: str,
+                      parent_run_id: str | None, run_name: str, apply, store) -> ModelRef:
+    """Cluster and binarize alike: ``apply`` parametrizes the layers, fine-tuning trains through it, ``store``
+    bakes the weights and writes the packed form beside the saved float model (what the benchmark sizes)."""
+    out = stage_dir(workdir, stage, {stage: cfg, "model": model, "teacher": teacher, "data": data})
+    tags = {"optforge.source_run": model.run_id or "", "optforge.teacher_run": teacher.run_id or ""}
+    with child_run(parent_run_id, stage, run_name=run_name, params={stage: cfg.to_dict()}, tags=tags,
+                   system_metrics=True) as run:
+        net, spec = load_model(model.path)
+        splits = load_splits(data.path)
+        before = model_stats(net, splits.contract)
+        acc_before = evaluate(net, splits.test)["accuracy"]
+        layers = apply(net)
+        mlflow.log_metric("accuracy_before_finetune", evaluate(net, splits.test)["accuracy"])
+        _tuner(cfg.finetune, splits, _soft_targets(cfg.finetune, teacher, data, workdir), run_name)(net)
+        folder = out / "model"
+        folder.mkdir(parents=True, exist_ok=True)
+        stored = store(net, folder)
+        info = _log_result(net, before, acc_before, splits)
+        save_model(net, spec, folder)
+        float_bytes = (folder / "model.pt").stat().st_size
+        mlflow.log_metrics({"compacted_layers": len(layers), "stored_mb": stored / 1e6, "stored_ratio": float_bytes / stored})
+        mlflow.log_artifacts(str(folder), "model")
+    return _ref(stage, folder, run.info.run_id, info | {"stored_bytes": stored})

@@ -1,6 +1,7 @@
 """Compression chains: the config's rules, the wiring (fake stage runner), and one end-to-end run with Ray."""
 
 import json
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -23,8 +24,8 @@ from tests.conftest import TINY
 
 
 @pytest.mark.parametrize("chains, message", [
-    ("[[distil, quantize]]", ("compress.chains.0.0: Input should be 'distill', 'prune', 'factorize', 'export', "
-                              "'fuse', 'quantize', 'static' or 'qat' (got 'distil')")),
+    ("[[distil, quantize]]", ("compress.chains.0.0: Input should be 'distill', 'prune', 'factorize', 'cluster', "
+                              "'binarize', 'export', 'fuse', 'quantize', 'static' or 'qat' (got 'distil')")),
     ("[[distill, qat, quantize]]", "export (or fuse) and quantize must come last"),
     ("[[prune], [factorize, Quantize]]", "compress.chains.1.1: Input should be"),
     ("[[quantize]]", "compress.chains: Value error, chain 0 ['quantize'] needs at least one of"),
@@ -139,3 +140,35 @@ def test_flow_builds_chain_variants_with_lineage_and_caches_them(tmp_path, mlflo
     assert len(client.get_metric_history(distill_run.info.run_id, "val_accuracy")) == 3  # per epoch, from Ray Train
     second = optimize(config_path=str(path))
     assert all(s["cached"] for s in second["stages"])
+
+
+def test_cluster_and_binarize_chains_store_the_model_bit_packed_and_the_benchmark_reports_that_size(teacher, tmp_path):
+    from optforge.tasks.benchmark import load_variant
+    from optforge.tasks.techniques.benchmark import BenchmarkConfig
+    from optforge.tasks.techniques.packing import PACKED_FILE, load_packed
+
+    parent_id, data, ref = teacher
+
+    def stage(task, **kwargs):
+        return task.fn(**kwargs, parent_run_id=parent_id)
+
+    cfg = CompressConfig.from_dict({"chains": [["cluster"], ["cluster", "quantize"], ["binarize"]],
+                                    "cluster": {"bits": 3, "min_weights": 500, "finetune": {"epochs": 1}},
+                                    "binarize": {"min_weights": 500, "finetune": {"epochs": 1}}})
+    clustered, int8, binary = chain_variants(cfg, ref, data, str(tmp_path / "work"), stage,
+                                     OnnxSteps(ExportConfig(), FuseConfig(), DynamicQuantConfig(), StaticQuantConfig()))
+    assert (clustered.name, int8.name, binary.name) == ("cluster", "cluster_int8", "binarize")
+    assert int8.info["lineage"]["chain"] == "cluster>quantize"
+    model, _ = load_model(clustered.path)
+    big = [m for m in model.net if isinstance(m, torch.nn.Linear) and m.weight.numel() >= 500]
+    assert len(big) == 2 and all(len(torch.unique(m.weight)) <= 8 for m in big)  # 64x32 and 32x32
+    packed = Path(clustered.path) / PACKED_FILE
+    assert load_packed(packed).keys() == model.state_dict().keys()
+    loaded = load_variant(clustered, BenchmarkConfig(), tmp_path)
+    assert loaded.size_mb == round(packed.stat().st_size / 1e6, 4)
+    # 3-bit indices for ~3 k weights: the .npz framing and the float biases weigh on a model this small
+    assert packed.stat().st_size < (Path(clustered.path) / "model.pt").stat().st_size / 2
+    inner = load_model(binary.path)[0].net[3].weight.detach()  # 32x32, between the float first and last layers
+    assert torch.equal(inner.abs(), inner.abs().amax(1, keepdim=True).expand_as(inner))
+    assert load_variant(binary, BenchmarkConfig(), tmp_path).size_mb == round(
+        (Path(binary.path) / PACKED_FILE).stat().st_size / 1e6, 4)
