@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from optforge.tasks.techniques.binarize import BinarizeConfig
+from optforge.tasks.techniques.circulant import CirculantConfig
 from optforge.tasks.techniques.clustering import ClusterConfig
 from optforge.tasks.techniques.config import TechniqueConfig
 from optforge.tasks.techniques.distill import DistillConfig
@@ -18,8 +19,9 @@ from optforge.tasks.techniques.factorize import FactorizeConfig
 from optforge.tasks.techniques.prune import PruneConfig
 from optforge.tasks.techniques.qat import QatConfig
 
-Stage = Literal["distill", "prune", "factorize", "cluster", "binarize", "export", "fuse", "quantize", "static", "qat"]
-TORCH_STEPS = ("distill", "prune", "factorize", "cluster", "binarize")
+Stage = Literal["distill", "prune", "factorize", "cluster", "binarize", "circulant", "export", "fuse", "quantize", "static",
+                "qat"]
+TORCH_STEPS = ("distill", "prune", "factorize", "cluster", "binarize", "circulant")
 SUFFIX = {"export": "onnx", "fuse": "fused", "quantize": "int8", "static": "static_int8", "qat": "qat_int8"}
 # What may follow the PyTorch steps: an ONNX export (plain, or fused by ONNX Runtime's transformer
 # optimizer, which exports its own graph), then optionally INT8: dynamic (quantize, MatMul-heavy models)
@@ -51,6 +53,8 @@ class CompressConfig(TechniqueConfig):
                                    "values per layer, stored bit-packed")
     binarize: BinarizeConfig = Field(default_factory=BinarizeConfig, description="binary weights (sign x channel "
                                      "scale) for the inner layers, stored one bit each")
+    circulant: CirculantConfig = Field(default_factory=CirculantConfig, description="block-circulant Linear layers "
+                                       "computed by FFT")
 
     @field_validator("chains")
     @classmethod
@@ -63,6 +67,10 @@ class CompressConfig(TechniqueConfig):
                                  "repeat the baseline variants")
             if len(set(chain)) != len(chain):
                 raise ValueError(f"{where} repeats a stage")
+            torch_steps = [step for step in chain if step in TORCH_STEPS]
+            if "circulant" in torch_steps and torch_steps[-1] != "circulant":
+                raise ValueError(f"{where}: circulant must be the last PyTorch step (pruning, factorizing, clustering "
+                                 "or binarizing a block-circulant layer is not supported)")
             if "distill" in chain and chain[0] != "distill":
                 raise ValueError(f"{where}: distill trains a new student from the teacher, so it must come first")
             first_onnx = next((j for j, step in enumerate(chain) if step in SUFFIX), len(chain))

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from optforge.flows.chain_config import CompressConfig, expand, product_name
-from optforge.tasks.compress import binarize_weights, cluster_weights, factorize, prune, qat
+from optforge.tasks.compress import binarize_weights, circulant, cluster_weights, factorize, prune, qat
 from optforge.tasks.distill import distill
 from optforge.tasks.export import export
 from optforge.tasks.fuse import fuse_onnx
@@ -41,7 +41,8 @@ class OnnxSteps:
 
 
 # The in-process PyTorch steps, each with its config section of the same name (compress.<step>).
-TORCH_TASKS = {"prune": prune, "factorize": factorize, "cluster": cluster_weights, "binarize": binarize_weights}
+TORCH_TASKS = {"prune": prune, "factorize": factorize, "cluster": cluster_weights, "binarize": binarize_weights,
+               "circulant": circulant}
 
 
 def _run_step(step: str, source: ModelRef, name: str, teacher: ModelRef, cfg: CompressConfig, data: DataRef,

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from optforge.flows.chain_config import expand, product_name
-from optforge.flows.params import PipelineConfig
+from optforge.flows.params import ConfigError, PipelineConfig
 from optforge.tasks.techniques.contract import InputContract
 from optforge.tasks.techniques.fusion import unsupported_reason
 from optforge.tasks.techniques.model_source import check_runs
@@ -107,6 +107,21 @@ def _student_problem(cfg: PipelineConfig, contract: InputContract) -> str | None
     return None
 
 
+def _check_circulant(cfg: PipelineConfig, contract: InputContract) -> None:
+    """Raise ``ConfigError`` (before anything trains) when compress.circulant cannot apply to the teacher."""
+    from optforge.tasks.techniques.circulant import chosen_layers
+
+    try:
+        with torch.device("meta"):
+            teacher = _teacher_builder(cfg, contract)()
+    except Exception:
+        return  # cannot be built here (a factory reading files): the stage itself will say
+    try:
+        chosen_layers(teacher, cfg.compress.circulant)
+    except ValueError as exc:
+        raise ConfigError(f"config error: {exc}") from None
+
+
 def _fused_config(cfg: PipelineConfig, chain) -> dict | None:
     """The Hugging Face config of the model a chain's fuse step exports (None: not a Hugging Face model)."""
     m, distill = cfg.model, cfg.compress.distill
@@ -134,6 +149,8 @@ def plan(cfg: PipelineConfig, contract: InputContract, data_name: str) -> Plan:
         if "fuse" in chain and (reason := unsupported_reason(_fused_config(cfg, chain))):
             skipped[name] = reason
             continue
+        if chain[0] == "circulant":  # a block that does not divide the teacher's widths is the user's error
+            _check_circulant(cfg, contract)
         if "distill" in chain:
             student_problem = student_problem or _student_problem(cfg, contract)
             if student_problem:

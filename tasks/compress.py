@@ -8,6 +8,8 @@ cached teacher logits as the distill stage.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import mlflow
 import numpy as np
 
@@ -17,6 +19,7 @@ from optforge.tasks.progress import StageProgress
 from optforge.tasks.refs import DataRef, Format, ModelRef, file_sha256
 from optforge.tasks.techniques import binarize, clustering
 from optforge.tasks.techniques.binarize import BinarizeConfig
+from optforge.tasks.techniques.circulant import CirculantConfig, to_circulant
 from optforge.tasks.techniques.clustering import ClusterConfig
 from optforge.tasks.techniques.contract import as_tensors
 from optforge.tasks.techniques.data import Splits, load_splits
@@ -72,6 +75,19 @@ def _log_result(net, before: dict, acc_before: float, splits: Splits) -> dict:
     return after | {"accuracy": acc}
 
 
+def _where(stage: str, cfg, model: ModelRef, teacher: ModelRef, data: DataRef, workdir: str) -> tuple:
+    """The stage's output folder (keyed like its cache) and the tags linking its run to its inputs' runs."""
+    out = stage_dir(workdir, stage, {stage: cfg, "model": model, "teacher": teacher, "data": data})
+    return out, {"optforge.source_run": model.run_id or "", "optforge.teacher_run": teacher.run_id or ""}
+
+
+def _open(model: ModelRef, data: DataRef) -> tuple:
+    """The input model, its spec, the splits, and the model's stats and test accuracy before the stage."""
+    net, spec = load_model(model.path)
+    splits = load_splits(data.path)
+    return net, spec, splits, model_stats(net, splits.contract), evaluate(net, splits.test)["accuracy"]
+
+
 def _ref(name: str, folder, run_id: str, info: dict) -> ModelRef:
     return ModelRef(name, Format.TORCH, str(folder), file_sha256(folder), run_id, info)
 
@@ -80,14 +96,10 @@ def _ref(name: str, folder, run_id: str, info: dict) -> ModelRef:
 def prune(cfg: PruneConfig, model: ModelRef, teacher: ModelRef, data: DataRef, workdir: str,
           parent_run_id: str | None, run_name: str = "prune") -> ModelRef:
     """Prune ``model`` (structured or unstructured, iteratively) and fine-tune after each round."""
-    out = stage_dir(workdir, "prune", {"prune": cfg, "model": model, "teacher": teacher, "data": data})
-    tags = {"optforge.source_run": model.run_id or "", "optforge.teacher_run": teacher.run_id or ""}
+    out, tags = _where("prune", cfg, model, teacher, data, workdir)
     with child_run(parent_run_id, "prune", run_name=run_name, params={"prune": cfg.to_dict()}, tags=tags,
                    system_metrics=True) as run:
-        net, spec = load_model(model.path)
-        splits = load_splits(data.path)
-        before = model_stats(net, splits.contract)
-        acc_before = evaluate(net, splits.test)["accuracy"]
+        net, spec, splits, before, acc_before = _open(model, data)
         tune = _tuner(cfg.finetune, splits, _soft_targets(cfg.finetune, teacher, data, workdir), run_name)
         widths_before = widths(net)
         net, spec = prune_model(net, spec, cfg, tune)
@@ -107,13 +119,9 @@ def prune(cfg: PruneConfig, model: ModelRef, teacher: ModelRef, data: DataRef, w
 def factorize(cfg: FactorizeConfig, model: ModelRef, teacher: ModelRef, data: DataRef, workdir: str,
               parent_run_id: str | None, run_name: str = "factorize") -> ModelRef:
     """Replace Linear (and 1x1 conv) layers by SVD low-rank pairs where that is cheaper, then fine-tune."""
-    out = stage_dir(workdir, "factorize", {"factorize": cfg, "model": model, "teacher": teacher, "data": data})
-    tags = {"optforge.source_run": model.run_id or "", "optforge.teacher_run": teacher.run_id or ""}
+    out, tags = _where("factorize", cfg, model, teacher, data, workdir)
     with child_run(parent_run_id, "factorize", run_name=run_name, params={"factorize": cfg.to_dict()}, tags=tags) as run:
-        net, spec = load_model(model.path)
-        splits = load_splits(data.path)
-        before = model_stats(net, splits.contract)
-        acc_before = evaluate(net, splits.test)["accuracy"]
+        net, spec, splits, before, acc_before = _open(model, data)
         net, spec, report = factorize_model(net, spec, cfg)
         mlflow.log_dict(report, "factorize_report.json")
         mlflow.log_params({f"rank.{name}": r["rank"] if r["factorized"] else "kept" for name, r in report.items()})
@@ -151,6 +159,25 @@ def qat(cfg: QatConfig, model: ModelRef, teacher: ModelRef, data: DataRef, workd
     return ModelRef("qat", Format.ONNX, str(path), file_sha256(path), run.info.run_id, info)
 
 
+@stage_task("circulant")
+def circulant(cfg: CirculantConfig, model: ModelRef, teacher: ModelRef, data: DataRef, workdir: str,
+              parent_run_id: str | None, run_name: str = "circulant") -> ModelRef:
+    """Replace large Linear layers by block-circulant layers (FFT), projected from the dense weights, then fine-tune."""
+    out, tags = _where("circulant", cfg, model, teacher, data, workdir)
+    with child_run(parent_run_id, "circulant", run_name=run_name, params={"circulant": cfg.to_dict()}, tags=tags,
+                   system_metrics=True) as run:
+        net, spec, splits, before, acc_before = _open(model, data)
+        blocks = to_circulant(net, cfg)
+        spec = replace(spec, circulant={**(spec.circulant or {}), **blocks})
+        mlflow.log_metrics({"circulant_layers": len(blocks),
+                            "accuracy_before_finetune": evaluate(net, splits.test)["accuracy"]})
+        _tuner(cfg.finetune, splits, _soft_targets(cfg.finetune, teacher, data, workdir), run_name)(net)
+        info = _log_result(net, before, acc_before, splits)
+        save_model(net, spec, out / "model")
+        mlflow.log_artifacts(str(out / "model"), "model")
+    return _ref("circulant", out / "model", run.info.run_id, info | {"circulant": blocks})
+
+
 @stage_task("cluster")
 def cluster_weights(cfg: ClusterConfig, model: ModelRef, teacher: ModelRef, data: DataRef, workdir: str,
                     parent_run_id: str | None, run_name: str = "cluster") -> ModelRef:
@@ -177,14 +204,10 @@ def _few_values_stage(stage: str, cfg, model: ModelRef, teacher: ModelRef, data:
                       parent_run_id: str | None, run_name: str, apply, store) -> ModelRef:
     """Cluster and binarize alike: ``apply`` parametrizes the layers, fine-tuning trains through it, ``store``
     bakes the weights and writes the packed form beside the saved float model (what the benchmark sizes)."""
-    out = stage_dir(workdir, stage, {stage: cfg, "model": model, "teacher": teacher, "data": data})
-    tags = {"optforge.source_run": model.run_id or "", "optforge.teacher_run": teacher.run_id or ""}
+    out, tags = _where(stage, cfg, model, teacher, data, workdir)
     with child_run(parent_run_id, stage, run_name=run_name, params={stage: cfg.to_dict()}, tags=tags,
                    system_metrics=True) as run:
-        net, spec = load_model(model.path)
-        splits = load_splits(data.path)
-        before = model_stats(net, splits.contract)
-        acc_before = evaluate(net, splits.test)["accuracy"]
+        net, spec, splits, before, acc_before = _open(model, data)
         layers = apply(net)
         mlflow.log_metric("accuracy_before_finetune", evaluate(net, splits.test)["accuracy"])
         _tuner(cfg.finetune, splits, _soft_targets(cfg.finetune, teacher, data, workdir), run_name)(net)

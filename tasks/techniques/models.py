@@ -100,6 +100,8 @@ class ModelSpec:
     hf_config: dict[str, Any] | None = field(default=None)
     # Structured pruning history (graph_prune.History: layer, outputs?, channel indices), replayed in order.
     pruned: list[list[Any]] | None = None
+    # Block-circulant Linear layers (circulant.py): module path -> block size. None for every other model.
+    circulant: dict[str, int] | None = None
 
     @property
     def inputs(self) -> InputContract:
@@ -229,7 +231,13 @@ def build_model(spec: ModelSpec) -> nn.Module:
         model = _from_factory(cfg.arch, spec, cfg.kwargs)
     if spec.pruned:
         replay(model, contract, spec.pruned)
-    return apply_ranks(model, spec.factorized) if spec.factorized else model
+    if spec.factorized:
+        apply_ranks(model, spec.factorized)
+    if spec.circulant:
+        from optforge.tasks.techniques.circulant import apply_blocks  # imported here: circulant.py imports distill.py
+
+        apply_blocks(model, spec.circulant)
+    return model
 
 
 def _from_factory(path: str, spec: ModelSpec, kwargs: dict[str, Any]) -> nn.Module:
@@ -297,7 +305,8 @@ def read_spec(folder: str | Path) -> ModelSpec:
     raw = json.loads((Path(folder) / "model.json").read_text())
     contract = raw.get("contract") or table_contract(int(raw["num_features"]), int(raw["num_classes"]),
                                                      raw.get("image_shape")).to_dict()
-    return ModelSpec(raw["config"], contract, raw.get("factorized"), raw.get("hf_config"), raw.get("pruned"))
+    return ModelSpec(raw["config"], contract, raw.get("factorized"), raw.get("hf_config"), raw.get("pruned"),
+                     raw.get("circulant"))
 
 
 def save_model(model: nn.Module, spec: ModelSpec, folder: str | Path) -> Path:

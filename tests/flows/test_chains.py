@@ -25,8 +25,9 @@ from tests.conftest import TINY
 
 @pytest.mark.parametrize("chains, message", [
     ("[[distil, quantize]]", ("compress.chains.0.0: Input should be 'distill', 'prune', 'factorize', 'cluster', "
-                              "'binarize', 'export', 'fuse', 'quantize', 'static' or 'qat' (got 'distil')")),
+                              "'binarize', 'circulant', 'export', 'fuse', 'quantize', 'static' or 'qat' (got 'distil')")),
     ("[[distill, qat, quantize]]", "export (or fuse) and quantize must come last"),
+    ("[[circulant, prune]]", "circulant must be the last PyTorch step"),
     ("[[prune], [factorize, Quantize]]", "compress.chains.1.1: Input should be"),
     ("[[quantize]]", "compress.chains: Value error, chain 0 ['quantize'] needs at least one of"),
     ("[[prune, distill]]", "distill trains a new student from the teacher, so it must come first"),
@@ -172,3 +173,32 @@ def test_cluster_and_binarize_chains_store_the_model_bit_packed_and_the_benchmar
     assert torch.equal(inner.abs(), inner.abs().amax(1, keepdim=True).expand_as(inner))
     assert load_variant(binary, BenchmarkConfig(), tmp_path).size_mb == round(
         (Path(binary.path) / PACKED_FILE).stat().st_size / 1e6, 4)
+
+
+def test_a_circulant_chain_rebuilds_from_its_spec_and_exports_with_parity(teacher, tmp_path):
+    from optforge.tasks.techniques.circulant import BlockCirculantLinear
+
+    parent_id, data, ref = teacher
+
+    def stage(task, **kwargs):
+        return task.fn(**kwargs, parent_run_id=parent_id)
+
+    cfg = CompressConfig.from_dict({"chains": [["circulant", "export"]],
+                                    "circulant": {"block": 8, "min_features": 32, "finetune": {"epochs": 1}}})
+    (onnx_variant,) = chain_variants(cfg, ref, data, str(tmp_path / "work"), stage,
+                                     OnnxSteps(ExportConfig(), FuseConfig(), DynamicQuantConfig(), StaticQuantConfig()))
+    assert onnx_variant.name == "circulant_onnx" and onnx_variant.info["parity_max_abs_diff"] < 1e-4
+    assert onnx_variant.info["circulant"] == {"net.0": 8, "net.3": 8}  # 64->32 and 32->32; the classifier stays
+    folder = Path(tmp_path / "work").glob("circulant/*/model")
+    model, spec = load_model(next(folder))  # rebuilt from model.json's record, weights loaded
+    assert spec.circulant == {"net.0": 8, "net.3": 8} and isinstance(model.net[0], BlockCirculantLinear)
+
+
+def test_a_block_that_does_not_divide_the_teachers_widths_fails_before_training(tmp_path):
+    from optforge.flows.plan import plan
+    from optforge.tasks.techniques.contract import table_contract
+
+    cfg = load_config(None, ["compress.chains=[[circulant]]", "compress.circulant.block=48",
+                             "compress.circulant.min_features=8"])
+    with pytest.raises(ConfigError, match=r"compress.circulant.block: 48 does not divide the widths"):
+        plan(cfg, table_contract(64, 10), "digits")
