@@ -98,13 +98,15 @@ def test_prefect_yaml_matches_the_flow():
     from prefect.schedules import Cron
 
     from optforge.flows.optimize import optimize
+    from optforge.flows.params import PipelineConfig
 
     spec = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
     (deployment,) = spec["deployments"]
     path, _, name = deployment["entrypoint"].partition(":")
     assert (ROOT / path).is_file() and name == optimize.fn.__name__
-    assert set(deployment["parameters"]) == set(inspect.signature(optimize.fn).parameters)
-    assert (ROOT / deployment["parameters"]["config_path"]).is_file()
+    assert set(deployment["parameters"]) == set(inspect.signature(optimize.fn).parameters) - {"config_path"}
+    PipelineConfig.model_validate(deployment["parameters"]["config"])  # the typed default is a valid config
+    assert deployment["enforce_parameter_schema"] is True
     for schedule in deployment["schedules"]:
         Cron(schedule["cron"], timezone=schedule["timezone"])  # raises on a bad cron or time zone
     assert deployment["work_pool"]["name"] == "optforge-process"
