@@ -10,6 +10,7 @@ from pathlib import Path
 def embedded_defaults() -> None:
     """Laptop defaults; any variable the user set wins (that is how a team points at its servers)."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # the network is closed; avoid its error
+    os.environ.setdefault("DO_NOT_TRACK", "1")  # the same for Prefect's client telemetry (and its first-run notice)
     os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(Path(".optforge/prefect-results").resolve()))
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
     # MLflow's HTTP client retries 7 times with doubling back-off (minutes of silence when a server is
