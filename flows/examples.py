@@ -128,6 +128,9 @@ def write_examples(root: Path) -> dict[str, Path]:
 
 
 def cmd_examples(args: argparse.Namespace) -> int:
+    from optforge.flows.environment import quiet_libraries
+
+    quiet_libraries()  # no "Writing model shards" bars
     written = write_examples(Path(args.out))
     for name, path in written.items():
         print(f"{name:7} {path}")
