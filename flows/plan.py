@@ -74,6 +74,9 @@ def _student_problem(cfg: PipelineConfig, contract: InputContract) -> str | None
         if not all("num_hidden_layers" in (c or {}) for c in (teacher, student)):
             return ("distill: compress.distill.hidden_weight pairs the layers of two transformers (Hugging Face "
                     "configs with num_hidden_layers); this teacher or student has none: set it to 0")
+    if distill.share_layers > 1 and "num_hidden_layers" not in (_fused_config(cfg, ("distill",)) or {}):
+        return ("distill: compress.distill.share_layers shares the layers of a transformer student (a Hugging Face "
+                "config with num_hidden_layers); this student has none: set it to 1")
     if distill.derive == "width":
         return None  # the teacher, narrowed: always smaller, always takes the data
     if distill.derive == "layers":

@@ -69,12 +69,17 @@ class DistillConfig(TechniqueConfig):
     hidden_weight: float = Field(0.0, ge=0, description="weight of the mean-squared error between paired transformer "
                                  "layer outputs of student and teacher (equal widths only); needs "
                                  "cache_teacher_logits=false, since the teacher then runs on every batch")
+    share_layers: int = Field(1, ge=1, description="transformer students: each run of this many consecutive layers "
+                              "uses the first one's weights (ALBERT's cross-layer sharing); 1 shares nothing")
 
     @model_validator(mode="after")
     def _hidden_needs_the_live_teacher(self):
         if self.hidden_weight and self.cache_teacher_logits:
             raise ValueError("compress.distill.hidden_weight: hidden-state distillation reads the teacher's layer "
                              "outputs on every batch; set compress.distill.cache_teacher_logits=false")
+        if self.hidden_weight and self.share_layers > 1:
+            raise ValueError("compress.distill.share_layers: a shared layer runs several times per forward pass, so "
+                             "its output cannot be paired with one teacher layer; use hidden_weight=0 with it")
         return self
 
 

@@ -102,6 +102,8 @@ class ModelSpec:
     pruned: list[list[Any]] | None = None
     # Block-circulant Linear layers (circulant.py): module path -> block size. None for every other model.
     circulant: dict[str, int] | None = None
+    # Cross-layer sharing of a transformer's layers (students.share_layers): the group size. None: no sharing.
+    shared_layers: int | None = None
 
     @property
     def inputs(self) -> InputContract:
@@ -237,6 +239,10 @@ def build_model(spec: ModelSpec) -> nn.Module:
         from optforge.tasks.techniques.circulant import apply_blocks  # imported here: circulant.py imports distill.py
 
         apply_blocks(model, spec.circulant)
+    if spec.shared_layers:
+        from optforge.tasks.techniques.students import share_layers  # imported here: students.py imports this module
+
+        share_layers(model, spec.shared_layers)
     return model
 
 
@@ -306,7 +312,7 @@ def read_spec(folder: str | Path) -> ModelSpec:
     contract = raw.get("contract") or table_contract(int(raw["num_features"]), int(raw["num_classes"]),
                                                      raw.get("image_shape")).to_dict()
     return ModelSpec(raw["config"], contract, raw.get("factorized"), raw.get("hf_config"), raw.get("pruned"),
-                     raw.get("circulant"))
+                     raw.get("circulant"), raw.get("shared_layers"))
 
 
 def save_model(model: nn.Module, spec: ModelSpec, folder: str | Path) -> Path:

@@ -94,6 +94,8 @@ def export_onnx(model: nn.Module, contract: InputContract, path: str | Path, cfg
             f"converter could not lower it); opset >= {_NATIVE_OPSET} always works"
         )
     _drop_initializer_value_info(proto)
+    if _shares_parameters(model):
+        proto = _dedupe_initializers(proto)
     try:
         onnx.checker.check_model(proto, full_check=True)
     except Exception as exc:
@@ -201,6 +203,24 @@ def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         yield model
     finally:
         model.train(was_training)
+
+
+def _shares_parameters(model: nn.Module) -> bool:
+    return len(list(model.named_parameters(remove_duplicate=False))) > len(list(model.parameters()))
+
+
+def _dedupe_initializers(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """One copy of each set of equal initializers. A module used in several places (a transformer's shared
+    layers) is stored once by the exporter, but its constant folding transposes a weight once per use; ORT's
+    ``remove_duplicated_initializer`` (written for ALBERT's shared weights) points all uses at one copy."""
+    import io
+
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    model = OnnxModel(proto)
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints "Removed N initializers ..."
+        model.remove_duplicated_initializer(cache={})
+    return model.model
 
 
 def _drop_initializer_value_info(model: onnx.ModelProto) -> None:

@@ -49,6 +49,20 @@ def layer_stack(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList] | None
     return None
 
 
+def share_layers(model: nn.Module, group: int) -> int:
+    """ALBERT's cross-layer sharing, in place: layer ``i`` of the transformer stack becomes layer
+    ``(i // group) * group``, so each run of ``group`` layers runs one set of weights. Returns the number of
+    distinct layers left. The module objects are shared, so parameters, gradients (summed over the uses), the
+    saved file and the ONNX export all hold each shared layer once."""
+    found = layer_stack(model)
+    if found is None:
+        raise ValueError("compress.distill.share_layers: cross-layer sharing needs a Hugging Face transformer (a "
+                         f"config with num_hidden_layers); this student is {type(model).__name__}")
+    parent, attr, layers = found
+    setattr(parent, attr, nn.ModuleList([layers[(i // group) * group] for i in range(len(layers))]))
+    return -(-len(layers) // group)
+
+
 def kept_layer_indices(n: int, stride: int) -> list[int]:
     """``ceil(n / stride)`` layer indices evenly spaced over ``0 .. n-1``, first and last included."""
     k = max(1, math.ceil(n / stride))

@@ -60,3 +60,8 @@ def test_hidden_state_distillation_of_a_non_transformer_is_skipped_before_traini
     cfg = load_config(None, ["compress.distill.hidden_weight=1", "compress.distill.cache_teacher_logits=false"])
     result = plan(cfg, table_contract(64, 10, (1, 8, 8)), "digits")
     assert DISTILL_CHAINS <= set(result.skipped) and "hidden_weight pairs the layers" in result.skipped["distill"]
+
+
+def test_cross_layer_sharing_between_non_transformers_is_skipped_with_the_reason():
+    result = plan(load_config(None, ["compress.distill.share_layers=2"]), table_contract(64, 10), "digits")
+    assert DISTILL_CHAINS <= set(result.skipped) and "share_layers shares the layers" in result.skipped["distill"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -96,3 +97,47 @@ def test_hidden_state_distillation_needs_the_live_teacher():
     with pytest.raises(ValidationError, match="cache_teacher_logits=false"):
         DistillConfig(hidden_weight=1.0)
     assert DistillConfig(hidden_weight=1.0, cache_teacher_logits=False).hidden_weight == 1.0
+
+
+def test_cross_layer_sharing_runs_one_set_of_weights_per_group_and_rebuilds_from_the_spec(tmp_path):
+    import numpy as np
+
+    from optforge.tasks.techniques.onnx_export import ExportConfig, export_onnx, max_abs_diff
+    from optforge.tasks.techniques.students import layer_stack, share_layers
+
+    contract = text_contract(16, 3, {})
+    plain, shared = tiny_bert(layers=4), tiny_bert(layers=4)
+    assert share_layers(shared, 2) == 2
+    layers = layer_stack(shared)[2]
+    assert layers[0] is layers[1] and layers[2] is layers[3] and layers[1] is not layers[2]
+    per_layer = count_params(plain.bert.encoder.layer[0])
+    assert count_params(plain) - count_params(shared) == 2 * per_layer  # two layers' weights are gone
+    torch.testing.assert_close(shared.bert.encoder.layer[1].attention.self.query.weight,
+                               plain.bert.encoder.layer[0].attention.self.query.weight)  # layer 1 runs layer 0's
+
+    spec = replace(hf_spec(shared, contract), shared_layers=2)
+    folder = save_model(shared, spec, tmp_path / "student")
+    rebuilt, rebuilt_spec = load_model(folder)  # what a Ray worker and every later stage build
+    assert rebuilt_spec.shared_layers == 2 and layer_stack(rebuilt)[2][2] is layer_stack(rebuilt)[2][3]
+    ids = torch.randint(0, 60, (2, 16))
+    feeds = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    torch.testing.assert_close(forward_logits(rebuilt, feeds), forward_logits(shared, feeds))
+
+    sizes = {}
+    for name, model in (("plain", plain), ("shared", shared)):
+        path = export_onnx(model, contract, tmp_path / f"{name}.onnx", ExportConfig())
+        sizes[name] = path.stat().st_size
+        assert max_abs_diff(model, path, {k: np.asarray(v) for k, v in feeds.items()}) < 1e-4
+    assert sizes["shared"] < sizes["plain"] - per_layer * 4 * 1.5  # each shared layer is stored once in ONNX too
+
+
+def test_sharing_needs_a_transformer_and_excludes_hidden_state_pairs():
+    from pydantic import ValidationError
+
+    from optforge.tasks.techniques.distill import DistillConfig
+    from optforge.tasks.techniques.students import share_layers
+
+    with pytest.raises(ValueError, match="share_layers: cross-layer sharing needs a Hugging Face transformer"):
+        share_layers(nn.Sequential(nn.Linear(4, 4)), 2)
+    with pytest.raises(ValidationError, match="share_layers: a shared layer runs several times"):
+        DistillConfig(share_layers=2, hidden_weight=1.0, cache_teacher_logits=False)
