@@ -22,7 +22,7 @@ from torch.nn.utils import parametrize
 
 from optforge.tasks.techniques.config import TechniqueConfig
 from optforge.tasks.techniques.distill import FinetuneConfig
-from optforge.tasks.techniques.packing import save_packed, signs_entry
+from optforge.tasks.techniques.packing import bake_weights, save_packed, signs_entry
 
 WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
@@ -73,11 +73,7 @@ def binarize(model: nn.Module, cfg: BinarizeConfig) -> list[str]:
 
 def bake(model: nn.Module) -> list[str]:
     """Replace each ``SignScale`` parametrization by its ``+-scale`` weight; returns the layers baked."""
-    names = [name for name, m in model.named_modules()
-             if parametrize.is_parametrized(m, "weight") and isinstance(m.parametrizations.weight[0], SignScale)]
-    for name in names:
-        parametrize.remove_parametrizations(model.get_submodule(name), "weight", leave_parametrized=True)
-    return names
+    return list(bake_weights(model, SignScale))
 
 
 def pack(model: nn.Module, names: list[str], path: str | Path) -> int:

@@ -24,7 +24,7 @@ from torch.nn.utils import parametrize
 
 from optforge.tasks.techniques.config import TechniqueConfig
 from optforge.tasks.techniques.distill import FinetuneConfig
-from optforge.tasks.techniques.packing import codebook_entry, save_packed
+from optforge.tasks.techniques.packing import bake_weights, codebook_entry, save_packed
 
 CLUSTERED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
 
@@ -85,17 +85,9 @@ def cluster(model: nn.Module, cfg: ClusterConfig) -> dict[str, int]:
     return kept
 
 
-def clustered_layers(model: nn.Module) -> dict[str, Codebook]:
-    return {name: m.parametrizations.weight[0] for name, m in model.named_modules()
-            if parametrize.is_parametrized(m, "weight") and isinstance(m.parametrizations.weight[0], Codebook)}
-
-
 def bake(model: nn.Module) -> dict[str, Codebook]:
-    """Replace each codebook parametrization by its plain weight (what export and save_model expect)."""
-    books = clustered_layers(model)
-    for name in books:
-        parametrize.remove_parametrizations(model.get_submodule(name), "weight", leave_parametrized=True)
-    return books
+    """Replace each codebook parametrization by its plain weight; returns layer -> its codebook."""
+    return bake_weights(model, Codebook)
 
 
 def pack(model: nn.Module, books: dict[str, Codebook], bits: int, path: str | Path) -> int:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
+from torch.nn.utils import parametrize
 
 from optforge.tasks.techniques.files import atomic_write
 
@@ -50,6 +52,16 @@ def _signs(entry: dict[str, np.ndarray]) -> np.ndarray:
     shape = tuple(entry["shape"])
     signs = unpack_bits(entry["codes"], 1, int(np.prod(shape))).reshape(shape[0], -1) * 2.0 - 1.0
     return (signs * entry["scale"][:, None]).astype(np.float32).reshape(shape)
+
+
+def bake_weights(model: nn.Module, kind: type[nn.Module]) -> dict[str, nn.Module]:
+    """Replace every weight parametrized by a ``kind`` module (a codebook, a sign-and-scale) by the plain weight it
+    computes, which export and ``save_model`` expect; returns layer name -> the parametrization it had."""
+    found = {name: m.parametrizations.weight[0] for name, m in model.named_modules()
+             if parametrize.is_parametrized(m, "weight") and isinstance(m.parametrizations.weight[0], kind)}
+    for name in found:
+        parametrize.remove_parametrizations(model.get_submodule(name), "weight", leave_parametrized=True)
+    return found
 
 
 REBUILD = {"codebook": _codebook, "signs": _signs}  # explicit dispatch on the entry's kind
