@@ -15,13 +15,17 @@ from optforge.tasks.techniques.circulant import CirculantConfig
 from optforge.tasks.techniques.clustering import ClusterConfig
 from optforge.tasks.techniques.config import TechniqueConfig
 from optforge.tasks.techniques.distill import DistillConfig
+from optforge.tasks.techniques.early_exit import EarlyExitConfig
 from optforge.tasks.techniques.factorize import FactorizeConfig
 from optforge.tasks.techniques.prune import PruneConfig
 from optforge.tasks.techniques.qat import QatConfig
 
-Stage = Literal["distill", "prune", "factorize", "cluster", "binarize", "circulant", "export", "fuse", "quantize", "static",
-                "qat"]
-TORCH_STEPS = ("distill", "prune", "factorize", "cluster", "binarize", "circulant")
+Stage = Literal["distill", "prune", "factorize", "cluster", "binarize", "circulant", "early_exit", "export", "fuse",
+                "quantize", "static", "qat"]
+TORCH_STEPS = ("distill", "prune", "factorize", "cluster", "binarize", "circulant", "early_exit")
+# An early-exit model's routing exports as ONNX If nodes: plain export and dynamic INT8 (whose quantizer
+# walks If subgraphs) keep it; the fused, static-QDQ and QAT exports build their own graphs without it.
+AFTER_EARLY_EXIT = ((), ("export",), ("quantize",), ("export", "quantize"))
 SUFFIX = {"export": "onnx", "fuse": "fused", "quantize": "int8", "static": "static_int8", "qat": "qat_int8"}
 # What may follow the PyTorch steps: an ONNX export (plain, or fused by ONNX Runtime's transformer
 # optimizer, which exports its own graph), then optionally INT8: dynamic (quantize, MatMul-heavy models)
@@ -55,6 +59,8 @@ class CompressConfig(TechniqueConfig):
                                      "scale) for the inner layers, stored one bit each")
     circulant: CirculantConfig = Field(default_factory=CirculantConfig, description="block-circulant Linear layers "
                                        "computed by FFT")
+    early_exit: EarlyExitConfig = Field(default_factory=EarlyExitConfig, description="exit heads after intermediate "
+                                        "blocks; a confident sample stops early")
 
     @field_validator("chains")
     @classmethod
@@ -68,15 +74,22 @@ class CompressConfig(TechniqueConfig):
             if len(set(chain)) != len(chain):
                 raise ValueError(f"{where} repeats a stage")
             torch_steps = [step for step in chain if step in TORCH_STEPS]
-            if "circulant" in torch_steps and torch_steps[-1] != "circulant":
-                raise ValueError(f"{where}: circulant must be the last PyTorch step (pruning, factorizing, clustering "
-                                 "or binarizing a block-circulant layer is not supported)")
+            if "early_exit" in torch_steps and torch_steps[-1] != "early_exit":
+                raise ValueError(f"{where}: early_exit must be the last PyTorch step (the exit heads are trained for "
+                                 "the final backbone)")
+            if "circulant" in torch_steps and torch_steps[-1] != "circulant" and torch_steps[-2:] != ["circulant",
+                                                                                                       "early_exit"]:
+                raise ValueError(f"{where}: circulant must be the last PyTorch step, or be followed by early_exit only "
+                                 "(pruning, factorizing, clustering or binarizing a block-circulant layer is not supported)")
             if "distill" in chain and chain[0] != "distill":
                 raise ValueError(f"{where}: distill trains a new student from the teacher, so it must come first")
             first_onnx = next((j for j, step in enumerate(chain) if step in SUFFIX), len(chain))
             if tuple(chain[first_onnx:]) not in ONNX_TAILS:
                 raise ValueError(f"{where}: export (or fuse) and quantize must come last, in that order, and not "
                                  "both export and fuse")
+            if "early_exit" in chain and tuple(chain[first_onnx:]) not in AFTER_EARLY_EXIT:
+                raise ValueError(f"{where}: after early_exit only export and quantize (dynamic INT8) keep the exits' "
+                                 "routing; fuse, static and qat are not supported")
             if expand(chain) in seen:
                 raise ValueError(f"{where} builds the same variant as an earlier chain")
             seen.add(expand(chain))

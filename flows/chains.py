@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from optforge.flows.chain_config import CompressConfig, expand, product_name
 from optforge.tasks.compress import binarize_weights, circulant, cluster_weights, factorize, prune, qat
 from optforge.tasks.distill import distill
+from optforge.tasks.early_exit import early_exit
 from optforge.tasks.export import export
 from optforge.tasks.fuse import fuse_onnx
 from optforge.tasks.quantize import quantize
@@ -42,7 +43,7 @@ class OnnxSteps:
 
 # The in-process PyTorch steps, each with its config section of the same name (compress.<step>).
 TORCH_TASKS = {"prune": prune, "factorize": factorize, "cluster": cluster_weights, "binarize": binarize_weights,
-               "circulant": circulant}
+               "circulant": circulant, "early_exit": early_exit}
 
 
 def _run_step(step: str, source: ModelRef, name: str, teacher: ModelRef, cfg: CompressConfig, data: DataRef,

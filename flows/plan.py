@@ -20,7 +20,7 @@ from optforge.flows.params import ConfigError, PipelineConfig
 from optforge.tasks.techniques.contract import InputContract
 from optforge.tasks.techniques.fusion import unsupported_reason
 from optforge.tasks.techniques.model_source import check_runs
-from optforge.tasks.techniques.models import HUGGINGFACE, ONNX, ModelSpec, build_model, count_params
+from optforge.tasks.techniques.models import HUGGINGFACE, ONNX, ZOO, ModelSpec, build_model, count_params
 
 
 @dataclass(frozen=True)
@@ -125,6 +125,25 @@ def _check_circulant(cfg: PipelineConfig, contract: InputContract) -> None:
         raise ConfigError(f"config error: {exc}") from None
 
 
+def _early_exit_problem(cfg: PipelineConfig, contract: InputContract, chain) -> str | None:
+    """Why exit heads cannot go on the model a chain hands to early_exit (a skip reason), or None; raise
+    ``ConfigError`` when compress.early_exit.exits does not fit that model's blocks."""
+    from optforge.tasks.techniques.early_exit import blocks_of, check_exits
+
+    distill = cfg.compress.distill
+    source = distill.student if "distill" in chain and distill.derive == "none" else cfg.model
+    if source.arch not in ZOO or ("distill" in chain and distill.derive == "layers"):
+        return (f"early_exit: exit heads go on the zoo MLP, CNN and DSCNN; the model reaching it is "
+                f"{source.arch} (Hugging Face and factory models: not yet)")
+    with torch.device("meta"):  # a student derived by width has the teacher's blocks
+        model = build_model(ModelSpec(source.to_dict(), contract.to_dict()))
+    try:
+        check_exits(cfg.compress.early_exit.exits, len(blocks_of(model).blocks))
+    except ValueError as exc:
+        raise ConfigError(f"config error: {exc}") from None
+    return None
+
+
 def _fused_config(cfg: PipelineConfig, chain) -> dict | None:
     """The Hugging Face config of the model a chain's fuse step exports (None: not a Hugging Face model)."""
     m, distill = cfg.model, cfg.compress.distill
@@ -154,6 +173,9 @@ def plan(cfg: PipelineConfig, contract: InputContract, data_name: str) -> Plan:
             continue
         if chain[0] == "circulant":  # a block that does not divide the teacher's widths is the user's error
             _check_circulant(cfg, contract)
+        if "early_exit" in chain and (reason := _early_exit_problem(cfg, contract, chain)):
+            skipped[name] = reason
+            continue
         if "distill" in chain:
             student_problem = student_problem or _student_problem(cfg, contract)
             if student_problem:

@@ -36,7 +36,7 @@ from optforge.tasks.techniques.packing import PACKED_FILE
 from optforge.tasks.tracking import child_run
 
 SKIPPED = Format.SKIPPED  # a variant that could not be built on this machine (see tasks/tensorrt.py)
-TIMED = ("accuracy", "latency_ms_p50_b1", "latency_ms_p95_b1", "throughput_sps_b64", "size_mb")
+TIMED = ("accuracy", "latency_ms_p50_b1", "latency_ms_p95_b1", "latency_ms_mean_b1", "throughput_sps_b64", "size_mb")
 
 
 @dataclass

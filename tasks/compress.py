@@ -63,7 +63,7 @@ def _tuner(cfg: FinetuneConfig, splits: Splits, soft: np.ndarray | None, label: 
     return tune
 
 
-def _log_result(net, before: dict, acc_before: float, splits: Splits) -> dict:
+def log_result(net, before: dict, acc_before: float, splits: Splits) -> dict:
     """Test accuracy, params, FLOPs and sparsity after the stage; ratios are against the stage's input model."""
     after = model_stats(net, splits.contract)
     acc = evaluate(net, splits.test)["accuracy"]
@@ -75,20 +75,20 @@ def _log_result(net, before: dict, acc_before: float, splits: Splits) -> dict:
     return after | {"accuracy": acc}
 
 
-def _where(stage: str, cfg, model: ModelRef, teacher: ModelRef, data: DataRef, workdir: str) -> tuple:
+def output_and_tags(stage: str, cfg, model: ModelRef, teacher: ModelRef, data: DataRef, workdir: str) -> tuple:
     """The stage's output folder (keyed like its cache) and the tags linking its run to its inputs' runs."""
     out = stage_dir(workdir, stage, {stage: cfg, "model": model, "teacher": teacher, "data": data})
     return out, {"optforge.source_run": model.run_id or "", "optforge.teacher_run": teacher.run_id or ""}
 
 
-def _open(model: ModelRef, data: DataRef) -> tuple:
+def open_input(model: ModelRef, data: DataRef) -> tuple:
     """The input model, its spec, the splits, and the model's stats and test accuracy before the stage."""
     net, spec = load_model(model.path)
     splits = load_splits(data.path)
     return net, spec, splits, model_stats(net, splits.contract), evaluate(net, splits.test)["accuracy"]
 
 
-def _ref(name: str, folder, run_id: str, info: dict) -> ModelRef:
+def torch_ref(name: str, folder, run_id: str, info: dict) -> ModelRef:
     return ModelRef(name, Format.TORCH, str(folder), file_sha256(folder), run_id, info)
 
 
@@ -96,14 +96,14 @@ def _ref(name: str, folder, run_id: str, info: dict) -> ModelRef:
 def prune(cfg: PruneConfig, model: ModelRef, teacher: ModelRef, data: DataRef, workdir: str,
           parent_run_id: str | None, run_name: str = "prune") -> ModelRef:
     """Prune ``model`` (structured or unstructured, iteratively) and fine-tune after each round."""
-    out, tags = _where("prune", cfg, model, teacher, data, workdir)
+    out, tags = output_and_tags("prune", cfg, model, teacher, data, workdir)
     with child_run(parent_run_id, "prune", run_name=run_name, params={"prune": cfg.to_dict()}, tags=tags,
                    system_metrics=True) as run:
-        net, spec, splits, before, acc_before = _open(model, data)
+        net, spec, splits, before, acc_before = open_input(model, data)
         tune = _tuner(cfg.finetune, splits, _soft_targets(cfg.finetune, teacher, data, workdir), run_name)
         widths_before = widths(net)
         net, spec = prune_model(net, spec, cfg, tune)
-        info = _log_result(net, before, acc_before, splits)
+        info = log_result(net, before, acc_before, splits)
         if cfg.method == "unstructured":
             mlflow.set_tag("optforge.note", UNSTRUCTURED_NOTE.format(info["sparsity"]))
         else:  # layer -> [width before, after], for the layers that lost outputs
@@ -112,25 +112,25 @@ def prune(cfg: PruneConfig, model: ModelRef, teacher: ModelRef, data: DataRef, w
             mlflow.log_metric("pruned_layers", len(shrunk))
         save_model(net, spec, out / "model")
         mlflow.log_artifacts(str(out / "model"), "model")
-    return _ref("prune", out / "model", run.info.run_id, info)
+    return torch_ref("prune", out / "model", run.info.run_id, info)
 
 
 @stage_task("factorize")
 def factorize(cfg: FactorizeConfig, model: ModelRef, teacher: ModelRef, data: DataRef, workdir: str,
               parent_run_id: str | None, run_name: str = "factorize") -> ModelRef:
     """Replace Linear (and 1x1 conv) layers by SVD low-rank pairs where that is cheaper, then fine-tune."""
-    out, tags = _where("factorize", cfg, model, teacher, data, workdir)
+    out, tags = output_and_tags("factorize", cfg, model, teacher, data, workdir)
     with child_run(parent_run_id, "factorize", run_name=run_name, params={"factorize": cfg.to_dict()}, tags=tags) as run:
-        net, spec, splits, before, acc_before = _open(model, data)
+        net, spec, splits, before, acc_before = open_input(model, data)
         net, spec, report = factorize_model(net, spec, cfg)
         mlflow.log_dict(report, "factorize_report.json")
         mlflow.log_params({f"rank.{name}": r["rank"] if r["factorized"] else "kept" for name, r in report.items()})
         mlflow.log_metric("accuracy_before_finetune", evaluate(net, splits.test)["accuracy"])
         _tuner(cfg.finetune, splits, _soft_targets(cfg.finetune, teacher, data, workdir), run_name)(net)
-        info = _log_result(net, before, acc_before, splits)
+        info = log_result(net, before, acc_before, splits)
         save_model(net, spec, out / "model")
         mlflow.log_artifacts(str(out / "model"), "model")
-    return _ref("factorize", out / "model", run.info.run_id, info | {"ranks": dict(spec.factorized or {})})
+    return torch_ref("factorize", out / "model", run.info.run_id, info | {"ranks": dict(spec.factorized or {})})
 
 
 @stage_task("qat")
@@ -163,19 +163,19 @@ def qat(cfg: QatConfig, model: ModelRef, teacher: ModelRef, data: DataRef, workd
 def circulant(cfg: CirculantConfig, model: ModelRef, teacher: ModelRef, data: DataRef, workdir: str,
               parent_run_id: str | None, run_name: str = "circulant") -> ModelRef:
     """Replace large Linear layers by block-circulant layers (FFT), projected from the dense weights, then fine-tune."""
-    out, tags = _where("circulant", cfg, model, teacher, data, workdir)
+    out, tags = output_and_tags("circulant", cfg, model, teacher, data, workdir)
     with child_run(parent_run_id, "circulant", run_name=run_name, params={"circulant": cfg.to_dict()}, tags=tags,
                    system_metrics=True) as run:
-        net, spec, splits, before, acc_before = _open(model, data)
+        net, spec, splits, before, acc_before = open_input(model, data)
         blocks = to_circulant(net, cfg)
         spec = replace(spec, circulant={**(spec.circulant or {}), **blocks})
         mlflow.log_metrics({"circulant_layers": len(blocks),
                             "accuracy_before_finetune": evaluate(net, splits.test)["accuracy"]})
         _tuner(cfg.finetune, splits, _soft_targets(cfg.finetune, teacher, data, workdir), run_name)(net)
-        info = _log_result(net, before, acc_before, splits)
+        info = log_result(net, before, acc_before, splits)
         save_model(net, spec, out / "model")
         mlflow.log_artifacts(str(out / "model"), "model")
-    return _ref("circulant", out / "model", run.info.run_id, info | {"circulant": blocks})
+    return torch_ref("circulant", out / "model", run.info.run_id, info | {"circulant": blocks})
 
 
 @stage_task("cluster")
@@ -204,19 +204,19 @@ def _few_values_stage(stage: str, cfg, model: ModelRef, teacher: ModelRef, data:
                       parent_run_id: str | None, run_name: str, apply, store) -> ModelRef:
     """Cluster and binarize alike: ``apply`` parametrizes the layers, fine-tuning trains through it, ``store``
     bakes the weights and writes the packed form beside the saved float model (what the benchmark sizes)."""
-    out, tags = _where(stage, cfg, model, teacher, data, workdir)
+    out, tags = output_and_tags(stage, cfg, model, teacher, data, workdir)
     with child_run(parent_run_id, stage, run_name=run_name, params={stage: cfg.to_dict()}, tags=tags,
                    system_metrics=True) as run:
-        net, spec, splits, before, acc_before = _open(model, data)
+        net, spec, splits, before, acc_before = open_input(model, data)
         layers = apply(net)
         mlflow.log_metric("accuracy_before_finetune", evaluate(net, splits.test)["accuracy"])
         _tuner(cfg.finetune, splits, _soft_targets(cfg.finetune, teacher, data, workdir), run_name)(net)
         folder = out / "model"
         folder.mkdir(parents=True, exist_ok=True)
         stored = store(net, folder)
-        info = _log_result(net, before, acc_before, splits)
+        info = log_result(net, before, acc_before, splits)
         save_model(net, spec, folder)
         float_bytes = (folder / "model.pt").stat().st_size
         mlflow.log_metrics({"compacted_layers": len(layers), "stored_mb": stored / 1e6, "stored_ratio": float_bytes / stored})
         mlflow.log_artifacts(str(folder), "model")
-    return _ref(stage, folder, run.info.run_id, info | {"stored_bytes": stored})
+    return torch_ref(stage, folder, run.info.run_id, info | {"stored_bytes": stored})

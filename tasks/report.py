@@ -90,6 +90,18 @@ def register_run(client: MlflowClient, run: Run) -> Run | None:
     return found[-1] if found else None
 
 
+def exit_curves(client: MlflowClient, run: Run) -> dict[str, dict]:
+    """The early-exit stages' curves (``early_exit_curve.json``), by stage run name; {} when there are none."""
+    curves = {}
+    for stage_run in _stage_runs(client, run, "early_exit"):
+        try:
+            curves[stage_run.info.run_name] = mlflow.artifacts.load_dict(
+                f"{stage_run.info.artifact_uri}/early_exit_curve.json")
+        except Exception:  # a stage that failed before logging it: the report goes on without its curve
+            continue
+    return curves
+
+
 def run_meta(client: MlflowClient, run: Run) -> tuple[str, dict[str, str]]:
     """Title and provenance lines of a pipeline run (nothing that changes after the run, e.g. its status)."""
     tags, started = run.data.tags, mlflow.utils.time.conv_longdate_to_str(run.info.start_time)[:16]
@@ -150,6 +162,7 @@ def load_report_data(client: MlflowClient, run_id: str) -> ReportData:
             record["registration"],
             formats,
             meta,
+            exit_curves=exit_curves(client, run),
         )
     cfg = _config_from_params(run.data.params)
     tags = run.data.tags
@@ -166,6 +179,7 @@ def load_report_data(client: MlflowClient, run_id: str) -> ReportData:
         formats,
         meta,
         note="This run has no selection.json: the selection above was recomputed with the current rules.",
+        exit_curves=exit_curves(client, run),
     )
 
 

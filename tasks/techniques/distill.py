@@ -167,7 +167,7 @@ def finetune(model: nn.Module, train, val, cfg: FinetuneConfig, soft_targets: np
         try:
             for epoch in range(cfg.epochs):
                 order = torch.randperm(n, generator=generator).numpy()
-                stats = train_epoch(model, _Batches(train, order, cfg.batch_size, soft), opt, sched, precision, 1,
+                stats = train_epoch(model, ShuffledBatches(train, order, cfg.batch_size, soft), opt, sched, precision, 1,
                                     loss_fn=loss_fn,
                                     on_batch=(lambda done, total: on_batch(epoch, done, total)) if on_batch else None)
                 acc = evaluate(model, val)["accuracy"]
@@ -182,7 +182,7 @@ def finetune(model: nn.Module, train, val, cfg: FinetuneConfig, soft_targets: np
     return {"val_accuracy_before": before, "val_accuracy": best, "epochs": cfg.epochs}
 
 
-class _Batches:
+class ShuffledBatches:
     """Shuffled batches ``(inputs, labels[, soft targets])`` of a part, each read from disk when iterated."""
 
     def __init__(self, part, order: np.ndarray, size: int, soft: torch.Tensor | None):

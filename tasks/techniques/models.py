@@ -104,6 +104,8 @@ class ModelSpec:
     circulant: dict[str, int] | None = None
     # Cross-layer sharing of a transformer's layers (students.share_layers): the group size. None: no sharing.
     shared_layers: int | None = None
+    # Exit heads (early_exit.py): {"exits": [block indices], "threshold": confidence}. None: no early exits.
+    early_exit: dict[str, Any] | None = None
 
     @property
     def inputs(self) -> InputContract:
@@ -243,6 +245,12 @@ def build_model(spec: ModelSpec) -> nn.Module:
         from optforge.tasks.techniques.students import share_layers  # imported here: students.py imports this module
 
         share_layers(model, spec.shared_layers)
+    if spec.early_exit:
+        # imported here: early_exit.py imports this module
+        from optforge.tasks.techniques.early_exit import EarlyExitModel
+
+        (example,) = contract.example(batch=1).values()
+        model = EarlyExitModel(model, spec.early_exit["exits"], spec.num_classes, example, spec.early_exit["threshold"])
     return model
 
 
@@ -312,7 +320,7 @@ def read_spec(folder: str | Path) -> ModelSpec:
     contract = raw.get("contract") or table_contract(int(raw["num_features"]), int(raw["num_classes"]),
                                                      raw.get("image_shape")).to_dict()
     return ModelSpec(raw["config"], contract, raw.get("factorized"), raw.get("hf_config"), raw.get("pruned"),
-                     raw.get("circulant"), raw.get("shared_layers"))
+                     raw.get("circulant"), raw.get("shared_layers"), raw.get("early_exit"))
 
 
 def save_model(model: nn.Module, spec: ModelSpec, folder: str | Path) -> Path:

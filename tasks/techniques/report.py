@@ -47,6 +47,8 @@ class ReportData:
     formats: dict[str, str] = field(default_factory=dict)
     meta: dict[str, str] = field(default_factory=dict)  # provenance: label -> value
     note: str = ""
+    # Early-exit stages: run name -> early_exit_curve.json (the validation curve over thresholds, the choice).
+    exit_curves: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -160,6 +162,24 @@ def plot(data: ReportData, path: str | Path) -> Path:
     )
 
 
+def exit_tables(data: ReportData) -> list[tuple[str, list[str], list[list[str]]]]:
+    """Per early-exit stage: a title, headers and rows of its accuracy-latency curve (validation split)."""
+    tables = []
+    for name, record in data.exit_curves.items():
+        exits = [f"block {b}" for b in record["exit_blocks"]] + ["head"]
+        headers = ["threshold", "val accuracy %", "expected b1 ms (PyTorch)", *(f"share {e}" for e in exits)]
+        chosen = record["chosen"]["threshold"]
+        rows = [[("full" if r["threshold"] > 1 else f"{r['threshold']:g}") + (" (chosen)" if r["threshold"] == chosen
+                                                                             else ""),
+                 f"{r['accuracy']:.2f}", f"{r['expected_latency_ms']:.4g}", *(f"{s:.0%}" for s in r["shares"])]
+                for r in record["validation"]]
+        test = record["test"]
+        title = (f"Early exit: {name} (test split at the chosen threshold: {test['accuracy']:.2f}% accuracy, "
+                 f"shares {', '.join(f'{s:.0%}' for s in test['shares'])})")
+        tables.append((title, headers, rows))
+    return tables
+
+
 def render_markdown(data: ReportData, plot_ref: str | None = PLOT) -> str:
     """GitHub-flavored markdown; ``plot_ref`` None replaces the image with a pointer (Prefect UI)."""
     headers = [h for _, h, _ in COLUMNS]
@@ -172,6 +192,9 @@ def render_markdown(data: ReportData, plot_ref: str | None = PLOT) -> str:
     lines.append(
         f"![accuracy vs latency]({plot_ref})" if plot_ref else f"See `{PLOT}` in the MLflow run's `report/` artifacts."
     )
+    for title, headers, rows in exit_tables(data):
+        lines += ["", f"## {title}", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
     if data.meta:
         lines += ["", "## Provenance", ""] + [f"- {k}: `{v}`" for k, v in data.meta.items()]
     if data.note:
@@ -205,6 +228,10 @@ def render_html(data: ReportData, png: bytes) -> str:
         f"<h2>Variants</h2><table><tr>{head}</tr>{''.join(body)}</table><h2>Pareto plot</h2>",
         f"<img alt='accuracy vs latency' src='data:image/png;base64,{base64.b64encode(png).decode()}'>",
     ]
+    for title, headers, rows in exit_tables(data):
+        parts.append(f"<h2>{e(title)}</h2><table><tr>" + "".join(f"<th>{e(h)}</th>" for h in headers) + "</tr>"
+                     + "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in rows)
+                     + "</table>")
     if data.meta:
         parts.append(
             "<h2>Provenance</h2><ul>"

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -25,7 +26,7 @@ from tests.conftest import TINY
 
 @pytest.mark.parametrize("chains, message", [
     ("[[distil, quantize]]", ("compress.chains.0.0: Input should be 'distill', 'prune', 'factorize', 'cluster', "
-                              "'binarize', 'circulant', 'export', 'fuse', 'quantize', 'static' or 'qat' (got 'distil')")),
+                              "'binarize', 'circulant', 'early_exit', 'export', 'fuse', 'quantize', 'static' or 'qat' (got 'distil')")),
     ("[[distill, qat, quantize]]", "export (or fuse) and quantize must come last"),
     ("[[circulant, prune]]", "circulant must be the last PyTorch step"),
     ("[[prune], [factorize, Quantize]]", "compress.chains.1.1: Input should be"),
@@ -202,3 +203,59 @@ def test_a_block_that_does_not_divide_the_teachers_widths_fails_before_training(
                              "compress.circulant.min_features=8"])
     with pytest.raises(ConfigError, match=r"compress.circulant.block: 48 does not divide the widths"):
         plan(cfg, table_contract(64, 10), "digits")
+
+
+def test_an_early_exit_chain_exports_its_routing_and_records_its_exits(teacher, tmp_path):
+    import onnx
+
+    from optforge.tasks.register import _log_onnx
+    from optforge.tasks.techniques.data import load_splits
+    from optforge.tasks.techniques.early_exit import EarlyExitModel
+
+    parent_id, data, ref = teacher
+
+    def stage(task, **kwargs):
+        return task.fn(**kwargs, parent_run_id=parent_id)
+
+    cfg = CompressConfig.from_dict({"chains": [["early_exit", "export"], ["early_exit", "quantize"]],
+                                    "early_exit": {"finetune": {"epochs": 1}}})
+    fp32, int8 = chain_variants(cfg, ref, data, str(tmp_path / "work"), stage,
+                                OnnxSteps(ExportConfig(), FuseConfig(), DynamicQuantConfig(), StaticQuantConfig()))
+    assert (fp32.name, int8.name) == ("early_exit_onnx", "early_exit_int8")
+    for variant in (fp32, int8):  # the routing survives export and dynamic INT8 as If nodes
+        assert "If" in {n.op_type for n in onnx.load(variant.path).graph.node}
+    branch = next(n for n in onnx.load(int8.path).graph.node if n.op_type == "If").attribute
+    assert "MatMulInteger" in {n.op_type for a in branch for n in a.g.node}  # the later blocks are INT8 too
+    run = MlflowClient().get_run(fp32.info["lineage"]["parent_run"])
+    shares = [run.data.metrics[f"exit_share_{i}"] for i in range(2)]  # two hidden layers: an exit after the first
+    assert abs(sum(shares) - 1) < 1e-9 and "expected_latency_ms_b1" in run.data.metrics
+    folder = next(Path(tmp_path / "work").glob("early_exit/*/model"))
+    model, spec = load_model(folder)
+    assert isinstance(model, EarlyExitModel) and spec.early_exit["exits"] == [0]
+    assert spec.early_exit["threshold"] == float(run.data.params["early_exit.chosen_threshold"])
+    assert fp32.info["parity_max_abs_diff"] < 1e-4
+    splits = load_splits(data.path)
+    X = splits.test.rows(0, 50)["input"]
+    with mlflow.start_run(nested=True):  # the registered form: the pyfunc over the ONNX file
+        info = _log_onnx(fp32, data, splits, None)
+    served = mlflow.pyfunc.load_model(info.model_uri).predict(X)
+    with torch.inference_mode():
+        np.testing.assert_allclose(served, model(torch.as_tensor(X)).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_early_exit_is_skipped_for_models_without_blocks_and_bad_exits_fail_before_training(tmp_path):
+    from optforge.flows.plan import plan
+    from optforge.tasks.techniques.contract import table_contract
+
+    with pytest.raises(ConfigError, match=r"compress.early_exit.exits: \[5\] must name blocks 0..1 of this model.s 3 blocks"):
+        plan(load_config(None, ["compress.chains=[[early_exit]]", "compress.early_exit.exits=[5]"]),
+             table_contract(64, 10), "digits")
+    factory = load_config(None, ["compress.chains=[[early_exit], [prune]]", "model.arch=tests.flows.byo_models:table_net"])
+    planned = plan(factory, table_contract(64, 10), "digits")
+    assert "early_exit" in planned.skipped["early_exit"] and planned.cfg.compress.chains == (("prune",),)
+    for chain, message in [("[[early_exit, prune]]", "early_exit must be the last PyTorch step"),
+                           ("[[early_exit, static]]", "after early_exit only export and quantize"),
+                           ("[[circulant, early_exit, fuse]]", "after early_exit only export and quantize")]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [f"compress.chains={chain}"])
+    load_config(None, ["compress.chains=[[circulant, early_exit, export]]"])

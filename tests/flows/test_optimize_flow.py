@@ -14,7 +14,8 @@ from optforge.tasks.techniques.data import load_splits
 
 pytestmark = pytest.mark.slow
 
-METRICS = {"accuracy", "latency_ms_p50_b1", "latency_ms_p95_b1", "throughput_sps_b64", "size_mb", "params"}
+METRICS = {"accuracy", "latency_ms_p50_b1", "latency_ms_p95_b1", "latency_ms_mean_b1", "throughput_sps_b64", "size_mb",
+           "params"}
 VARIANTS = {"pytorch_fp32", "onnx_fp32", "onnx_int8_dynamic", "onnx_int8_static", "onnx_fp16", "trt_fp16", "trt_int8"}
 
 

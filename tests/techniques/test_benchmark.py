@@ -22,7 +22,7 @@ from optforge.tasks.techniques.ort_session import onnx_predictor, tuned_session
 from tests.techniques.helpers import rows, table_part
 
 F, C = 16, 4
-KEYS = {"accuracy", "latency_ms_p50_b1", "latency_ms_p95_b1", "throughput_sps_b64"}
+KEYS = {"accuracy", "latency_ms_p50_b1", "latency_ms_p95_b1", "latency_ms_mean_b1", "throughput_sps_b64"}
 FAST = BenchmarkConfig(warmup=2, iters_b1=20, batch_size=8, iters_batch=3)
 
 

@@ -91,3 +91,18 @@ def test_unmeasured_variants_get_dashes_and_no_point(tmp_path):
     data = ReportData("t", variants, sel, cfg, {"variant": None, "reason": "disabled"}, formats)
     md = write_report(data, tmp_path).markdown.read_text()
     assert "| trt_int8 | skipped | – | – | – |" in md and "not measured (format 'skipped')" in md
+
+
+def test_an_early_exit_curve_is_a_table_with_the_chosen_threshold_marked(tmp_path):
+    from dataclasses import replace
+
+    rows = [{"threshold": t, "accuracy": a, "expected_latency_ms": ms, "shares": sh}
+            for t, a, ms, sh in [(0.5, 90.0, 0.4, [0.8, 0.2]), (0.9, 97.0, 0.6, [0.5, 0.5]), (1.01, 97.5, 1.0, [0, 1])]]
+    curve = {"exit_blocks": [0], "validation": rows, "chosen": rows[1],
+             "test": {"accuracy": 96.5, "shares": [0.45, 0.55]}}
+    files = write_report(replace(_data(), exit_curves={"early_exit": curve}), tmp_path)
+    text = files.markdown.read_text()
+    assert "## Early exit: early_exit (test split at the chosen threshold: 96.50% accuracy, shares 45%, 55%)" in text
+    assert "| 0.9 (chosen) | 97.00 | 0.6 | 50% | 50% |" in text and "| full | 97.50 | 1 | 0% | 100% |" in text
+    assert "0.9 (chosen)" in files.html.read_text()
+    assert "Early exit" not in write_report(_data(), tmp_path / "plain").markdown.read_text()
