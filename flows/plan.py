@@ -20,7 +20,7 @@ from optforge.flows.params import ConfigError, PipelineConfig
 from optforge.tasks.techniques.contract import InputContract
 from optforge.tasks.techniques.fusion import unsupported_reason
 from optforge.tasks.techniques.model_source import check_runs
-from optforge.tasks.techniques.models import HUGGINGFACE, ONNX, ZOO, ModelSpec, build_model, count_params
+from optforge.tasks.techniques.models import HUGGINGFACE, ONNX, ModelSpec, build_model, count_params
 
 
 @dataclass(frozen=True)
@@ -128,19 +128,31 @@ def _check_circulant(cfg: PipelineConfig, contract: InputContract) -> None:
 def _early_exit_problem(cfg: PipelineConfig, contract: InputContract, chain) -> str | None:
     """Why exit heads cannot go on the model a chain hands to early_exit (a skip reason), or None; raise
     ``ConfigError`` when compress.early_exit.exits does not fit that model's blocks."""
-    from optforge.tasks.techniques.early_exit import blocks_of, check_exits
+    from optforge.tasks.techniques.early_exit import check_exits
+    from optforge.tasks.techniques.exit_blocks import blocks_of
 
     distill = cfg.compress.distill
-    source = distill.student if "distill" in chain and distill.derive == "none" else cfg.model
-    if source.arch not in ZOO or ("distill" in chain and distill.derive == "layers"):
-        return (f"early_exit: exit heads go on the zoo MLP, CNN and DSCNN; the model reaching it is "
-                f"{source.arch} (Hugging Face and factory models: not yet)")
-    with torch.device("meta"):  # a student derived by width has the teacher's blocks
-        model = build_model(ModelSpec(source.to_dict(), contract.to_dict()))
+    own_student = "distill" in chain and distill.derive == "none"
+    source = distill.student if own_student else cfg.model
+    if source.is_factory:
+        return (f"early_exit: the step cannot see blocks in a factory model ({source.arch}); exit heads go on the "
+                "zoo MLP, CNN and DSCNN and on BERT-style Hugging Face classifiers")
+    build = (lambda: build_model(ModelSpec(source.to_dict(), contract.to_dict()))) if own_student \
+        else _teacher_builder(cfg, contract)
     try:
-        check_exits(cfg.compress.early_exit.exits, len(blocks_of(model).blocks))
+        with torch.device("meta"):
+            model = build()
+    except Exception:
+        return None  # cannot be built here: the stage itself will say
+    try:
+        count = len(blocks_of(model).blocks)
     except ValueError as exc:
-        raise ConfigError(f"config error: {exc}") from None
+        return str(exc)
+    if "distill" not in chain or distill.derive == "width":  # a derived-by-width student has the teacher's blocks
+        try:
+            check_exits(cfg.compress.early_exit.exits, count)
+        except ValueError as exc:
+            raise ConfigError(f"config error: {exc}") from None
     return None
 
 

@@ -31,8 +31,7 @@ def early_exit(cfg: EarlyExitConfig, model: ModelRef, teacher: ModelRef, data: D
     with child_run(parent_run_id, "early_exit", run_name=run_name, params={"early_exit": cfg.to_dict()}, tags=tags,
                    system_metrics=True) as run:
         net, spec, splits, before, acc_before = open_input(model, data)
-        (example,) = splits.contract.example(batch=1).values()
-        ee = EarlyExitModel(net, cfg.exits, spec.num_classes, example)
+        ee = EarlyExitModel(net, cfg.exits, spec.num_classes, splits.contract.example(batch=1))
         with StageProgress(f"{run_name} heads", cfg.finetune.epochs) as progress:
             train_heads(ee, splits.train, cfg, on_epoch=progress.feed().epoch)
         latencies = exit_latencies_ms(ee, splits.test.take([0]))

@@ -24,11 +24,6 @@ from optforge.tasks.techniques.early_exit import NEVER, EarlyExitConfig, EarlyEx
 from optforge.tasks.techniques.training import TrainConfig, make_optimizer, make_scheduler
 
 
-def _only_input(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    (x,) = inputs.values()  # blocks_of admits the zoo models, which take one input
-    return x
-
-
 def train_heads(model: EarlyExitModel, train, cfg: EarlyExitConfig,
                 on_epoch: Callable[[int, dict], None] | None = None) -> list[float]:
     """Train the exit heads (and, with ``cfg.joint``, the backbone) in place; returns each epoch's mean loss."""
@@ -52,7 +47,7 @@ def train_heads(model: EarlyExitModel, train, cfg: EarlyExitConfig,
                 order = torch.randperm(len(train), generator=generator).numpy()
                 total, count = 0.0, 0
                 for inputs, labels in ShuffledBatches(train, order, ft.batch_size, None):
-                    outs = model.exit_logits(_only_input(inputs))
+                    outs = model.exit_logits(**inputs)
                     target = outs[-1].detach()
                     loss = sum(kd_loss(o, target, labels, ft.temperature, ft.kd_alpha) for o in outs[:-1]) / (len(outs) - 1)
                     if cfg.joint:
@@ -77,7 +72,7 @@ def train_heads(model: EarlyExitModel, train, cfg: EarlyExitConfig,
 def exit_probs(model: EarlyExitModel, part, batch_size: int = 256) -> list[torch.Tensor]:
     """Softmax outputs of every exit (the model's own head last) on every row of ``part``."""
     model.eval()
-    chunks = [[o.softmax(-1) for o in model.exit_logits(_only_input(as_tensors(inputs)))]
+    chunks = [[o.softmax(-1) for o in model.exit_logits(**as_tensors(inputs))]
               for inputs, _ in part.batches(batch_size)]
     return [torch.cat(column) for column in zip(*chunks)]
 
@@ -86,15 +81,15 @@ def exit_probs(model: EarlyExitModel, part, batch_size: int = 256) -> list[torch
 def exit_latencies_ms(model: EarlyExitModel, row: dict[str, np.ndarray], repeats: int = 50) -> list[float]:
     """Median batch-1 milliseconds of running to each exit (the model's own head last), PyTorch eager."""
     model.eval()
-    x = _only_input(as_tensors(row))
+    x = as_tensors(row)
     out = []
     for position in range(len(model.exits) + 1):
         for _ in range(5):
-            model.through(x, position)
+            model.through(position, **x)
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            model.through(x, position)
+            model.through(position, **x)
             times.append(time.perf_counter() - t0)
         out.append(float(np.median(times)) * 1e3)
     return out

@@ -249,8 +249,8 @@ def build_model(spec: ModelSpec) -> nn.Module:
         # imported here: early_exit.py imports this module
         from optforge.tasks.techniques.early_exit import EarlyExitModel
 
-        (example,) = contract.example(batch=1).values()
-        model = EarlyExitModel(model, spec.early_exit["exits"], spec.num_classes, example, spec.early_exit["threshold"])
+        model = EarlyExitModel(model, spec.early_exit["exits"], spec.num_classes, contract.example(batch=1),
+                               spec.early_exit["threshold"])
     return model
 
 

@@ -37,7 +37,7 @@ def trained():
         opt.zero_grad()
         nn.functional.cross_entropy(model(torch.as_tensor(X)), torch.as_tensor(y)).backward()
         opt.step()
-    ee = EarlyExitModel(model.eval(), None, 3, torch.as_tensor(X[:1]))
+    ee = EarlyExitModel(model.eval(), None, 3, {"input": torch.as_tensor(X[:1])})
     before = [p.detach().clone() for p in model.parameters()]
     train_heads(ee, table_part(X, y), EarlyExitConfig())
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the backbone was frozen
@@ -47,12 +47,12 @@ def trained():
 def test_blocks_of_zoo_models_and_a_clear_error_for_others():
     assert len(blocks_of(MLP(8, 3, (16, 16, 16))).blocks) == 3
     cnn = blocks_of(SmallCNN((1, 8, 8), 3, (4, 8)))
-    assert len(cnn.blocks) == 2 and cnn.pooled
+    assert len(cnn.blocks) == 2 and isinstance(cnn.head(8, 3)[0], nn.AdaptiveAvgPool2d)
     assert len(blocks_of(DSCNN((1, 8, 8), 3, (4, 8, 8))).blocks) == 3  # the stem, then each separable block whole
-    with pytest.raises(ValueError, match="early_exit: cannot see blocks in a Sequential"):
+    with pytest.raises(ValueError, match="early_exit: cannot see blocks in a Sequential; exit heads go on"):
         blocks_of(nn.Sequential(nn.Linear(4, 2)))
     with pytest.raises(ValueError, match=r"compress.early_exit.exits: \[2\] must name blocks 0..1"):
-        EarlyExitModel(MLP(8, 3, (16, 16, 16)), [2], 3, torch.zeros(1, 8))
+        EarlyExitModel(MLP(8, 3, (16, 16, 16)), [2], 3, {"input": torch.zeros(1, 8)})
 
 
 def test_a_confident_sample_leaves_early_and_answers_do_not_depend_on_the_batch(trained):
@@ -62,9 +62,9 @@ def test_a_confident_sample_leaves_early_and_answers_do_not_depend_on_the_batch(
     where = first_confident(probs, 0.9)
     assert (where == 0).any() and (where == len(probs) - 1).any()  # some leave at the first head, some run to the end
     with torch.inference_mode():
-        batched = ee(torch.as_tensor(X))
-        one_by_one = torch.cat([ee(torch.as_tensor(X[i:i + 1])) for i in range(len(X))])
-        exit_logits = ee.exit_logits(torch.as_tensor(X))
+        batched = ee(input=torch.as_tensor(X))
+        one_by_one = torch.cat([ee(input=torch.as_tensor(X[i:i + 1])) for i in range(len(X))])
+        exit_logits = ee.exit_logits(input=torch.as_tensor(X))
     torch.testing.assert_close(batched, one_by_one)
     chosen = torch.stack(exit_logits)[where, torch.arange(len(X))]
     torch.testing.assert_close(batched, chosen)  # each answer is its first confident exit's logits
@@ -84,7 +84,7 @@ def test_the_exported_onnx_model_routes_like_pytorch(trained, tmp_path):
     for batch in (X[:1], X[5:6], X[:64]):
         (got,) = session.run(None, rows(batch))
         with torch.inference_mode():
-            np.testing.assert_allclose(got, ee(torch.as_tensor(batch)).numpy(), rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(got, ee(input=torch.as_tensor(batch)).numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_a_cnn_with_pooled_exit_heads_exports_with_parity(tmp_path):
@@ -92,9 +92,32 @@ def test_a_cnn_with_pooled_exit_heads_exports_with_parity(tmp_path):
 
     torch.manual_seed(0)
     x = torch.randn(6, 64)
-    ee = EarlyExitModel(DSCNN((1, 8, 8), 3, (4, 8, 8)).eval(), None, 3, x[:1], threshold=0.4).eval()
+    ee = EarlyExitModel(DSCNN((1, 8, 8), 3, (4, 8, 8)).eval(), None, 3, {"input": x[:1]}, threshold=0.4).eval()
     path = export_onnx(ee, table_contract(64, 3, (1, 8, 8)), tmp_path / "cnn.onnx", ExportConfig())
     assert max_abs_diff(ee, path, rows(x.numpy())) < 1e-5
+
+
+def test_a_bert_exits_after_its_layers_and_exports_its_routing(tmp_path):
+    from optforge.tasks.techniques.contract import text_contract
+    from optforge.tasks.techniques.onnx_export import max_abs_diff
+    from tests.techniques.helpers import tiny_bert
+
+    bert = tiny_bert(layers=3)
+    contract = text_contract(16, 3, {})
+    ids = torch.randint(5, 60, (8, 16))
+    mask = torch.ones_like(ids)
+    mask[4:, 10:] = 0  # padded rows: the additive mask must reach every layer
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    ee = EarlyExitModel(bert, None, 3, inputs).eval()
+    assert ee.exits == [0, 1]
+    with torch.inference_mode():  # the cut model is the model: its own head's logits are BERT's
+        torch.testing.assert_close(ee.exit_logits(**inputs)[-1], bert(**inputs).logits, rtol=1e-4, atol=1e-5)
+        ee.threshold.fill_(0.34)  # three classes: some rows are sure enough at the first head, some not
+        probs = [o.softmax(-1) for o in ee.exit_logits(**inputs)]
+        where = first_confident(probs, 0.34)
+        torch.testing.assert_close(ee(**inputs), torch.stack(ee.exit_logits(**inputs))[where, torch.arange(8)])
+    path = export_onnx(ee, contract, tmp_path / "bert.onnx", ExportConfig())
+    assert max_abs_diff(ee, path, {k: v.numpy() for k, v in inputs.items()}) < 1e-4
 
 
 def test_the_curve_and_the_chosen_threshold(trained):
