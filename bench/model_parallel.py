@@ -7,7 +7,8 @@ once per strategy, and prints what the workers themselves report after the last 
 - ``params/worker``: parameters a worker holds (a slice under fsdp);
 - ``state MB/worker``: bytes of parameters + gradients + AdamW's two moments a worker holds during a step;
 - ``peak RSS MB``: the workers' resident-set high-water marks (``ru_maxrss``), rank 0 / the other rank.
-  Rank 0 also receives the whole model and optimizer state for each epoch's checkpoint (both strategies);
+  Rank 0 also receives the whole model for each epoch's checkpoint (both strategies; fsdp saves the
+  optimizer state as per-rank shards, DDP's rank 0 saves its own whole copy);
 - ``samples/s``: training throughput of the last epoch, both workers together (checkpointing excluded).
 
 On CPU with gloo, fsdp's price is time: per step it gathers every unit's weights (twice with resharding)

@@ -12,6 +12,7 @@ import copy
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import ray
@@ -27,9 +28,9 @@ from optforge.tasks.techniques.models import ModelSpec, build_model, save_model
 from optforge.tasks.techniques.sampling import MixingSampler
 from optforge.tasks.techniques.sharding import (
     full_model_state,
-    full_optimizer_state,
-    load_full_optimizer_state,
+    load_optimizer_shards,
     reshard,
+    save_optimizer_shards,
     shard_model,
     worker_memory,
 )
@@ -42,6 +43,8 @@ from optforge.tasks.techniques.training import (
     train_epoch,
 )
 from optforge.tasks.worker_common import CKPT_FILE, ERROR_FILE, WorkerConfig, make_loader, mlflow_logger, train_dataset
+
+OPT_SHARDS = "optimizer_shards"  # fsdp: every rank's slice of the optimizer state, beside rank 0's CKPT_FILE
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -61,7 +64,8 @@ def train_loop_per_worker(config: dict) -> None:
     if worker.init_path:  # fine-tuning: before DDP, which broadcasts rank 0's weights
         apply_init(base, load_init_state(worker.init_path, spec, cfg.init_from))
     # Resumed weights go into the whole model before it is wrapped: fsdp then shards them.
-    state = _restored_state(device)
+    restored = ray.train.get_checkpoint()
+    state = _read_state(restored, device)
     if state:
         base.load_state_dict(state["model"])
     averaging, sharded = cfg.strategy == "model_averaging", cfg.strategy == "fsdp"
@@ -90,10 +94,11 @@ def train_loop_per_worker(config: dict) -> None:
     stopper = EarlyStopping(cfg.patience, cfg.min_delta)
     start_epoch, done = 0, False
     if state:
-        if sharded:  # the checkpoint holds the whole optimizer state by parameter name; each rank keeps its slice
-            load_full_optimizer_state(model, opt, state["optimizer"])
-        else:
+        if not sharded:
             opt.load_state_dict(state["optimizer"])
+        elif not state["done"]:  # each rank reads its slice (and a finished run trains no more)
+            with restored.as_directory() as d:
+                load_optimizer_shards(model, opt, Path(d) / OPT_SHARDS)
         sched.load_state_dict(state["scheduler"])
         if precision.scaler and state.get("scaler"):
             precision.scaler.load_state_dict(state["scaler"])
@@ -137,10 +142,9 @@ def train_loop_per_worker(config: dict) -> None:
         # Every rank evaluates the full validation set with identical weights, so all ranks reach the
         # same early-stopping decision without another collective.
         val = evaluate(base, splits.val, device=device)
-        # fsdp: both gathers are collectives on every rank (and reshard the root unit that evaluation left
-        # gathered); rank 0 receives fresh CPU copies, the others {}.
-        model_state, opt_state = (full_model_state(model), full_optimizer_state(model, opt)) if sharded else (
-            base.state_dict(), opt.state_dict())
+        # fsdp: the gather is a collective on every rank (and reshards the root unit that evaluation left
+        # gathered); rank 0 receives a fresh CPU copy, the others {}. The optimizer state stays sharded.
+        model_state = full_model_state(model) if sharded else base.state_dict()
         if stopper.update(val["accuracy"], epoch):
             best_state = model_state if sharded else copy.deepcopy(model_state)
         metrics = {
@@ -151,11 +155,12 @@ def train_loop_per_worker(config: dict) -> None:
         }
         stop = stopper.should_stop or epoch + 1 == cfg.epochs
         state = {
-            "model": model_state, "optimizer": opt_state, "scheduler": sched.state_dict(),
+            "model": model_state, "optimizer": None if sharded else opt.state_dict(), "scheduler": sched.state_dict(),
             "scaler": precision.scaler.state_dict() if precision.scaler else None,
             "early_stopping": stopper.state_dict(), "best_model": best_state, "epoch": epoch, "done": stop,
         }
-        _report(metrics, state, rank, spec, best_state if stop else None)
+        _report(metrics, state, rank, spec, best_state if stop else None,
+                (lambda folder: save_optimizer_shards(model, opt, folder)) if sharded else None)
         if log:
             log({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
         if feed:
@@ -168,9 +173,8 @@ def train_loop_per_worker(config: dict) -> None:
         log.flush()
 
 
-def _restored_state(device) -> dict | None:
+def _read_state(checkpoint: ray.train.Checkpoint | None, device) -> dict | None:
     """The training state of the checkpoint Ray Train restores after a failure (every rank reads it), or None."""
-    checkpoint = ray.train.get_checkpoint()
     if not checkpoint:
         return None
     with checkpoint.as_directory() as d:
@@ -180,12 +184,19 @@ def _restored_state(device) -> dict | None:
     return None
 
 
-def _report(metrics: dict, state: dict, rank: int, spec: ModelSpec, final_model: dict | None) -> None:
-    """All ranks report; rank 0 attaches the checkpoint (training state, plus the best model at the end)."""
-    if rank != 0:
-        ray.train.report(metrics)
-        return
+def _report(metrics: dict, state: dict, rank: int, spec: ModelSpec, final_model: dict | None,
+            write_shards: Callable[[Path], None] | None = None) -> None:
+    """All ranks report; rank 0 attaches the checkpoint (training state, plus the best model at the end).
+
+    With ``write_shards`` (fsdp) every rank first writes its slice of the optimizer state (a collective) and
+    attaches its folder too: Ray Train uploads all ranks' folders into the same checkpoint folder.
+    """
     with tempfile.TemporaryDirectory() as d:
+        if write_shards:
+            write_shards(Path(d) / OPT_SHARDS)
+        if rank != 0:
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if write_shards else None)
+            return
         torch.save(state, Path(d) / CKPT_FILE)
         if final_model is not None:
             model = build_model(spec)
