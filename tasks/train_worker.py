@@ -1,4 +1,4 @@
-"""Ray Train data-parallel training: the per-worker loop of the ssgd and model-averaging strategies.
+"""Ray Train data-parallel training: the per-worker loop of the ssgd, model-averaging and fsdp strategies.
 
 The loop reads the data split by path (not through Ray's object store) so that workers on other
 nodes only need shared storage, checkpoints every epoch through ``ray.train.report`` so that a
@@ -12,6 +12,7 @@ import copy
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import ray
@@ -25,6 +26,14 @@ from optforge.tasks.techniques.data import load_splits
 from optforge.tasks.techniques.init_weights import apply_init, load_init_state
 from optforge.tasks.techniques.models import ModelSpec, build_model, save_model
 from optforge.tasks.techniques.sampling import MixingSampler
+from optforge.tasks.techniques.sharding import (
+    full_model_state,
+    load_optimizer_shards,
+    reshard,
+    save_optimizer_shards,
+    shard_model,
+    worker_memory,
+)
 from optforge.tasks.techniques.training import (
     EarlyStopping,
     evaluate,
@@ -34,6 +43,8 @@ from optforge.tasks.techniques.training import (
     train_epoch,
 )
 from optforge.tasks.worker_common import CKPT_FILE, ERROR_FILE, WorkerConfig, make_loader, mlflow_logger, train_dataset
+
+OPT_SHARDS = "optimizer_shards"  # fsdp: every rank's slice of the optimizer state, beside rank 0's CKPT_FILE
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -52,13 +63,26 @@ def train_loop_per_worker(config: dict) -> None:
     base = build_model(spec)
     if worker.init_path:  # fine-tuning: before DDP, which broadcasts rank 0's weights
         apply_init(base, load_init_state(worker.init_path, spec, cfg.init_from))
-    averaging = cfg.strategy == "model_averaging"
-    # ssgd: DDP all-reduces gradients every step. model_averaging: no DDP; ModelAverager all-reduces
-    # the weights every cfg.local_steps optimizer steps instead. gradient_as_bucket_view: the gradients
-    # live in DDP's buckets, which saves a copy of every gradient per step (bench/ddp_overhead.py on the
-    # teacher MLP, 2 processes vs 1: 1.44-1.52x -> 1.60-1.66x with per-tensor AdamW, 1.14x -> 1.17x fused).
-    model = ray.train.torch.prepare_model(base, parallel_strategy=None if averaging else "ddp",
-                                          parallel_strategy_kwargs={"gradient_as_bucket_view": True})
+    # Resumed weights go into the whole model before it is wrapped: fsdp then shards them.
+    restored = ray.train.get_checkpoint()
+    state = _read_state(restored, device)
+    if state:
+        base.load_state_dict(state["model"])
+    averaging, sharded = cfg.strategy == "model_averaging", cfg.strategy == "fsdp"
+    # Only rank 0 writes the final model; under fsdp the other ranks never keep a whole copy.
+    best_state = copy.deepcopy(state["best_model"] if state else base.state_dict()) if rank == 0 or not sharded else {}
+    if sharded:
+        # fsdp: FSDP2 on the process group Ray Train set up (Ray's prepare_model(parallel_strategy="fsdp")
+        # is FSDP1 and CUDA-only). Gradients are reduce-scattered on every micro-batch, accumulation
+        # included, so that a worker never holds a whole gradient (no no_sync window).
+        model = shard_model(base.to(device), cfg.fsdp_unit_params, cfg.fsdp_reshard_after_forward)
+    else:
+        # ssgd: DDP all-reduces gradients every step. model_averaging: no DDP; ModelAverager all-reduces
+        # the weights every cfg.local_steps optimizer steps instead. gradient_as_bucket_view: the gradients
+        # live in DDP's buckets, which saves a copy of every gradient per step (bench/ddp_overhead.py on the
+        # teacher MLP, 2 processes vs 1: 1.44-1.52x -> 1.60-1.66x with per-tensor AdamW, 1.14x -> 1.17x fused).
+        model = ray.train.torch.prepare_model(base, parallel_strategy=None if averaging else "ddp",
+                                              parallel_strategy_kwargs={"gradient_as_bucket_view": True})
     dataset, loss_fn = train_dataset(worker, cfg, splits, device, base)
     sampler = MixingSampler(len(splits.train), len(splits.new), cfg.mix, cfg.tail_fraction, world, rank, cfg.seed)
     loader = make_loader(dataset, sampler, cfg.batch_size, cfg.loader)
@@ -68,25 +92,20 @@ def train_loop_per_worker(config: dict) -> None:
     sched = make_scheduler(opt, cfg, steps_per_epoch)
     precision = precision_for(device, cfg.amp)
     stopper = EarlyStopping(cfg.patience, cfg.min_delta)
-    best_state = copy.deepcopy(base.state_dict())
     start_epoch, done = 0, False
-
-    checkpoint = ray.train.get_checkpoint()
-    state = None
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            # An error checkpoint (see _report_error) holds no training state: start afresh.
-            if (Path(d) / CKPT_FILE).exists():
-                state = torch.load(Path(d) / CKPT_FILE, map_location=device, weights_only=True)
     if state:
-        base.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        if not sharded:
+            opt.load_state_dict(state["optimizer"])
+        elif not state["done"]:  # each rank reads its slice (and a finished run trains no more)
+            with restored.as_directory() as d:
+                load_optimizer_shards(model, opt, Path(d) / OPT_SHARDS)
         sched.load_state_dict(state["scheduler"])
         if precision.scaler and state.get("scaler"):
             precision.scaler.load_state_dict(state["scaler"])
         stopper.load_state_dict(state["early_stopping"])
-        best_state = state["best_model"]
         start_epoch, done = state["epoch"] + 1, state["done"]
+        if sharded and rank != 0:  # loaded and sliced: only rank 0 reports whole states again
+            state = {k: v for k, v in state.items() if k not in ("model", "optimizer", "best_model")}
 
     log = mlflow_logger(worker) if rank == 0 else None
     queue = config.get("progress")  # an empty Ray queue is falsy: compare with None
@@ -94,11 +113,14 @@ def train_loop_per_worker(config: dict) -> None:
     averager = ModelAverager(base, cfg.local_steps) if averaging else None
     if averager:
         averager.average()  # start from identical weights (DDP would have broadcast them)
-    if log and start_epoch == 0:
+    if start_epoch == 0 and (log or sharded):  # a sharded forward gathers weights from every rank: all run it
         # The starting point's loss: a fresh model's ~ln(classes), a fine-tuned one's much lower.
         first = evaluate(base, splits.val, device=device)
+        if sharded:
+            reshard(model)  # evaluation leaves the root unit gathered
+    if log and start_epoch == 0:
         log({"initial_val_loss": first["loss"], "initial_val_accuracy": first["accuracy"]}, step=0)
-    no_sync = model.no_sync if world > 1 and not averaging else None
+    no_sync = model.no_sync if world > 1 and not (averaging or sharded) else None
     epoch = start_epoch - 1
     for epoch in range(start_epoch, 0 if done else cfg.epochs):
         sampler.set_epoch(epoch)
@@ -120,21 +142,25 @@ def train_loop_per_worker(config: dict) -> None:
         # Every rank evaluates the full validation set with identical weights, so all ranks reach the
         # same early-stopping decision without another collective.
         val = evaluate(base, splits.val, device=device)
+        # fsdp: the gather is a collective on every rank (and reshards the root unit that evaluation left
+        # gathered); rank 0 receives a fresh CPU copy, the others {}. The optimizer state stays sharded.
+        model_state = full_model_state(model) if sharded else base.state_dict()
         if stopper.update(val["accuracy"], epoch):
-            best_state = copy.deepcopy(base.state_dict())
+            best_state = model_state if sharded else copy.deepcopy(model_state)
         metrics = {
             "train_loss": stats["loss"], "train_accuracy": stats["accuracy"], "val_loss": val["loss"],
             "val_accuracy": val["accuracy"], "samples_per_s": stats["samples"] * world / seconds,
             "lr": sched.get_last_lr()[0], "epoch_seconds": seconds, "epoch": epoch,
-            **({"averaging_rounds": averager.rounds} if averager else {}),
+            **({"averaging_rounds": averager.rounds} if averager else {}), **worker_memory(model, opt),
         }
         stop = stopper.should_stop or epoch + 1 == cfg.epochs
         state = {
-            "model": base.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "model": model_state, "optimizer": None if sharded else opt.state_dict(), "scheduler": sched.state_dict(),
             "scaler": precision.scaler.state_dict() if precision.scaler else None,
             "early_stopping": stopper.state_dict(), "best_model": best_state, "epoch": epoch, "done": stop,
         }
-        _report(metrics, state, rank, spec, best_state if stop else None)
+        _report(metrics, state, rank, spec, best_state if stop else None,
+                (lambda folder: save_optimizer_shards(model, opt, folder)) if sharded else None)
         if log:
             log({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
         if feed:
@@ -147,12 +173,30 @@ def train_loop_per_worker(config: dict) -> None:
         log.flush()
 
 
-def _report(metrics: dict, state: dict, rank: int, spec: ModelSpec, final_model: dict | None) -> None:
-    """All ranks report; rank 0 attaches the checkpoint (training state, plus the best model at the end)."""
-    if rank != 0:
-        ray.train.report(metrics)
-        return
+def _read_state(checkpoint: ray.train.Checkpoint | None, device) -> dict | None:
+    """The training state of the checkpoint Ray Train restores after a failure (every rank reads it), or None."""
+    if not checkpoint:
+        return None
+    with checkpoint.as_directory() as d:
+        # An error checkpoint (see _report_error) holds no training state: start afresh.
+        if (Path(d) / CKPT_FILE).exists():
+            return torch.load(Path(d) / CKPT_FILE, map_location=device, weights_only=True)
+    return None
+
+
+def _report(metrics: dict, state: dict, rank: int, spec: ModelSpec, final_model: dict | None,
+            write_shards: Callable[[Path], None] | None = None) -> None:
+    """All ranks report; rank 0 attaches the checkpoint (training state, plus the best model at the end).
+
+    With ``write_shards`` (fsdp) every rank first writes its slice of the optimizer state (a collective) and
+    attaches its folder too: Ray Train uploads all ranks' folders into the same checkpoint folder.
+    """
     with tempfile.TemporaryDirectory() as d:
+        if write_shards:
+            write_shards(Path(d) / OPT_SHARDS)
+        if rank != 0:
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if write_shards else None)
+            return
         torch.save(state, Path(d) / CKPT_FILE)
         if final_model is not None:
             model = build_model(spec)

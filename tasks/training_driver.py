@@ -1,4 +1,4 @@
-"""Launching training: the Ray Train ``TorchTrainer`` (ssgd, model averaging) or the asgd actors.
+"""Launching training: the Ray Train ``TorchTrainer`` (ssgd, model averaging, fsdp) or the asgd actors.
 
 The train and distill stages call ``run_training`` with one ``WorkerConfig``; it builds the shared
 augmentation cache once, picks the strategy's launcher, waits, and copies the best model out of the
@@ -58,7 +58,7 @@ def run_training(worker: WorkerConfig, storage: Path, name: str, out_dir: Path) 
 
 
 def _fit(worker: WorkerConfig, storage: Path, name: str, out_dir: Path, progress_queue) -> dict:
-    """ssgd and model averaging: Ray Train's ``TorchTrainer``, resuming from ``name``'s newest checkpoint."""
+    """ssgd, model averaging and fsdp: Ray Train's ``TorchTrainer``, resuming from ``name``'s newest checkpoint."""
     from ray.train.torch import TorchTrainer
 
     cfg = worker.train_cfg

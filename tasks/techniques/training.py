@@ -14,7 +14,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from optforge.tasks.techniques.config import TechniqueConfig
@@ -45,12 +45,19 @@ class TrainConfig(TechniqueConfig):
     seed: int = Field(0, description="seed of weight init and data order")
     storage_path: str | None = Field(None, description="Ray Train storage (shared on a cluster); default <workdir>/ray")
     # How workers combine their work (see README "Training strategies").
-    strategy: Literal["ssgd", "model_averaging", "asgd"] = Field(
+    strategy: Literal["ssgd", "model_averaging", "asgd", "fsdp"] = Field(
         "ssgd", description="ssgd: synchronous DDP; model_averaging: local SGD, average every local_steps; "
-        "asgd: asynchronous SGD through a Ray-actor parameter server")
+        "asgd: asynchronous SGD through a Ray-actor parameter server; fsdp: fully sharded data parallel, each "
+        "worker holds 1/num_workers of the weights, gradients and optimizer state (for models too big per worker)")
     local_steps: int = Field(8, ge=1, description="model_averaging: optimizer steps each worker takes between averages")
     staleness_bound: int = Field(4, ge=0, description="asgd: drop a gradient computed on weights more than this many "
                                  "server updates old")
+    fsdp_unit_params: int = Field(1_000_000, ge=1, description="fsdp: a submodule with at least this many parameters "
+                                  "(not in a smaller unit) is gathered whole only while it runs; the rest go with "
+                                  "the root. Smaller: lower peak memory, more messages per step")
+    fsdp_reshard_after_forward: bool = Field(True, description="fsdp: free each unit's gathered weights after its "
+                                             "forward and gather them again for backward (least memory); false keeps "
+                                             "them until backward: one gather fewer per step, whole weights held meanwhile")
     init_from: str | None = Field(None, description="fine-tune from runs:/RUN/model, models:/NAME@ALIAS (or /VERSION), "
                                   "or a local model folder (model.pt + model.json)")
     kl_weight: float = Field(0.0, ge=0, le=1, description="with init_from: weight of KL(original model || adapted model) "
@@ -61,6 +68,18 @@ class TrainConfig(TechniqueConfig):
     tail_fraction: float = Field(0.25, gt=0, le=1, description="mix=tail: share of each epoch (at its end) that the new "
                                  "samples are mixed into")
     loader: LoaderConfig = Field(default_factory=LoaderConfig, description="DataLoader settings and the data cache")
+
+    @model_validator(mode="after")
+    def _fsdp_combinations(self):
+        if self.strategy == "fsdp" and self.num_workers < 2:
+            raise ValueError("train.num_workers: strategy=fsdp shards the model across workers and needs at least 2; "
+                             "with one worker use strategy=ssgd")
+        if self.strategy == "fsdp" and self.optimizer in ("lamb", "lars"):
+            # Their layer-wise trust ratio needs each whole weight's norm; on a DTensor shard pytorch-optimizer's
+            # step fails (aten.clamp_ on a partial norm, torch 2.13).
+            raise ValueError(f"train.optimizer: {self.optimizer} scales each layer's step by its whole weight's norm, "
+                             "which a worker holding a shard does not have; with strategy=fsdp use sgd or adamw")
+        return self
 
 
 # Explicit dispatch: optimizer name -> builder(params, cfg). LAMB and LARS come from the maintained
@@ -213,7 +232,13 @@ def all_finite(tensors) -> bool:
 
 
 def _grads_finite(model: nn.Module) -> bool:
-    return all_finite(p.grad for p in model.parameters() if p.grad is not None)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not any(hasattr(g, "to_local") for g in grads):
+        return all_finite(grads)
+    # fsdp: each rank holds slices of the gradients; it checks its own, then all ranks agree.
+    from optforge.tasks.techniques.sharding import all_ranks_agree, local
+
+    return all_ranks_agree(all_finite(local(g) for g in grads))
 
 
 def _to(value, device):
@@ -221,9 +246,18 @@ def _to(value, device):
     return to_device(value, device) if isinstance(value, dict) else value.to(device)
 
 
-@torch.inference_mode()
 def evaluate(model: nn.Module, part, batch_size: int = 256, device="cpu") -> dict[str, float]:
-    """Mean cross-entropy and accuracy (%) over the whole of ``part`` (a data split), read a batch at a time."""
+    """Mean cross-entropy and accuracy (%) over the whole of ``part`` (a data split), read a batch at a time.
+
+    Under ``inference_mode``, except for an fsdp-sharded model: FSDP2 would allocate its all-gather buffers
+    as inference tensors and fail when training reuses them ("Inplace update to inference tensor").
+    """
+    sharded = any(hasattr(p, "to_local") for p in model.parameters())
+    with torch.no_grad() if sharded else torch.inference_mode():
+        return _evaluate(model, part, batch_size, device)
+
+
+def _evaluate(model: nn.Module, part, batch_size: int, device) -> dict[str, float]:
     from optforge.tasks.techniques.metrics import top1_accuracy
 
     model.eval()
