@@ -6,9 +6,10 @@ runner splits a batch over them. Untuned, the CPU kernels are plain loop nests: 
 they ran 60-200x slower than ONNX Runtime. MetaSchedule's trials (measured schedules) close most of that
 gap, at a cost of about a minute per 64 trials here, so the engine is off by default.
 
-Two workarounds for apache-tvm 0.27 live here (see ``_light_intrinsics``): its tensor-intrinsic
-package takes 15-40 s to import, and the tuner and every builder process import it. The ``tvm``
-package is optional (``pip install 'optforge[tvm]'``) and imported only inside functions.
+A workaround for apache-tvm 0.27 lives here (``_light_intrinsics``): its tensor-intrinsic package takes
+15-40 s to import, and the tuner and every builder process import it. Another is in pyproject.toml:
+apache-tvm-ffi 0.1.15 segfaults in the JSON serialization tuning relies on, so it is held below. The
+``tvm`` package is optional (``pip install 'optforge[tvm]'``) and imported only inside functions.
 """
 
 from __future__ import annotations
