@@ -15,6 +15,7 @@ apache-tvm-ffi 0.1.15 segfaults in the JSON serialization tuning relies on, so i
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import tempfile
 import time
@@ -181,6 +182,11 @@ def _tune(mod, target, cfg: TvmConfig, work_dir: Path):
 
     from tvm.s_tir import meta_schedule as ms
 
+    console = logging.getLogger("tvm.s_tir.meta_schedule")
+    if console.level == logging.NOTSET:
+        # MetaSchedule sizes its console handler by this logger's level (its per-task tables fill a
+        # pipeline's output otherwise); the full log still goes to work_dir/logs.
+        console.setLevel(logging.WARNING)
     tasks = ms.relax_integration.extract_tasks(mod, target)
     # Per round, each kernel gets an equal share, so a small budget still reaches every kernel (the
     # default of 64 per round spends 64 trials on the first kernel alone).
