@@ -1,4 +1,4 @@
-"""Inference-engine variants built from the FP32 ONNX model (static INT8, FP16, TensorRT, PyTorch GPU).
+"""Inference-engine variants built from the FP32 ONNX model (static INT8, FP16, TensorRT, TVM, PyTorch GPU).
 
 The optimize flow calls ``engine_variants`` after export and quantize; every stage goes through the
 flow's StageRunner, so it is cached, tagged and timed like the others.
@@ -16,6 +16,7 @@ from optforge.tasks.techniques.fp16 import Fp16Config
 from optforge.tasks.techniques.static_quant import StaticQuantConfig
 from optforge.tasks.techniques.tensorrt_engine import TensorRTConfig, environment
 from optforge.tasks.techniques.torch_gpu import TorchGpuConfig, cuda_unavailable_reason, gpu_variants
+from optforge.tasks.techniques.tvm_engine import TvmConfig
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,7 @@ class EnginesConfig(TechniqueConfig):
     static_int8: StaticQuantConfig = Field(default_factory=StaticQuantConfig, description="ONNX Runtime static INT8 (QDQ)")
     fp16: Fp16Config = Field(default_factory=Fp16Config, description="FP16 ONNX, for GPU runtimes")
     tensorrt: TensorRTConfig = Field(default_factory=TensorRTConfig, description="TensorRT FP16/INT8 engines (needs CUDA)")
+    tvm: TvmConfig = Field(default_factory=TvmConfig, description="Apache TVM CPU libraries, tuned by MetaSchedule")
     torch_gpu: TorchGpuConfig = Field(default_factory=TorchGpuConfig, description="PyTorch FP16/BF16/compile on CUDA")
 
 
@@ -33,14 +35,15 @@ def engine_variants(cfg: EnginesConfig, onnx_fp32: ModelRef, baseline: ModelRef,
                     stage) -> list[ModelRef]:
     """Run the engine stages through ``stage`` (the flow's StageRunner); return their variants.
 
-    TensorRT variants come back as format "skipped" where CUDA or tensorrt is missing, so the
-    summary shows why they are absent. PyTorch GPU variants need no build step: without CUDA they
+    TensorRT variants come back as format "skipped" where CUDA or tensorrt is missing, and the TVM one
+    where tvm is missing or its ONNX frontend cannot take the graph, so the summary shows why they are absent. PyTorch GPU variants need no build step: without CUDA they
     are left out and the reason is a tag on the pipeline run.
     """
     # The task shells import Prefect and MLflow; flows.params imports this module for EnginesConfig alone.
     from optforge.tasks.fp16 import convert_to_fp16
     from optforge.tasks.quantize_static import quantize_static
     from optforge.tasks.tensorrt import build_engines
+    from optforge.tasks.tvm import compile_tvm
 
     variants: list[ModelRef] = []
     if cfg.static_int8.enabled:
@@ -50,6 +53,8 @@ def engine_variants(cfg: EnginesConfig, onnx_fp32: ModelRef, baseline: ModelRef,
     if cfg.tensorrt.enabled and cfg.tensorrt.precisions:
         variants += stage(build_engines, cfg=cfg.tensorrt, quant_cfg=cfg.static_int8, fp16_cfg=cfg.fp16,
                           onnx_model=onnx_fp32, data=data, workdir=workdir, environment=environment())
+    if cfg.tvm.enabled:
+        variants.append(stage(compile_tvm, cfg=cfg.tvm, onnx_model=onnx_fp32, data=data, workdir=workdir))
     if cfg.torch_gpu.enabled:
         variants += torch_gpu_variants(cfg.torch_gpu, baseline)
     return variants

@@ -21,6 +21,7 @@ from optforge.tasks.techniques.contract import InputContract
 from optforge.tasks.techniques.fusion import unsupported_reason
 from optforge.tasks.techniques.model_source import check_runs
 from optforge.tasks.techniques.models import HUGGINGFACE, ONNX, ModelSpec, build_model, count_params
+from optforge.tasks.techniques.tvm_engine import unavailable_reason as tvm_unavailable
 
 
 @dataclass(frozen=True)
@@ -203,6 +204,9 @@ def plan(cfg: PipelineConfig, contract: InputContract, data_name: str) -> Plan:
     if m.arch == ONNX:
         skipped["train"] = "model.arch=onnx: the given ONNX model is the FP32 baseline; nothing to train or export"
         skipped["torch_gpu"] = "model.arch=onnx: no PyTorch model to run on CUDA"
+    if cfg.engines.tvm.enabled and (reason := tvm_unavailable()):
+        skipped["tvm"] = reason
+        updates["engines"] = cfg.engines.model_copy(update={"tvm": cfg.engines.tvm.model_copy(update={"enabled": False})})
     register = {}
     if not cfg.register.model_name:
         register["model_name"] = registry_name(cfg, data_name)

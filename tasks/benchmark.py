@@ -80,6 +80,15 @@ def _tensorrt(ref: ModelRef, cfg: BenchmarkConfig, scratch: Path) -> Loaded:
     return Loaded(EngineRunner(ref.path), size_mb(ref.path), count_params_onnx(ref.info["source_onnx"]), settings)
 
 
+def _tvm(ref: ModelRef, cfg: BenchmarkConfig, scratch: Path) -> Loaded:
+    """TVM libraries run by the Relax VM with the benchmark's thread count; size: the libraries, weights inside."""
+    from optforge.tasks.techniques.tvm_engine import TvmRunner, library_mb
+
+    settings = {k: str(v) for k, v in ref.info.get("build", {}).items()} | {"threads": cfg.threads}
+    return Loaded(TvmRunner(ref.path, cfg.threads), library_mb(ref.path), count_params_onnx(ref.info["source_onnx"]),
+                  settings)
+
+
 def _torch_cuda(ref: ModelRef, cfg: BenchmarkConfig, scratch: Path) -> Loaded:
     from optforge.tasks.techniques.torch_gpu import device_predictor
 
@@ -92,7 +101,8 @@ def _torch_cuda(ref: ModelRef, cfg: BenchmarkConfig, scratch: Path) -> Loaded:
 
 
 # Explicit dispatch on the artifact format.
-LOADERS = {Format.TORCH: _torch, Format.ONNX: _onnx, Format.TENSORRT: _tensorrt, Format.TORCH_CUDA: _torch_cuda}
+LOADERS = {Format.TORCH: _torch, Format.ONNX: _onnx, Format.TENSORRT: _tensorrt, Format.TVM: _tvm,
+           Format.TORCH_CUDA: _torch_cuda}
 
 
 def load_variant(ref: ModelRef, cfg: BenchmarkConfig, scratch: Path) -> Loaded:

@@ -25,10 +25,11 @@ NOT_IN_KEY = frozenset({"parent_run_id"})
 
 # Libraries whose upgrade can change what a stage produces (weights, graphs, quantized models, timings).
 KEYED_LIBRARIES = ("torch", "numpy", "onnx", "onnxruntime", "onnxscript", "transformers", "torch-pruning",
-                   "scikit-learn", "tensorrt", "tensorrt-cu12")
+                   "scikit-learn", "tensorrt", "tensorrt-cu12", "apache-tvm", "apache-tvm-ffi")
 
-# Stages whose output is a property of the hardware they ran on: timings, and engines built for one GPU.
-MACHINE_BOUND = frozenset({"benchmark", "build_engine"})
+# Stages whose output is a property of the hardware they ran on: timings, engines built for one GPU, and TVM
+# libraries compiled for (and tuned on) one CPU.
+MACHINE_BOUND = frozenset({"benchmark", "build_engine", "compile_tvm"})
 
 
 @lru_cache(maxsize=1)

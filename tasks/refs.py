@@ -54,6 +54,7 @@ class Format(str, Enum):
     TORCH = "torch"  # a model folder: model.pt + model.json
     ONNX = "onnx"  # an .onnx file
     TENSORRT = "tensorrt"  # a serialized engine (needs CUDA)
+    TVM = "tvm"  # a folder of TVM libraries, one per static batch size, built for one CPU
     TORCH_CUDA = "torch_cuda"  # the baseline's folder, run by PyTorch on CUDA
     SKIPPED = "skipped"  # could not be built here; ``info["skip_reason"]`` says why
 

@@ -1,22 +1,20 @@
 """Prefect task: TensorRT engines (trt_fp16, trt_int8) with parity against ONNX Runtime, or a recorded skip.
 
-Without CUDA or the ``tensorrt`` package the stage completes with a "skipped" variant per engine: the
-reason goes to the MLflow run (tag ``optforge.skipped``), to the Prefect state's message, and through
-the benchmark into the summary table. It never fails the pipeline for a missing GPU.
+Without CUDA or the ``tensorrt`` package the stage completes with a "skipped" variant per engine
+(``tasks.skipping``): it never fails the pipeline for a missing GPU.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import mlflow
 from prefect.states import Completed
 
-from optforge.tasks.benchmark import SKIPPED
 from optforge.tasks.caching import stage_dir, stage_task
 from optforge.tasks.refs import DataRef, Format, ModelRef, file_sha256
+from optforge.tasks.skipping import skipped_variants
 from optforge.tasks.techniques.data import load_splits
 from optforge.tasks.techniques.fp16 import Fp16Config, convert_fp16
 from optforge.tasks.techniques.static_quant import StaticQuantConfig, quantize_static_int8, scaled_calibration
@@ -36,18 +34,6 @@ def _int8_for_tensorrt(cfg: StaticQuantConfig) -> StaticQuantConfig:
                                         "per_channel": True})
 
 
-def _skip(reason: str, names: list[str], out: Path, onnx_model: ModelRef, run_id: str):
-    mlflow.set_tag("optforge.skipped", reason)
-    marker = out / "skipped.json"
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = marker.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"reason": reason, "variants": names}, indent=2))
-    tmp.replace(marker)
-    info = {"skip_reason": reason, "source_onnx": onnx_model.path}
-    refs = [ModelRef(n, SKIPPED, str(marker), file_sha256(marker), run_id, info) for n in names]
-    return Completed(message=f"skipped {', '.join(names)}: {reason}", data=refs)
-
-
 @stage_task("build_engine")
 def build_engines(cfg: TensorRTConfig, quant_cfg: StaticQuantConfig, fp16_cfg: Fp16Config, onnx_model: ModelRef,
                   data: DataRef, workdir: str, environment: str, parent_run_id: str | None):
@@ -63,7 +49,7 @@ def build_engines(cfg: TensorRTConfig, quant_cfg: StaticQuantConfig, fp16_cfg: F
     with child_run(parent_run_id, "build_engine", params={"tensorrt": cfg.to_dict()}, tags=tags) as run:
         reason = unavailable_reason()
         if reason:
-            return _skip(reason, names, out, onnx_model, run.info.run_id)
+            return skipped_variants(reason, names, out, onnx_model, run.info.run_id)
         splits = load_splits(data.path)
         sources = {}
         if "fp16" in cfg.precisions:

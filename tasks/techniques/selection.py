@@ -7,8 +7,8 @@ Pure functions over metric dicts, so every rule is tested on hand-made numbers. 
    ``relative``; never below ``min_accuracy``) and, where set, its latency is at most
    ``max_latency_ms``, its speed-up over the baseline at least ``min_speedup`` and its size at most
    ``max_size_mb``.
-2. Portability. Only ``torch`` and ``onnx`` variants can be registered: an engine (TensorRT, ...)
-   runs only on the GPU model and library version that built it.
+2. Portability. Only ``torch`` and ``onnx`` variants can be registered: an engine (TensorRT, TVM, ...)
+   runs only on the GPU or CPU model and library version that built it.
 3. Pareto. Of the variants passing 1 and 2, those dominated by another such variant on (accuracy,
    latency, size) are dropped. (A variant that dominates one meeting the goals meets them too.)
 4. Rank. The best of the rest by ``rank_by``; ties go to higher accuracy, then smaller size, then name.

@@ -65,3 +65,13 @@ def test_hidden_state_distillation_of_a_non_transformer_is_skipped_before_traini
 def test_cross_layer_sharing_between_non_transformers_is_skipped_with_the_reason():
     result = plan(load_config(None, ["compress.distill.share_layers=2"]), table_contract(64, 10), "digits")
     assert DISTILL_CHAINS <= set(result.skipped) and "share_layers shares the layers" in result.skipped["distill"]
+
+
+def test_tvm_enabled_without_the_package_is_skipped_before_training(monkeypatch):
+    import optforge.flows.plan as planning
+
+    monkeypatch.setattr(planning, "tvm_unavailable", lambda: "the apache-tvm package is not installed")
+    cfg = load_config(None, ["engines.tvm.enabled=true"])
+    result = plan(cfg, table_contract(64, 10, (1, 8, 8)), "digits")
+    assert result.skipped["tvm"] == "the apache-tvm package is not installed" and not result.cfg.engines.tvm.enabled
+    assert "tvm" not in plan(load_config(None, []), table_contract(64, 10, (1, 8, 8)), "digits").skipped  # off by default

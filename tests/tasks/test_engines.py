@@ -1,4 +1,4 @@
-"""Engine stages against a real MLflow store: static INT8, FP16, the TensorRT skip path, and their benchmark."""
+"""Engine stages against a real MLflow store: static INT8, FP16, TVM, the TensorRT skip path, and their benchmark."""
 
 import math
 
@@ -22,8 +22,11 @@ from optforge.tasks.techniques.models import ModelConfig, ModelSpec, build_model
 from optforge.tasks.techniques.onnx_export import ExportConfig
 from optforge.tasks.techniques.static_quant import StaticQuantConfig
 from optforge.tasks.techniques.tensorrt_engine import TensorRTConfig, environment, unavailable_reason
+from optforge.tasks.techniques.tvm_engine import TvmConfig
+from optforge.tasks.techniques.tvm_engine import unavailable_reason as tvm_unavailable
 from optforge.tasks.tensorrt import _int8_for_tensorrt, build_engines
 from optforge.tasks.tracking import configure
+from optforge.tasks.tvm import compile_tvm
 
 FAST_BENCH = BenchmarkConfig(warmup=2, iters_b1=10, iters_batch=2)
 NO_GPU = pytest.mark.skipif(unavailable_reason() is None, reason="CUDA and tensorrt present: engines get built, not skipped")
@@ -116,13 +119,16 @@ def test_engine_variants_follow_the_config(exported):
         out = task.fn(**kwargs, parent_run_id=pid)
         return out.result() if isinstance(out, State) else out
 
-    cfg = EnginesConfig.from_dict({"fp16": {"enabled": False}, "tensorrt": {"precisions": ["int8"]}})
-    names = [v.name for v in engine_variants(cfg, onnx_ref, torch_ref, data, work, stage)]
+    cfg = EnginesConfig.from_dict({"fp16": {"enabled": False}, "tensorrt": {"precisions": ["int8"]},
+                                   "tvm": {"enabled": True, "trials": 0, "batch_sizes": [1]}})
+    variants = engine_variants(cfg, onnx_ref, torch_ref, data, work, stage)
+    names = [v.name for v in variants]
     gpu = ["pytorch_fp16_cuda", "pytorch_bf16_cuda", "pytorch_fp16_compile_cuda"] if torch.cuda.is_available() else []
-    assert names == ["onnx_int8_static", "trt_int8", *gpu]
+    assert names == ["onnx_int8_static", "trt_int8", "tvm_llvm", *gpu]
+    assert variants[2].format == (Format.SKIPPED if tvm_unavailable() else Format.TVM)
     if not gpu:
         assert "CUDA is not available" in mlflow.get_run(pid).data.tags["optforge.torch_gpu.skipped"]
-    none = EnginesConfig.from_dict({k: {"enabled": False} for k in ("static_int8", "fp16", "tensorrt", "torch_gpu")})
+    none = EnginesConfig.from_dict({k: {"enabled": False} for k in ("static_int8", "fp16", "tensorrt", "tvm", "torch_gpu")})
     assert engine_variants(none, onnx_ref, torch_ref, data, work, stage) == []
 
 
@@ -149,4 +155,36 @@ def test_engines_config_round_trips_through_yaml():
 
     cfg = EnginesConfig.from_dict({"static_int8": {"method": "percentile"}, "tensorrt": {"precisions": ["fp16"]}})
     assert EnginesConfig.from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict()))) == cfg
-    assert set(EnginesConfig().to_dict()) == {"static_int8", "fp16", "tensorrt", "torch_gpu"}
+    assert set(EnginesConfig().to_dict()) == {"static_int8", "fp16", "tensorrt", "tvm", "torch_gpu"}
+
+
+@pytest.mark.skipif(tvm_unavailable() is not None, reason=f"{tvm_unavailable()}")
+def test_tvm_variant_is_compiled_logged_and_benchmarked_beside_onnx(exported, store):
+    pid, data, _, onnx_ref, work = exported
+    client = MlflowClient(store[0])
+    state = compile_tvm.fn(TvmConfig(enabled=True, trials=0, batch_sizes=(1, 8)), onnx_ref, data, work, pid)
+    assert isinstance(state, State) and state.message.startswith("compiled tvm_llvm (untuned")
+    ref = state.result()
+    assert (ref.name, ref.format) == ("tvm_llvm", Format.TVM) and ref.info["parity"]["max_abs_diff"] < 1e-3
+    (run,) = _children(client, pid, "compile_tvm")
+    m = run.data.metrics
+    assert m["compile_s"] > 0 and m["tune_s"] == 0 and m["trials"] == 0 and m["parity_top1_agreement"] == 1.0
+    assert run.data.params["tvm.batch_sizes"] == "[1, 8]" and run.data.tags["optforge.tvm.version"].startswith("0.27")
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "tvm")} == {
+        "tvm/tvm.json", "tvm/model_b1.so", "tvm/model_b8.so"}
+
+    results = {r.name: r.metrics for r in benchmark.fn(FAST_BENCH, [onnx_ref, ref], data, pid)}
+    assert abs(results["tvm_llvm"]["accuracy"] - results["onnx_fp32"]["accuracy"]) < 0.5
+    assert results["tvm_llvm"]["latency_ms_p50_b1"] > 0 and results["tvm_llvm"]["throughput_sps_b64"] > 0
+    assert results["tvm_llvm"]["size_mb"] > 0 and results["tvm_llvm"]["params"] == results["onnx_fp32"]["params"]
+
+
+def test_tvm_without_the_package_is_a_skipped_variant_with_the_reason(exported, store, monkeypatch):
+    import optforge.tasks.tvm as stage
+
+    pid, data, _, onnx_ref, work = exported
+    monkeypatch.setattr(stage, "unavailable_reason", lambda: "no tvm here")
+    ref = compile_tvm.fn(TvmConfig(enabled=True), onnx_ref, data, work, pid).result()
+    assert (ref.name, ref.format, ref.info["skip_reason"]) == ("tvm_llvm", Format.SKIPPED, "no tvm here")
+    (run,) = _children(MlflowClient(store[0]), pid, "compile_tvm")
+    assert run.data.tags["optforge.skipped"] == "no tvm here"
