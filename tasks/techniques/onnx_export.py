@@ -94,6 +94,7 @@ def export_onnx(model: nn.Module, contract: InputContract, path: str | Path, cfg
             f"converter could not lower it); opset >= {_NATIVE_OPSET} always works"
         )
     _drop_initializer_value_info(proto)
+    _drop_stack_traces(proto.graph)
     if _shares_parameters(model):
         proto = _dedupe_initializers(proto)
     try:
@@ -229,6 +230,23 @@ def _drop_initializer_value_info(model: onnx.ModelProto) -> None:
     keep = [vi for vi in model.graph.value_info if vi.name not in weights]
     del model.graph.value_info[:]
     model.graph.value_info.extend(keep)
+
+
+STACK_TRACE = "pkg.torch.onnx.stack_trace"  # the dynamo exporter's per-node Python stack: debugging only
+
+
+def _drop_stack_traces(graph: onnx.GraphProto) -> None:
+    """Remove the exporter's per-node stack traces, in control-flow branches too. They are debugging
+    notes, not the model, yet they weighed 0.8 MB of a 5.8 MB BERT file and 17.4 MB of its early-exit
+    export, where every nested ``If`` branch repeats the stack of the ``torch.cond`` calls above it."""
+    for node in graph.node:
+        keep = [p for p in node.metadata_props if p.key != STACK_TRACE]
+        if len(keep) != len(node.metadata_props):
+            del node.metadata_props[:]
+            node.metadata_props.extend(keep)
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                _drop_stack_traces(attr.g)
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

@@ -166,7 +166,7 @@ def exit_tables(data: ReportData) -> list[tuple[str, list[str], list[list[str]]]
     """Per early-exit stage: a title, headers and rows of its accuracy-latency curve (validation split)."""
     tables = []
     for name, record in data.exit_curves.items():
-        exits = [f"block {b}" for b in record["exit_blocks"]] + ["head"]
+        exits = [f"after block {b}" for b in record["exit_blocks"]] + ["at the head"]
         headers = ["threshold", "val accuracy %", "expected b1 ms (PyTorch)", *(f"share {e}" for e in exits)]
         chosen = record["chosen"]["threshold"]
         rows = [[("full" if r["threshold"] > 1 else f"{r['threshold']:g}") + (" (chosen)" if r["threshold"] == chosen

@@ -102,6 +102,7 @@ def test_an_early_exit_curve_is_a_table_with_the_chosen_threshold_marked(tmp_pat
              "test": {"accuracy": 96.5, "shares": [0.45, 0.55]}}
     files = write_report(replace(_data(), exit_curves={"early_exit": curve}), tmp_path)
     text = files.markdown.read_text()
+    assert "| share after block 0 | share at the head |" in text
     assert "## Early exit: early_exit (test split at the chosen threshold: 96.50% accuracy, shares 45%, 55%)" in text
     assert "| 0.9 (chosen) | 97.00 | 0.6 | 50% | 50% |" in text and "| full | 97.50 | 1 | 0% | 100% |" in text
     assert "0.9 (chosen)" in files.html.read_text()
