@@ -71,12 +71,10 @@ def _log_exits(val_curve: list[dict], pick: dict, how: str, test_row: dict, late
 
 
 def _plot(rows: list[dict], pick: dict):
-    import matplotlib
+    from matplotlib.figure import Figure  # the object API, as the report uses: no pyplot global state
 
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.subplots()
     ax.plot([r["expected_latency_ms"] for r in rows], [r["accuracy"] for r in rows], "o-")
     for r in rows:
         ax.annotate("full" if r["threshold"] == NEVER else f"{r['threshold']:g}",
@@ -86,5 +84,4 @@ def _plot(rows: list[dict], pick: dict):
     ax.set_ylabel("validation accuracy (%)")
     ax.legend()
     fig.tight_layout()
-    plt.close(fig)
     return fig

@@ -12,12 +12,12 @@ accuracy is within ``max_accuracy_drop`` of the full model's.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import numpy as np
 import torch
 
+from optforge.tasks.techniques.benchmark import time_calls
 from optforge.tasks.techniques.contract import as_tensors
 from optforge.tasks.techniques.distill import ShuffledBatches, kd_loss
 from optforge.tasks.techniques.early_exit import NEVER, EarlyExitConfig, EarlyExitModel, first_confident
@@ -84,14 +84,8 @@ def exit_latencies_ms(model: EarlyExitModel, row: dict[str, np.ndarray], repeats
     x = as_tensors(row)
     out = []
     for position in range(len(model.exits) + 1):
-        for _ in range(5):
-            model.through(position, **x)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            model.through(position, **x)
-            times.append(time.perf_counter() - t0)
-        out.append(float(np.median(times)) * 1e3)
+        seconds = time_calls(lambda _, p=position: model.through(p, **x), [None] * repeats, warmup=5)
+        out.append(float(np.median(seconds)) * 1e3)
     return out
 
 
