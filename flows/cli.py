@@ -13,6 +13,7 @@ from pathlib import Path
 from optforge.flows.environment import embedded_defaults, quiet_libraries
 
 EXIT_CONFIG, EXIT_FAILED = 2, 1
+NAN = float("nan")
 
 
 def _fmt(v: float, digits: int = 2) -> str:
@@ -46,7 +47,8 @@ def format_summary(summary: dict) -> str:
                       *([f"report: {summary['report']}"] if summary.get("report") else [])])
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def _run_flow(args: argparse.Namespace, call, render) -> int:
+    """Check the environment, run a flow, print ``render(summary)``; errors become exit codes and one line."""
     embedded_defaults()
     quiet_libraries(args.verbose)
     from optforge.flows.preflight import PreflightError, check_environment
@@ -56,11 +58,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     except PreflightError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    from optforge.flows.optimize import optimize
     from optforge.flows.params import ConfigError, peek_tracking
 
     try:
-        summary = optimize(config_path=args.config, overrides=args.set, force=args.force)
+        summary = call()
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -71,8 +72,52 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"outputs of the stages that finished are kept under {workdir}; re-running the same "
                   "command reuses them", file=sys.stderr)
         return EXIT_FAILED
-    print("\n" + format_summary(summary))
+    print("\n" + render(summary))
     return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    def call():
+        from optforge.flows.optimize import optimize
+
+        return optimize(config_path=args.config, overrides=args.set, force=args.force)
+
+    return _run_flow(args, call, format_summary)
+
+
+def format_tune(summary: dict) -> str:
+    """The search's trials (front marked), then the registration."""
+    header = ("trial", "status", "accuracy %", "p50 b1 ms", "size MB", "front", "settings / why")
+    rows = []
+    for t in summary["trials"]:
+        m = t.get("metrics", {})
+        why = t.get("reason") or t.get("error") or " ".join(f"{k.rpartition('.')[2]}={v}" for k, v in t["values"].items())
+        rows.append((t["trial"], t["status"], _fmt(m.get("accuracy", NAN)),
+                     _fmt(m.get("latency_ms_p50_b1", NAN), 3), _fmt(m.get("size_mb", NAN), 3),
+                     "*" if t["trial"] in summary["front"] else "", why[:120]))
+    base = summary["baseline"]
+    rows.append((f"{base['name']} (teacher)", "baseline", _fmt(base["accuracy"]), _fmt(base["latency_ms_p50_b1"], 3),
+                 _fmt(base["size_mb"], 3), "*" if base["name"] in summary["front"] else "", ""))
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))
+    reg = summary["registration"]
+    alias = f" as '{reg['alias']}'" if reg.get("alias") else ""
+    outcome = (f"registered {reg['model_name']} version {reg['version']}{alias} ({reg['reason']})"
+               if reg["version"] else f"nothing registered: {reg['reason']}")
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows), "",
+                      f"accuracy floor {summary['floor']:.2f}%; Pareto front: {', '.join(summary['front'])}", outcome,
+                      (f"{'resumed' if summary['resumed'] else 'searched'} in {summary['seconds']} s "
+                       f"({summary['search']})"), f"MLflow tune run: {summary['parent_run_id']}",
+                      f"report: {summary['report']}"])
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    def call():
+        from optforge.flows.tune import tune
+
+        return tune(config_path=args.config, overrides=args.set, force=args.force)
+
+    return _run_flow(args, call, format_tune)
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
@@ -107,6 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--verbose", action="store_true",
                      help="also show library warnings, ONNX Runtime's log and the Ray workers' own output")
     run.set_defaults(func=cmd_run)
+    tune = sub.add_parser("tune", help="search compression chains and settings with Ray Tune (the config's tune: "
+                          "section); register the best trial")
+    tune.add_argument("--config", help="YAML config (default: the built-in defaults)")
+    tune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override, e.g. tune.trials=16 or tune.time_budget_s=1800")
+    tune.add_argument("--force", action="store_true", help="start the search over instead of resuming it")
+    tune.add_argument("--verbose", action="store_true", help="show the libraries' own log lines")
+    tune.set_defaults(func=cmd_tune)
     runs = sub.add_parser("runs", help="list recent pipeline runs from MLflow")
     runs.add_argument("--experiment", default="optforge")
     runs.add_argument("--last", type=int, default=10)

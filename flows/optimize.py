@@ -8,8 +8,10 @@ skips the stages that finished; ``force`` re-runs them all.
 # No ``from __future__ import annotations`` here: Prefect validates the flow's parameters with a pydantic
 # model built from the signature, and a served or deployed flow is loaded from this file under another
 # module name, where string annotations ("PipelineConfig | None") cannot be resolved.
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -94,25 +96,37 @@ def optimize(config: PipelineConfig | None = None, config_path: str | None = Non
         overrides: ``KEY=VALUE`` strings applied on top of either (the CLI's ``--set``).
         force: re-run every stage instead of reusing cached ones.
     """
+    with pipeline_run("optimize", config_path, overrides, config) as parent_run_id:
+        summary = _pipeline(load_config(config_path, overrides, config), force, parent_run_id)
+        mlflow.log_text(json.dumps(summary, indent=2), "summary.json")
+    return summary
+
+
+@contextlib.contextmanager
+def pipeline_run(pipeline: str, config_path: str | None, overrides: list[str] | None,
+                 config: PipelineConfig | None) -> Iterator[str]:
+    """The flow's MLflow parent run (``optforge.pipeline`` = ``pipeline``), yielding its id.
+
+    Closes the runs that killed processes left RUNNING first; an error ends the run FAILED with the error
+    as a tag and goes on up.
+    """
     logger = get_run_logger()
     check_environment(prefect=False)  # deployment runs do not pass through the CLI's check
     experiment_id = configure(peek_tracking(config_path, overrides, config).experiment)
     given = config_path or ("<typed config>" if config is not None else "<defaults>")
-    tags = {"optforge.pipeline": "optimize", "prefect.flow_run_id": str(flow_run.get_id() or ""),
+    tags = {"optforge.pipeline": pipeline, "prefect.flow_run_id": str(flow_run.get_id() or ""),
             "optforge.config_path": str(given), **process_tags()}
-    with mlflow.start_run(run_name=f"optimize-{flow_run.get_name() or 'local'}", tags=tags) as parent:
+    with mlflow.start_run(run_name=f"{pipeline}-{flow_run.get_name() or 'local'}", tags=tags) as parent:
         closed = close_dead_runs(experiment_id, parent.info.run_id)
         if closed:
             mlflow.set_tag("optforge.closed_dead_runs", ",".join(closed))
             logger.warning("marked %d run(s) of killed processes KILLED: %s", len(closed), ", ".join(closed))
         try:
-            summary = _pipeline(load_config(config_path, overrides, config), force, parent.info.run_id)
+            yield parent.info.run_id
         except BaseException as exc:
             mlflow.set_tags(error_tags(exc))
-            logger.error("pipeline failed: %s", exc)
+            logger.error("%s failed: %s", pipeline, exc)
             raise
-        mlflow.log_text(json.dumps(summary, indent=2), "summary.json")
-    return summary
 
 
 def _sha(path: str | None) -> str | None:
@@ -120,11 +134,8 @@ def _sha(path: str | None) -> str | None:
     return file_sha256(path) if path and Path(path).exists() else None
 
 
-def build_variants(cfg: PipelineConfig, workdir: str, stage: StageRunner) -> tuple[DataRef, list[ModelRef], Plan]:
-    """Every variant-producing stage, in order: data, the plan, the FP32 baseline, its ONNX forms, engines, chains.
-
-    Shared by ``optimize`` and ``optforge bench``; same configs give the same cache entries.
-    """
+def prepare(cfg: PipelineConfig, workdir: str, stage: StageRunner) -> tuple[DataRef, Plan]:
+    """The data stage, then the plan: which steps apply to this model and data, logged before anything trains."""
     logger = get_run_logger()
     tokenizer = cfg.data.tokenizer or (cfg.model.path if cfg.model.arch == "huggingface" else None)
     data = stage(prepare_data, cfg=cfg.data, source_sha256=_sha(None if cfg.data.source == "digits" else cfg.data.source),
@@ -132,14 +143,30 @@ def build_variants(cfg: PipelineConfig, workdir: str, stage: StageRunner) -> tup
                  tokenizer=tokenizer if cfg.data.text_column else None,
                  tokenizer_sha256=_sha(tokenizer) if cfg.data.text_column else None)
     mlflow.set_tag("optforge.data_fingerprint", data.sha256)
-    # Before anything trains: which steps apply to this model and data, and why the others do not.
     run_plan = plan(cfg, data.inputs, data.name)
-    cfg = run_plan.cfg
     for step, reason in run_plan.skipped.items():
         logger.warning("skipped %s: %s", step, reason)
     if run_plan.skipped:
         mlflow.set_tags({f"optforge.skipped.{k}": v[:5000] for k, v in run_plan.skipped.items()})
-    mlflow.set_tag("optforge.registry_name", cfg.register.model_name)
+    mlflow.set_tag("optforge.registry_name", run_plan.cfg.register.model_name)
+    return data, run_plan
+
+
+def train_teacher(cfg: PipelineConfig, workdir: str, stage: StageRunner, data: DataRef) -> ModelRef:
+    """The FP32 baseline: trained (or taken as given) by the train stage."""
+    init = resolve_init(cfg.train.init_from, workdir) if cfg.train.init_from else None
+    model_sha = _sha(cfg.model.path) or _sha(cfg.model.weights)
+    return stage(train, cfg=cfg.train, model_cfg=cfg.model, data=data, workdir=workdir, init=init,
+                 model_sha256=model_sha)
+
+
+def build_variants(cfg: PipelineConfig, workdir: str, stage: StageRunner) -> tuple[DataRef, list[ModelRef], Plan]:
+    """Every variant-producing stage, in order: data, the plan, the FP32 baseline, its ONNX forms, engines, chains.
+
+    Shared by ``optimize`` and ``optforge bench``; same configs give the same cache entries.
+    """
+    data, run_plan = prepare(cfg, workdir, stage)
+    cfg = run_plan.cfg
     if cfg.model.arch == "onnx":
         onnx_fp32 = stage(import_onnx, model_path=cfg.model.path, model_sha256=_sha(cfg.model.path), data=data,
                           workdir=workdir)
@@ -147,10 +174,7 @@ def build_variants(cfg: PipelineConfig, workdir: str, stage: StageRunner) -> tup
         engines = cfg.engines.model_copy(update={"torch_gpu": cfg.engines.torch_gpu.model_copy(update={"enabled": False})})
         variants = [onnx_fp32, onnx_int8, *engine_variants(engines, onnx_fp32, None, data, workdir, stage)]
         return data, variants, run_plan
-    init = resolve_init(cfg.train.init_from, workdir) if cfg.train.init_from else None
-    model_sha = _sha(cfg.model.path) or _sha(cfg.model.weights)
-    model = stage(train, cfg=cfg.train, model_cfg=cfg.model, data=data, workdir=workdir, init=init,
-                  model_sha256=model_sha)
+    model = train_teacher(cfg, workdir, stage, data)
     onnx_fp32 = stage(export, cfg=cfg.export, model=model, data=data, workdir=workdir)
     onnx_int8 = stage(quantize, cfg=cfg.quantize, onnx_model=onnx_fp32, workdir=workdir)
     variants = [model, onnx_fp32, onnx_int8]

@@ -15,6 +15,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from optforge.flows.chain_config import CompressConfig
 from optforge.flows.engines import EnginesConfig
+from optforge.flows.tune_config import TuneConfig
 from optforge.tasks.techniques.benchmark import BenchmarkConfig
 from optforge.tasks.techniques.config import TechniqueConfig
 from optforge.tasks.techniques.data import DataConfig
@@ -56,6 +57,8 @@ class PipelineConfig(TechniqueConfig):
     compress: CompressConfig = Field(default_factory=CompressConfig, description="distill/prune/factorize chains")
     benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig, description="latency/throughput settings")
     register: RegisterConfig = Field(default_factory=RegisterConfig, description="selection gate and registry name")
+    tune: TuneConfig = Field(default_factory=TuneConfig, description="the search of optforge tune: chains, settings, "
+                             "budget")
 
     @model_validator(mode="after")
     def _cross_section(self):

@@ -16,13 +16,16 @@ drops the event.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
+# Callbacks that also see every finished epoch of this process's training stages (``epoch_listener``).
+_LISTENERS: list[Callable[[str, dict], None]] = []
 STEP_EVERY_S = 10.0  # within an epoch, report steps at most this often (short epochs report none)
 SHOWN_METRICS = ("train_loss", "val_loss", "val_accuracy")
 
@@ -58,6 +61,17 @@ class ProgressFeed:
         self._last = time.monotonic()
         shown = {k: float(metrics[k]) for k in SHOWN_METRICS if k in metrics}
         self.send({"kind": "epoch", "epoch": epoch, "epochs": self.epochs, "metrics": shown})
+
+
+@contextlib.contextmanager
+def epoch_listener(callback: Callable[[str, dict], None]) -> Iterator[None]:
+    """Call ``callback(label, event)`` for every epoch any ``StageProgress`` in this process shows, inside the
+    block: a tune trial forwards each fine-tuning epoch's validation accuracy to its early-stopping scheduler."""
+    _LISTENERS.append(callback)
+    try:
+        yield
+    finally:
+        _LISTENERS.remove(callback)
 
 
 class StageProgress:
@@ -122,6 +136,9 @@ class StageProgress:
             line = f"{head}  {shown}  [{timing}]"
         self.lines.append(line)
         self.logger.info(line)
+        if event["kind"] == "epoch":
+            for listener in _LISTENERS.copy():  # a listener may leave while we call
+                listener(self.label, event)
         _update_artifact(self._artifact, 100 * share, line)
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -30,7 +30,7 @@ from optforge.tasks.techniques.report import (
     write_report,
 )
 from optforge.tasks.techniques.selection import RegisterConfig, Selection, select_variant
-from optforge.tasks.tracking import STAGE_TAG
+from optforge.tasks.tracking import PIPELINES, STAGE_TAG
 
 ARTIFACT_DIR = "report"
 SELECTION_FILE = "selection.json"  # written by tasks.register
@@ -57,14 +57,17 @@ def get_pipeline_run(client: MlflowClient, run_id: str) -> Run:
     except MlflowException as exc:
         raise ReportError(f"no MLflow run '{run_id}' at {mlflow.get_tracking_uri()} ({exc.error_code})") from None
     tags = run.data.tags
-    if tags.get("optforge.pipeline") != "optimize":
+    if tags.get("optforge.pipeline") not in PIPELINES:
         if "mlflow.parentRunId" in tags:
             raise ReportError(
                 f"run {run_id} is a '{tags.get(STAGE_TAG, '?')}' stage run; its pipeline run is "
                 f"{tags['mlflow.parentRunId']}"
             )
-        raise ReportError(f"run {run_id} is not an optforge pipeline run (no tag optforge.pipeline=optimize)")
+        raise ReportError(f"run {run_id} is not an optforge pipeline run (no tag optforge.pipeline, one of {PIPELINES})")
     return run
+
+
+TUNE_TRIAL_STAGE = "tune_trial"  # flows/tune_trial.py's runs: one per trial of optforge tune
 
 
 def _stage_runs(client: MlflowClient, run: Run, stage: str) -> list[Run]:
@@ -81,8 +84,21 @@ def _stage_runs(client: MlflowClient, run: Run, stage: str) -> list[Run]:
 
 
 def benchmark_runs(client: MlflowClient, run: Run) -> list[Run]:
-    """The runs that measured the pipeline run's variants, in benchmark order."""
-    return _stage_runs(client, run, "benchmark")
+    """The runs that measured the pipeline run's variants, in benchmark order; for a tune run, then its
+    finished trials (each trial's run carries its variant's metrics)."""
+    return _stage_runs(client, run, "benchmark") + tune_trial_runs(client, run)
+
+
+def tune_trial_runs(client: MlflowClient, run: Run) -> list[Run]:
+    """A tune run's finished trials, in trial order; those a killed run of the same search finished included
+    (they are that run's children, and the resumed search reports them again)."""
+    search = run.data.tags.get("optforge.tune.search")
+    if not search:
+        return []
+    found = client.search_runs([run.info.experiment_id], f"tags.`{STAGE_TAG}` = '{TUNE_TRIAL_STAGE}' and "
+                               f"tags.`optforge.tune.search` = '{search}' and attributes.status = 'FINISHED'",
+                               max_results=10_000)
+    return sorted((r for r in found if "accuracy" in r.data.metrics), key=lambda r: r.info.run_name)
 
 
 def register_run(client: MlflowClient, run: Run) -> Run | None:

@@ -104,6 +104,19 @@ def process_tags() -> dict[str, str]:
     return {"optforge.host": socket.gethostname(), "optforge.pid": str(pid), "optforge.pid_start": _process_start(pid) or ""}
 
 
+# The flows whose parent runs a later run may find left RUNNING: optforge run's and optforge tune's.
+PIPELINES = ("optimize", "tune")
+
+
+def _running_descendants(client, experiment_id: str, run_id: str) -> list:
+    """RUNNING runs under ``run_id`` at any depth (a tune trial's steps sit two levels down), deepest first."""
+    found = []
+    for child in client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{run_id}' and "
+                                    "attributes.status = 'RUNNING'", max_results=1000):
+        found += [*_running_descendants(client, experiment_id, child.info.run_id), child]
+    return found
+
+
 def close_dead_runs(experiment_id: str, current_run_id: str) -> list[str]:
     """Mark pipeline runs left RUNNING by a killed process on this host KILLED, children included.
 
@@ -113,9 +126,8 @@ def close_dead_runs(experiment_id: str, current_run_id: str) -> list[str]:
     """
     client = mlflow.MlflowClient()
     host = socket.gethostname()
-    running = client.search_runs(
-        [experiment_id], "attributes.status = 'RUNNING' and tags.`optforge.pipeline` = 'optimize'", max_results=200
-    )
+    running = [run for pipeline in PIPELINES for run in client.search_runs(
+        [experiment_id], f"attributes.status = 'RUNNING' and tags.`optforge.pipeline` = '{pipeline}'", max_results=200)]
     closed = []
     for run in running:
         tags = run.data.tags
@@ -124,10 +136,7 @@ def close_dead_runs(experiment_id: str, current_run_id: str) -> list[str]:
         start = _process_start(int(tags["optforge.pid"]))
         if start is not None and start == tags.get("optforge.pid_start"):
             continue  # still alive: a concurrent run, not a dead one
-        children = client.search_runs(
-            [experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}' and attributes.status = 'RUNNING'"
-        )
-        for r in [*children, run]:
+        for r in [*_running_descendants(client, experiment_id, run.info.run_id), run]:
             client.set_tag(r.info.run_id, "optforge.closed_by", current_run_id)
             client.set_terminated(r.info.run_id, status="KILLED")
         closed.append(run.info.run_id)

@@ -1,0 +1,81 @@
+"""The floor scheduler's rule, and the timing lock between trials: pure Python, no Ray cluster."""
+
+import threading
+import time
+
+from ray.tune.schedulers import TrialScheduler
+
+from optforge.tasks.idle import building, timing
+from optforge.tasks.tune_scheduler import FloorScheduler, advance, hopeless
+
+
+def _phase(*accuracies, label="prune fine-tune"):
+    phase = None
+    for epoch, acc in enumerate(accuracies):
+        phase = advance(phase, label, epoch, acc)
+    return phase
+
+
+def test_a_phase_that_cannot_climb_to_the_floor_is_hopeless():
+    # 60 -> 70 in one epoch, 3 epochs left: at most 100 by the end -> not hopeless at a floor of 95
+    assert hopeless(_phase(60, 70), epochs=5, floor=95, margin=1) is None
+    # 60 -> 61, 3 left: at most 64 -> hopeless
+    assert "below the floor 95.00%" in hopeless(_phase(60, 61), epochs=5, floor=95, margin=1)
+    # last epoch: its accuracy is what the phase ends with
+    assert hopeless(_phase(93.5), epochs=1, floor=95, margin=1) is not None
+    assert hopeless(_phase(94.5), epochs=1, floor=95, margin=1) is None
+    # first epoch of several: no gain to extrapolate yet, no decision
+    assert hopeless(_phase(10), epochs=5, floor=95, margin=1) is None
+
+
+def test_a_new_round_starts_a_new_phase():
+    phase = _phase(80, 90)
+    restarted = advance(phase, "prune fine-tune", 0, 70)  # the next pruning round's first epoch
+    assert restarted.best_gain is None and restarted.accuracy == 70
+    assert advance(phase, "qat fine-tune", 2, 91).label == "qat fine-tune"
+
+
+def test_the_scheduler_stops_and_records_only_hopeless_trials():
+    stops = []
+    scheduler = FloorScheduler(floor=95, margin=1, on_stop=lambda result, why: stops.append((result["trial"], why)))
+
+    class Trial:
+        def __init__(self, trial_id):
+            self.trial_id = trial_id
+
+    good, bad = Trial("a"), Trial("b")
+    decide = lambda trial, epoch, acc: scheduler.on_trial_result(None, trial, {
+        "val_accuracy": acc, "phase": "prune fine-tune", "epoch": epoch, "epochs": 2, "trial": trial.trial_id})
+    assert decide(good, 0, 90) == decide(bad, 0, 60) == TrialScheduler.CONTINUE
+    assert decide(good, 1, 96) == TrialScheduler.CONTINUE
+    assert decide(bad, 1, 70) == TrialScheduler.STOP
+    assert scheduler.on_trial_result(None, good, {"accuracy": 96}) == TrialScheduler.CONTINUE  # a final report
+    assert [t for t, _ in stops] == ["b"]
+
+
+def test_timing_waits_for_builds_and_holds_new_ones_back(tmp_path):
+    events = []
+
+    def build(name, seconds):
+        with building(tmp_path):
+            events.append(f"{name} start")
+            time.sleep(seconds)
+            events.append(f"{name} end")
+
+    def time_it():
+        with timing(tmp_path):
+            events.append("timing start")
+            time.sleep(0.3)
+            events.append("timing end")
+
+    first = threading.Thread(target=build, args=("a", 0.5))
+    first.start()
+    time.sleep(0.1)
+    timer = threading.Thread(target=time_it)
+    timer.start()
+    time.sleep(0.1)
+    late = threading.Thread(target=build, args=("b", 0.1))  # arrives while the timer waits: goes after it
+    late.start()
+    for t in (first, timer, late):
+        t.join(10)
+    assert events == ["a start", "a end", "timing start", "timing end", "b start", "b end"]
