@@ -123,21 +123,22 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_runs(args: argparse.Namespace) -> int:
     import mlflow
 
-    from optforge.tasks.tracking import tracking_uri
+    from optforge.tasks.tracking import PIPELINES, tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())
     if mlflow.get_experiment_by_name(args.experiment) is None:
         print(f"error: no MLflow experiment named '{args.experiment}' at {tracking_uri()}", file=sys.stderr)
         return EXIT_FAILED
-    runs = mlflow.search_runs(
-        experiment_names=[args.experiment], filter_string="tags.`optforge.pipeline` = 'optimize'",
+    runs = mlflow.search_runs(  # optimize and tune runs (MLflow's filter has no IN for tags)
+        experiment_names=[args.experiment], filter_string="tags.`optforge.pipeline` LIKE '%'",
         order_by=["attributes.start_time DESC"], max_results=args.last, output_format="list",
     )
-    print(f"{'run id':32}  {'started (UTC)':19}  {'status':8}  {'registered':18}  error")
+    runs = [r for r in runs if r.data.tags["optforge.pipeline"] in PIPELINES]
+    print(f"{'run id':32}  {'started (UTC)':19}  {'kind':8}  {'status':8}  {'registered':18}  error")
     for run in runs:
         tags = run.data.tags
         started = mlflow.utils.time.conv_longdate_to_str(run.info.start_time) if run.info.start_time else "-"
-        print(f"{run.info.run_id:32}  {started[:19]:19}  {run.info.status:8}  "
+        print(f"{run.info.run_id:32}  {started[:19]:19}  {tags['optforge.pipeline']:8}  {run.info.status:8}  "
               f"{tags.get('optforge.registered', '-'):18}  {tags.get('optforge.error', '')[:80]}")
     return 0
 

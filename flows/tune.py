@@ -110,6 +110,7 @@ def _tuner(cfg: PipelineConfig, ctx: SearchContext, drawn: list[dict], floor_val
     scheduler = FloorScheduler(floor_val, t.stop_margin, _record_stop) if t.scheduler == "floor" else None
     # The trials are drawn here (distinct, seeded) and handed to Ray Tune as a grid of one key.
     param_space = {"trial": tune.grid_search(drawn)}
+    # reuse_actors: a trial's process has imported torch, Prefect and MLflow already (8-10 s each time here).
     tune_cfg = tune.TuneConfig(num_samples=1, time_budget_s=t.time_budget_s, scheduler=scheduler, reuse_actors=True,
                                search_alg=BasicVariantGenerator(max_concurrent=t.max_concurrent))
     run_cfg = tune.RunConfig(name=path.name, storage_path=str(path.parent), verbose=0,
@@ -144,6 +145,17 @@ VARIANT_METRICS = ("accuracy", "latency_ms_p50_b1", "latency_ms_p95_b1", "latenc
                    "size_mb", "params", "flops")
 
 
+def _find_runs(trials: list[dict], experiment_id: str, search: str) -> None:
+    """Fill in the MLflow run of trials that ended before reporting it (stopped or failed before their first epoch)."""
+    client = mlflow.MlflowClient()
+    for row in trials:
+        if not row.get("mlflow_run_id"):
+            found = client.search_runs([experiment_id], f"tags.`optforge.tune.search` = '{search}' and "
+                                       f"tags.`optforge.tune.trial_id` = '{row['trial_id']}'",
+                                       order_by=["attributes.start_time DESC"], max_results=1)
+            row["mlflow_run_id"] = found[0].info.run_id if found else None
+
+
 def _close_stopped(trials: list[dict]) -> None:
     """End the MLflow runs of the trials Ray Tune stopped KILLED, with the reason.
 
@@ -153,7 +165,10 @@ def _close_stopped(trials: list[dict]) -> None:
     client = mlflow.MlflowClient()
     for row in trials:
         run_id = row.get("mlflow_run_id")
-        if row["status"] != "stopped" or not run_id:
+        if row["status"] != "stopped":
+            continue
+        if not run_id:  # stopped before its trial flow opened a run
+            row["reason"] = "the search's time budget ran out, or the search was stopped, before the trial started"
             continue
         run = client.get_run(run_id)
         reason = run.data.tags.get("optforge.tune.stopped") or ("the search's time budget ran out, or the search was "
@@ -215,6 +230,7 @@ def _search(cfg: PipelineConfig, force: bool, parent_run_id: str) -> dict:
     logger.info("%s search %s: %d trial(s) over %d chain(s) and %d setting(s), floor %.2f%%",
                 "resuming" if resumed else "starting", path.name, len(drawn), len(menu), len(space), floor)
     trials = _trials(tuner.fit())
+    _find_runs(trials, mlflow.get_experiment_by_name(cfg.tracking.experiment).experiment_id, path.name)
     _close_stopped(trials)
 
     done = [t for t in trials if t["status"] == "done"]

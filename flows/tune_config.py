@@ -79,8 +79,8 @@ def default_space(cfg) -> dict[str, list[Any]]:
     """The settings searched when ``tune.space`` is unset, scaled to the model ``cfg`` trains.
 
     Pruning ratio and rounds, SVD energy, the static-INT8 calibration method and per-channel scales for
-    every model; the student's size for the zoo MLP (fractions of the teacher's widths) and the share of
-    layers a Hugging Face student keeps.
+    every model; the student's size: for the zoo MLP, fractions of the teacher's widths; for a student derived
+    from the teacher, the share of layers (``derive: layers``) or of every layer's channels (``derive: width``).
     """
     space: dict[str, list[Any]] = {
         "compress.prune.sparsity": [0.3, 0.5, 0.7],
@@ -94,8 +94,10 @@ def default_space(cfg) -> dict[str, list[Any]]:
         widest = max(model.hidden or (64,))
         space["compress.distill.student.hidden"] = [
             [max(8, widest // d), max(8, widest // (2 * d))] for d in (32, 16, 8)]
-    if model.arch == "huggingface" and cfg.compress.distill.derive == "layers":
+    if cfg.compress.distill.derive == "layers":
         space["compress.distill.layer_stride"] = [2, 3]
+    if cfg.compress.distill.derive == "width":
+        space["compress.distill.width_keep"] = [0.25, 0.5, 0.75]
     return space
 
 

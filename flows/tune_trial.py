@@ -35,9 +35,9 @@ from optforge.tasks.idle import building, timing
 from optforge.tasks.progress import epoch_listener
 from optforge.tasks.refs import DataRef, ModelRef
 from optforge.tasks.report import TUNE_TRIAL_STAGE
+from optforge.tasks.tracking import child_run, configure, process_tags
 
 VARIANT_FILE = "tune_variant.json"  # the trial's ModelRef, on its run: what a resumed search registers from
-from optforge.tasks.tracking import child_run, configure, process_tags
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,6 @@ def run_trial(config: dict, ctx: SearchContext) -> None:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     os.environ["MLFLOW_TRACKING_URI"] = ctx.tracking_uri  # Ray starts a trial in its own folder
-    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
     updates = {PREFECT_API_URL: ctx.prefect_api_url} if ctx.prefect_api_url else {}
     with temporary_settings(updates=updates):
         final = tune_trial(ctx, config["trial"]["chain"], config["trial"]["values"])

@@ -4,8 +4,9 @@ Trials report each fine-tuning epoch's validation accuracy (``flows/tune_trial.p
 fine-tuning phase (a prune round's, the student's distillation, QAT's) a learning curve gains less per
 epoch as it goes, so the best gain seen so far in the phase, times the epochs left, bounds what the
 phase can still add. A trial whose bound stays more than ``margin`` points under the floor is stopped:
-the steps after a phase (more pruning, quantization) do not win accuracy back. The first epoch of a
-phase decides nothing unless it is also the last (there is no gain to extrapolate yet).
+the steps after a phase (more pruning, quantization) do not win accuracy back. A phase decides nothing
+before its ``GRACE_EPOCHS``-th epoch unless that is its last: one epoch-to-epoch change is noise (the
+second epoch of a fine-tune often dips under the first's learning rate).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+
+GRACE_EPOCHS = 3
 
 
 @dataclass
@@ -38,7 +41,7 @@ def advance(phase: Phase | None, label: str, epoch: int, accuracy: float) -> Pha
 def hopeless(phase: Phase, epochs: int, floor: float, margin: float) -> str | None:
     """Why the phase cannot reach ``floor - margin`` by its last epoch (``epochs`` in all), or None."""
     left = epochs - 1 - phase.epoch
-    if left > 0 and phase.best_gain is None:
+    if left > 0 and phase.epoch + 1 < GRACE_EPOCHS:
         return None
     bound = phase.accuracy + left * max(0.0, phase.best_gain or 0.0)
     if bound >= floor - margin:

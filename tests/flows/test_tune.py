@@ -90,7 +90,7 @@ def search(tmp_path_factory):
 
 
 def test_every_trial_has_an_outcome_and_finished_ones_carry_the_variant_metrics(search):
-    client, exp_id, parents, summary, _ = search
+    client, _, parents, summary, _ = search
     statuses = [t["status"] for t in summary["trials"]]
     assert len(statuses) == 6 and set(statuses) <= {"done", "stopped", "failed"}
     done = [t for t in summary["trials"] if t["status"] == "done"]

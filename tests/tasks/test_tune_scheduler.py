@@ -17,15 +17,19 @@ def _phase(*accuracies, label="prune fine-tune"):
 
 
 def test_a_phase_that_cannot_climb_to_the_floor_is_hopeless():
-    # 60 -> 70 in one epoch, 3 epochs left: at most 100 by the end -> not hopeless at a floor of 95
-    assert hopeless(_phase(60, 70), epochs=5, floor=95, margin=1) is None
-    # 60 -> 61, 3 left: at most 64 -> hopeless
-    assert "below the floor 95.00%" in hopeless(_phase(60, 61), epochs=5, floor=95, margin=1)
+    # 60 -> 70 -> 75, best gain 10, 2 epochs left: at most 95 by the end -> not hopeless at a floor of 95
+    assert hopeless(_phase(60, 70, 75), epochs=5, floor=95, margin=1) is None
+    # 60 -> 61 -> 62, 2 left: at most 64 -> hopeless
+    assert "below the floor 95.00%" in hopeless(_phase(60, 61, 62), epochs=5, floor=95, margin=1)
+    # a dip at the second epoch decides nothing yet (grace), a flat third one does
+    assert hopeless(_phase(80, 79), epochs=6, floor=95, margin=1) is None
+    assert hopeless(_phase(80, 79, 79), epochs=6, floor=95, margin=1) is not None
     # last epoch: its accuracy is what the phase ends with
     assert hopeless(_phase(93.5), epochs=1, floor=95, margin=1) is not None
     assert hopeless(_phase(94.5), epochs=1, floor=95, margin=1) is None
-    # first epoch of several: no gain to extrapolate yet, no decision
+    # first epochs of several: no decision
     assert hopeless(_phase(10), epochs=5, floor=95, margin=1) is None
+    assert hopeless(_phase(10, 10), epochs=5, floor=95, margin=1) is None
 
 
 def test_a_new_round_starts_a_new_phase():
