@@ -29,7 +29,7 @@ from prefect.artifacts import create_table_artifact
 from optforge.flows.optimize import StageRunner, pipeline_run, prepare, train_teacher
 from optforge.flows.params import ConfigError, PipelineConfig, apply_overrides, load_config, validate
 from optforge.flows.tune_config import TUNE_CHAINS, default_space, draw_trials, trial_overrides
-from optforge.flows.tune_trial import SearchContext, run_trial, trial_name
+from optforge.flows.tune_trial import OUTCOME_TAG, VARIANT_FILE, SearchContext, run_trial, trial_name
 from optforge.tasks.benchmark import benchmark
 from optforge.tasks.refs import ModelRef, VariantResult
 from optforge.tasks.register import hash_config, register
@@ -43,6 +43,7 @@ from optforge.tasks.worker_common import ensure_ray
 # A trial's Ray resources: none of the CPUs, which its steps' own Ray Train workers need (a trial that
 # held one would starve a distillation's workers on a small machine). Ray Tune requires some resource.
 TRIAL_RESOURCES = {"memory": 1 << 20}
+STOPPED_TAG = "optforge.tune.stopped"  # why a trial was stopped (the floor scheduler's reason, or the budget)
 
 
 @flow(name="tune")
@@ -89,94 +90,90 @@ def _prefect_api_url() -> str | None:
 
 
 def _record_stop(result: dict, reason: str) -> None:
-    """The floor scheduler stopped a trial: its reason goes on the trial's MLflow run (``_close_stopped`` ends it)."""
+    """The floor scheduler stopped a trial: a settled outcome, with its reason, on the trial's run."""
     run_id = result.get("mlflow_run_id")
     if run_id:
         client = mlflow.MlflowClient()
-        client.set_tag(run_id, "optforge.tune.stopped", reason[:5000])
+        client.set_tag(run_id, OUTCOME_TAG, "stopped")
+        client.set_tag(run_id, STOPPED_TAG, reason[:5000])
 
 
-def _tuner(cfg: PipelineConfig, ctx: SearchContext, drawn: list[dict], floor_val: float, path: Path, force: bool):
-    """A new Ray Tune search, or the unfinished one at ``path``."""
+def _tuner(cfg: PipelineConfig, ctx: SearchContext, todo: list[dict], floor_val: float, folder: Path):
+    """A Ray Tune search over the trials still to run, in its own folder under the search's."""
     from ray import tune
-
-    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), TRIAL_RESOURCES)
-    if not force and tune.Tuner.can_restore(str(path)):
-        return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=False,
-                                  restart_errored=False), True
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     t = cfg.tune
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), TRIAL_RESOURCES)
     scheduler = FloorScheduler(floor_val, t.stop_margin, _record_stop) if t.scheduler == "floor" else None
-    # The trials are drawn here (distinct, seeded) and handed to Ray Tune as a grid of one key.
-    param_space = {"trial": tune.grid_search(drawn)}
+    # The trials are drawn by the flow (distinct, seeded) and handed to Ray Tune as a grid of one key.
+    param_space = {"trial": tune.grid_search(todo)}
     # reuse_actors: a trial's process has imported torch, Prefect and MLflow already (8-10 s each time here).
     tune_cfg = tune.TuneConfig(num_samples=1, time_budget_s=t.time_budget_s, scheduler=scheduler, reuse_actors=True,
                                search_alg=BasicVariantGenerator(max_concurrent=t.max_concurrent))
-    run_cfg = tune.RunConfig(name=path.name, storage_path=str(path.parent), verbose=0,
+    run_cfg = tune.RunConfig(name=time.strftime("run-%Y%m%d-%H%M%S"), storage_path=str(folder), verbose=0,
                              failure_config=tune.FailureConfig(max_failures=0, fail_fast=False))
-    return tune.Tuner(trainable, param_space=param_space, tune_config=tune_cfg, run_config=run_cfg), False
-
-
-def _trials(grid) -> list[dict]:
-    """Every trial's outcome: done (with its metrics and variant), stopped (scheduler or budget), or failed."""
-    out = []
-    for result in grid:
-        m = dict(result.metrics or {})
-        config = (result.config or {}).get("trial", {})
-        trial_id = Path(result.path).name.split("_")[2:4]  # run_trial_<search>_<number>_...: Ray Tune's folder
-        trial_id = m.get("trial_id") or "_".join(trial_id)
-        row = {"trial_id": trial_id, "trial": trial_name(trial_id, config["chain"]), "chain": ">".join(config["chain"]),
-               "values": config.get("values", {}), "mlflow_run_id": m.get("mlflow_run_id")}
-        if result.error is not None:
-            cause = getattr(result.error, "cause", None) or result.error  # Ray wraps the trial's own exception
-            row |= {"status": "failed", "error": f"{type(cause).__name__}: {cause}"[:2000]}
-        elif m.get("benchmarked"):
-            variant = json.loads(m["variant"])
-            row |= {"status": "done", "variant": variant,
-                    "metrics": {k: float(v) for k, v in m.items() if k in VARIANT_METRICS}}
-        else:
-            row |= {"status": "stopped", "last": {k: m.get(k) for k in ("phase", "epoch", "epochs", "val_accuracy")}}
-        out.append(row)
-    return out
+    return tune.Tuner(trainable, param_space=param_space, tune_config=tune_cfg, run_config=run_cfg)
 
 
 VARIANT_METRICS = ("accuracy", "latency_ms_p50_b1", "latency_ms_p95_b1", "latency_ms_mean_b1", "throughput_sps_b64",
                    "size_mb", "params", "flops")
+BUDGET = "the search's time budget ran out, or the search was stopped, before the trial finished"
 
 
-def _find_runs(trials: list[dict], experiment_id: str, search: str) -> None:
-    """Fill in the MLflow run of trials that ended before reporting it (stopped or failed before their first epoch)."""
-    client = mlflow.MlflowClient()
-    for row in trials:
-        if not row.get("mlflow_run_id"):
-            found = client.search_runs([experiment_id], f"tags.`optforge.tune.search` = '{search}' and "
-                                       f"tags.`optforge.tune.trial_id` = '{row['trial_id']}'",
-                                       order_by=["attributes.start_time DESC"], max_results=1)
-            row["mlflow_run_id"] = found[0].info.run_id if found else None
+def _trial_runs(experiment_id: str, search: str) -> dict[int, object]:
+    """The latest MLflow run of each trial of this search, by its index in the draw."""
+    runs = mlflow.MlflowClient().search_runs(
+        [experiment_id], f"tags.`optforge.tune.search` = '{search}'", order_by=["attributes.start_time ASC"],
+        max_results=10_000)
+    return {int(r.data.tags["optforge.tune.trial"]): r for r in runs if "optforge.tune.trial" in r.data.tags}
 
 
-def _close_stopped(trials: list[dict]) -> None:
-    """End the MLflow runs of the trials Ray Tune stopped KILLED, with the reason.
+def _row(trial: dict, run, error: str | None = None) -> dict:
+    """One trial's outcome from its MLflow run: done (metrics, variant), stopped (why), failed (the error) or not
+    run (the budget ended first)."""
+    row = {"index": trial["index"], "trial": trial_name(trial["index"], trial["chain"]),
+           "chain": ">".join(trial["chain"]), "values": trial["values"],
+           "mlflow_run_id": run.info.run_id if run else None}
+    tags = run.data.tags if run else {}
+    outcome = tags.get(OUTCOME_TAG) or ("failed" if error else "stopped" if run else "not run")
+    row["status"] = outcome
+    if outcome == "done":
+        row["metrics"] = {k: float(v) for k, v in run.data.metrics.items() if k in VARIANT_METRICS}
+        row["variant"] = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/{VARIANT_FILE}")
+    elif outcome == "failed":
+        row["error"] = error or tags.get("optforge.error", "unknown error")
+    else:
+        row["reason"] = tags.get(STOPPED_TAG) or BUDGET
+    return row
+
+
+def _errors(grid) -> dict[int, str]:
+    """The exception of each trial that raised, by index (Ray wraps the trial's own exception: unwrap it)."""
+    out = {}
+    for result in grid:
+        trial = (result.config or {}).get("trial")
+        if result.error is not None and trial:
+            cause = getattr(result.error, "cause", None) or result.error
+            out[trial["index"]] = f"{type(cause).__name__}: {cause}"[:2000]
+    return out
+
+
+def _close_stopped(rows: list[dict]) -> None:
+    """End the MLflow runs of stopped trials KILLED, with the reason.
 
     Ray Tune ends a stopped trial's process with ``SystemExit``: its runs are FAILED with that as their error
     (or still RUNNING, if the process died first); neither says what happened.
     """
     client = mlflow.MlflowClient()
-    for row in trials:
-        run_id = row.get("mlflow_run_id")
-        if row["status"] != "stopped":
+    for row in rows:
+        if row["status"] != "stopped" or not row["mlflow_run_id"]:
             continue
-        if not run_id:  # stopped before its trial flow opened a run
-            row["reason"] = "the search's time budget ran out, or the search was stopped, before the trial started"
-            continue
-        run = client.get_run(run_id)
-        reason = run.data.tags.get("optforge.tune.stopped") or ("the search's time budget ran out, or the search was "
-                                                                 "stopped, before the trial finished")
-        client.set_tag(run_id, "optforge.tune.stopped", reason)
-        row["reason"] = reason
+        run = client.get_run(row["mlflow_run_id"])
+        client.set_tag(run.info.run_id, STOPPED_TAG, row["reason"][:5000])
         for r in [*_unfinished_descendants(client, run), run]:
-            client.set_terminated(r.info.run_id, status="KILLED")
+            if r.info.status != "KILLED":
+                client.set_terminated(r.info.run_id, status="KILLED")
             for tag in ("optforge.error", "optforge.error_type"):
                 if tag in r.data.tags:
                     client.delete_tag(r.info.run_id, tag)
@@ -212,7 +209,7 @@ def _search(cfg: PipelineConfig, force: bool, parent_run_id: str) -> dict:
     floor = accuracy_floor(baseline.metrics["accuracy"], cfg.register)
     # The scheduler sees validation accuracy: the same allowance below the teacher's validation accuracy.
     floor_val = teacher.info.get("best_val_accuracy", baseline.metrics["accuracy"]) - (baseline.metrics["accuracy"] - floor)
-    drawn = draw_trials(menu, space, cfg.tune.trials, cfg.tune.seed)
+    drawn = [{"index": i, **t} for i, t in enumerate(draw_trials(menu, space, cfg.tune.trials, cfg.tune.seed))]
     # The budget and concurrency (tune.*) may change on resume; what the trials build may not.
     key = hash_config({"data": data.sha256, "teacher": teacher.sha256, "trials": drawn,
                        "base": {k: v for k, v in base.items() if k != "tune"}})[:16]
@@ -221,16 +218,26 @@ def _search(cfg: PipelineConfig, force: bool, parent_run_id: str) -> dict:
     ctx = SearchContext(base=base, teacher=asdict(teacher), data=asdict(data), parent_run_id=parent_run_id,
                         experiment=cfg.tracking.experiment, tracking_uri=tracking_uri(),
                         prefect_api_url=_prefect_api_url(), workdir=workdir, lock_dir=lock_dir, search=path.name)
-    mlflow.log_dict({"chains": [list(c) for c in menu], "space": space, "not_searched": skipped}, "tune_space.json")
+    mlflow.log_dict({"chains": [list(c) for c in menu], "space": space, "not_searched": skipped, "trials": drawn},
+                    "tune_space.json")
     mlflow.set_tags({"optforge.tune.search": path.name, "optforge.tune.search_dir": str(path),
                      "optforge.tune.floor": f"{floor:.4f}"})
-    ensure_ray()
-    tuner, resumed = _tuner(cfg, ctx, drawn, floor_val, path, force)
+    experiment_id = mlflow.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+    # Resume: the trials an earlier run of this search settled (done, stopped by the scheduler, failed) are not
+    # run again; those it left unfinished (killed, or out of budget) are. MLflow holds the outcomes.
+    earlier = {} if force else {i for i, r in _trial_runs(experiment_id, path.name).items()
+                                if r.data.tags.get(OUTCOME_TAG)}
+    todo = [t for t in drawn if t["index"] not in earlier]
+    resumed = bool(earlier)
     mlflow.set_tag("optforge.tune.resumed", str(resumed).lower())
-    logger.info("%s search %s: %d trial(s) over %d chain(s) and %d setting(s), floor %.2f%%",
-                "resuming" if resumed else "starting", path.name, len(drawn), len(menu), len(space), floor)
-    trials = _trials(tuner.fit())
-    _find_runs(trials, mlflow.get_experiment_by_name(cfg.tracking.experiment).experiment_id, path.name)
+    logger.info("%s search %s: %d of %d trial(s) to run, over %d chain(s) and %d setting(s), floor %.2f%%",
+                "resuming" if resumed else "starting", path.name, len(todo), len(drawn), len(menu), len(space), floor)
+    errors = {}
+    if todo:
+        ensure_ray()
+        errors = _errors(_tuner(cfg, ctx, todo, floor_val, path).fit())
+    runs = _trial_runs(experiment_id, path.name)
+    trials = [_row(t, runs.get(t["index"]), errors.get(t["index"])) for t in drawn]
     _close_stopped(trials)
 
     done = [t for t in trials if t["status"] == "done"]
@@ -244,8 +251,9 @@ def _search(cfg: PipelineConfig, force: bool, parent_run_id: str) -> dict:
                          config_hash=hash_config(base))
     report_ref = report(cfg=cfg.register, results=results, variants=variants, registration=registration,
                         workdir=workdir, parent_run_id=parent_run_id)
-    counts = {s: sum(t["status"] == s for t in trials) for s in ("done", "stopped", "failed")}
-    mlflow.log_metrics({f"trials_{s}": n for s, n in counts.items()} | {"tune_seconds": time.perf_counter() - started})
+    counts = {s: sum(t["status"] == s for t in trials) for s in ("done", "stopped", "failed", "not run")}
+    mlflow.log_metrics({f"trials_{s.replace(' ', '_')}": n for s, n in counts.items()}
+                       | {"tune_seconds": time.perf_counter() - started})
     mlflow.set_tags({"optforge.tune.front": ",".join(front), "optforge.registered": registration.variant or "none",
                      "optforge.register_reason": registration.reason})
     rows = [{"trial": t["trial"], "status": t["status"], "chain": t["chain"],
@@ -254,7 +262,7 @@ def _search(cfg: PipelineConfig, force: bool, parent_run_id: str) -> dict:
              "why": t.get("reason") or t.get("error") or ""} for t in trials]
     create_table_artifact(table=rows, key="optforge-tune-trials",
                           description=f"{counts['done']} trial(s) done, {counts['stopped']} stopped, {counts['failed']} "
-                          f"failed; Pareto front: {', '.join(front)}")
+                          f"failed, {counts['not run']} not run; Pareto front: {', '.join(front)}")
     return {"parent_run_id": parent_run_id, "search": str(path), "resumed": resumed, "floor": floor,
             "baseline": {"name": baseline.name, **baseline.metrics}, "trials": trials, "front": list(front),
             "registration": {"variant": registration.variant, "model_name": registration.model_name,

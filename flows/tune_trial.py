@@ -12,6 +12,9 @@ steps' and the benchmark's runs nest under it.
 
 Timing: steps run under ``idle.building`` and the benchmark under ``idle.timing``, so a trial is timed
 only while no other trial on the host builds, and one trial at a time.
+
+The run's ``optforge.tune.outcome`` tag (done or failed here, stopped by the scheduler in the driver) marks a
+settled trial: a resumed search skips it. A trial that was killed or ran out of budget has none and runs again.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ from optforge.tasks.refs import DataRef, ModelRef
 from optforge.tasks.report import TUNE_TRIAL_STAGE
 from optforge.tasks.tracking import child_run, configure, process_tags
 
-VARIANT_FILE = "tune_variant.json"  # the trial's ModelRef, on its run: what a resumed search registers from
+VARIANT_FILE = "tune_variant.json"  # the trial's ModelRef, on its run: what the search registers from
+OUTCOME_TAG = "optforge.tune.outcome"  # done | stopped | failed: a settled trial, not run again on resume
 
 
 @dataclass(frozen=True)
@@ -56,27 +60,10 @@ class SearchContext:
     search: str  # the search's folder name (its key): tags every trial run, so a resumed search finds them
 
 
-def trial_name(trial_id: str, chain) -> str:
-    """``t03_prune_int8``: the trial's number in the search (Ray Tune's ids end in it: ``<search>_00003``) and its
-    chain's product; the variant's name in every table."""
-    return f"t{int(trial_id.rpartition('_')[2] or 0):02d}_{product_name(expand(chain), '_')}"
-
-
-def finished_trial(ctx: SearchContext, trial_id: str) -> dict | None:
-    """The final report of this trial from an earlier, killed ``optforge tune`` of the same search, or None.
-
-    Ray Tune saves its search state every few seconds, so a kill can lose that a trial finished; MLflow
-    has it. Resuming reports the recorded trial again instead of building and timing it twice.
-    """
-    experiment = mlflow.get_experiment_by_name(ctx.experiment)
-    runs = mlflow.MlflowClient().search_runs(
-        [experiment.experiment_id], f"tags.`optforge.tune.search` = '{ctx.search}' and "
-        f"tags.`optforge.tune.trial_id` = '{trial_id}' and attributes.status = 'FINISHED'", max_results=1)
-    if not runs or "accuracy" not in runs[0].data.metrics:
-        return None
-    run = runs[0]
-    variant = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/{VARIANT_FILE}")
-    return {**run.data.metrics, "benchmarked": 1, "mlflow_run_id": run.info.run_id, "variant": json.dumps(variant)}
+def trial_name(index: int, chain) -> str:
+    """``t03_prune_int8``: the trial's place in the search's draw and its chain's product; the variant's name in
+    every table."""
+    return f"t{index:02d}_{product_name(expand(chain), '_')}"
 
 
 class _Building:
@@ -102,38 +89,49 @@ def _report_epochs(run_id: str):
 
 
 @flow(name="tune-trial", validate_parameters=False)
-def tune_trial(ctx: SearchContext, chain: list[str], values: dict) -> dict:
-    """Build the trial's chain, benchmark it, log it; return its final metrics for Ray Tune."""
-    trial_id = tune.get_context().get_trial_id() or "0"
-    name = trial_name(trial_id, chain)
+def tune_trial(ctx: SearchContext, index: int, chain: list[str], values: dict) -> dict:
+    """Build the trial's chain, benchmark it, log it; return its final metrics for Ray Tune.
+
+    The run's ``optforge.tune.outcome`` tag (done, failed; stopped is set by the scheduler) is what a resumed
+    search reads to skip a settled trial.
+    """
+    name = trial_name(index, chain)
     overrides = [*trial_overrides(values), f"compress.chains={json.dumps([list(chain)])}"]
     configure(ctx.experiment)
-    if (earlier := finished_trial(ctx, trial_id)) is not None:
-        return earlier
     tags = {"optforge.variant": name, "optforge.chain": ">".join(chain), "optforge.tune.search": ctx.search,
-            "optforge.tune.trial_id": trial_id, **process_tags()}
+            "optforge.tune.trial": str(index), **process_tags()}
     with child_run(ctx.parent_run_id, TUNE_TRIAL_STAGE, run_name=name, tags=tags,
                    params={"chain": ">".join(chain), **values}) as run:
         run_id = run.info.run_id
-        cfg = validate(apply_overrides(ctx.base, overrides))  # a bad combination fails this trial, named
-        teacher, data = ModelRef(**ctx.teacher), DataRef(**ctx.data)
-        stage = StageRunner(force=False, parent_run_id=run_id)
-        onnx_steps = OnnxSteps(cfg.export, cfg.fuse, cfg.quantize, cfg.engines.static_int8)
-        with epoch_listener(_report_epochs(run_id)):
-            (variant,) = chain_variants(cfg.compress, teacher, data, ctx.workdir, _Building(stage, ctx.lock_dir),
-                                        onnx_steps)
-        variant = replace(variant, name=name)
-        with timing(ctx.lock_dir):
-            (result,) = stage(benchmark, cfg=cfg.benchmark, variants=[variant], data=data)
-        bad = [k for k, v in result.metrics.items() if not math.isfinite(v) and k != "flops"]
-        if bad:
-            raise ValueError(f"trial {name}: the benchmark measured non-finite {', '.join(bad)} (a model that "
-                             "diverged, or one that could not run)")
+        try:
+            result, variant = _build_and_time(ctx, name, overrides, run_id)
+        except Exception:  # an error of the trial's own (not Ray Tune's SystemExit when it stops the trial)
+            mlflow.set_tag(OUTCOME_TAG, "failed")
+            raise
         mlflow.log_metrics(result.metrics)
         mlflow.log_dict(asdict(variant), VARIANT_FILE)
-        mlflow.set_tags({"optforge.format": str(variant.format),
+        mlflow.set_tags({"optforge.format": str(variant.format), OUTCOME_TAG: "done",
                          **{f"optforge.{k}": str(v) for k, v in variant.info.get("lineage", {}).items()}})
-    return {**result.metrics, "benchmarked": 1, "mlflow_run_id": run_id, "variant": json.dumps(asdict(variant), default=str)}
+    return {**result.metrics, "benchmarked": 1, "mlflow_run_id": run_id}
+
+
+def _build_and_time(ctx: SearchContext, name: str, overrides: list[str], run_id: str):
+    """The chain through the stage runner (shared build lock), then the benchmark (exclusive timing lock)."""
+    cfg = validate(apply_overrides(ctx.base, overrides))  # a bad combination fails this trial, named
+    teacher, data = ModelRef(**ctx.teacher), DataRef(**ctx.data)
+    stage = StageRunner(force=False, parent_run_id=run_id)
+    onnx_steps = OnnxSteps(cfg.export, cfg.fuse, cfg.quantize, cfg.engines.static_int8)
+    with epoch_listener(_report_epochs(run_id)):
+        (variant,) = chain_variants(cfg.compress, teacher, data, ctx.workdir, _Building(stage, ctx.lock_dir),
+                                    onnx_steps)
+    variant = replace(variant, name=name)
+    with timing(ctx.lock_dir):
+        (result,) = stage(benchmark, cfg=cfg.benchmark, variants=[variant], data=data)
+    bad = [k for k, v in result.metrics.items() if not math.isfinite(v) and k != "flops"]
+    if bad:
+        raise ValueError(f"trial {name}: the benchmark measured non-finite {', '.join(bad)} (a model that "
+                         "diverged, or one that could not run)")
+    return result, variant
 
 
 def run_trial(config: dict, ctx: SearchContext) -> None:
@@ -143,5 +141,6 @@ def run_trial(config: dict, ctx: SearchContext) -> None:
     os.environ["MLFLOW_TRACKING_URI"] = ctx.tracking_uri  # Ray starts a trial in its own folder
     updates = {PREFECT_API_URL: ctx.prefect_api_url} if ctx.prefect_api_url else {}
     with temporary_settings(updates=updates):
-        final = tune_trial(ctx, config["trial"]["chain"], config["trial"]["values"])
+        trial = config["trial"]
+        final = tune_trial(ctx, trial["index"], trial["chain"], trial["values"])
     tune.report(final)

@@ -71,7 +71,7 @@ def search(tmp_path_factory):
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
     exp = client.get_experiment_by_name("optforge-test")
-    finished_before = {r.data.tags["optforge.tune.trial_id"] for r in _finished_trials(client, exp.experiment_id)}
+    finished_before = {r.data.tags["optforge.tune.trial"] for r in _finished_trials(client, exp.experiment_id)}
 
     from optforge.flows.tune import tune
 
@@ -129,7 +129,7 @@ def test_a_failing_trial_is_recorded_and_the_search_goes_on(search):
     assert len(failed) == 1 and failed[0]["values"]["compress.factorize.finetune.lr"] == 1e30
     assert "FloatingPointError: loss became non-finite" in failed[0]["error"]
     runs = client.search_runs([exp_id], f"{TRIAL} and attributes.status = 'FAILED'")
-    assert {r.data.tags["optforge.tune.trial_id"] for r in runs} >= {t["trial_id"] for t in failed}
+    assert {r.data.tags["optforge.tune.trial"] for r in runs} >= {str(t["index"]) for t in failed}
     assert any(t["status"] == "done" for t in summary["trials"])
 
 
@@ -156,7 +156,7 @@ def test_the_resumed_search_does_not_repeat_finished_trials(search):
     assert parents[1].data.tags["optforge.tune.resumed"] == "true"
     assert finished_before, "no trial had finished when the first search was killed"
     finished = _finished_trials(client, exp_id)
-    ids = [r.data.tags["optforge.tune.trial_id"] for r in finished]
+    ids = [r.data.tags["optforge.tune.trial"] for r in finished]
     assert len(ids) == len(set(ids))  # no trial was built and timed twice
     assert finished_before <= set(ids)
     assert parents[0].info.status == "KILLED"  # the second run closed the killed one's runs
