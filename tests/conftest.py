@@ -53,6 +53,20 @@ def _stop_ray_after_each_module():
     _stop_ray()
 
 
+@pytest.fixture(scope="session")
+def prefect_api_url():
+    """This session's Prefect server: Prefect's own temporary one, the one this process's flows use.
+
+    A pipeline run in a subprocess given it as ``PREFECT_API_URL`` skips starting a temporary server of its
+    own (11-14 s on 2 cores, per process). Tests about a user's first run on a bare machine do not use it.
+    """
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # the singleton Prefect's clients use in this process
+    server.start()
+    return server.api_url
+
+
 TINY = {
     "train": {"epochs": 4, "batch_size": 32, "lr": 0.01, "patience": 0, "num_workers": 2},
     "model": {"hidden": [64]},

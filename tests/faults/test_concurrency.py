@@ -22,11 +22,11 @@ def _config(tmp_path: Path, name: str, model: dict, epochs: int) -> Path:
     return path
 
 
-def test_two_runs_at_once_end_with_the_better_champion(tmp_path):
+def test_two_runs_at_once_end_with_the_better_champion(tmp_path, prefect_api_url):
     # "small" is faster and at least as accurate: whichever run registers first, it must end champion.
     configs = {"big": _config(tmp_path, "big", {"hidden": [1024, 1024]}, epochs=1),
                "small": _config(tmp_path, "small", {"hidden": [64]}, epochs=5)}
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PREFECT_API_URL": prefect_api_url,
            "OPTFORGE_LOCK_DIR": str(tmp_path / "locks")}
     exe = str(Path(sys.executable).with_name("optforge"))
     procs = {name: subprocess.Popen([exe, "run", "--config", str(path)], env=env, cwd=tmp_path, text=True,

@@ -25,11 +25,11 @@ def _wait_for(predicate, timeout: float, what: str, proc=None):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_sigkill_mid_training_then_resume(tiny_config, tmp_path):
+def test_sigkill_mid_training_then_resume(tiny_config, tmp_path, prefect_api_url):
     cfg = yaml.safe_load(tiny_config.read_text())
     cfg["train"]["epochs"] = 12  # long enough to be killed after a few epochs' checkpoints
     tiny_config.write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PREFECT_API_URL": prefect_api_url}
     cmd = [str(Path(sys.executable).with_name("optforge")), "run", "--config", str(tiny_config)]
     ray_dir = tmp_path / "work" / "ray"
 

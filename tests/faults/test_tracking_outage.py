@@ -26,13 +26,13 @@ def _server(tmp: Path, port: int):
     return proc
 
 
-def _run_until_training(tiny_config: Path, tmp: Path, uri: str, epochs: int, env: dict | None = None) -> subprocess.Popen:
+def _run_until_training(tiny_config: Path, tmp: Path, uri: str, epochs: int, env: dict) -> subprocess.Popen:
     cfg = yaml.safe_load(tiny_config.read_text())
     cfg["train"]["epochs"] = epochs
     cfg["engines"] = {"static_int8": {"enabled": False}, "fp16": {"enabled": False}, "tensorrt": {"enabled": False}}
     tiny_config.write_text(yaml.safe_dump(cfg))
     run = subprocess.Popen([str(BIN / "optforge"), "run", "--config", str(tiny_config)], cwd=tmp, text=True,
-                           env={**os.environ, "MLFLOW_TRACKING_URI": uri, **(env or {})}, start_new_session=True,
+                           env={**os.environ, "MLFLOW_TRACKING_URI": uri, **env}, start_new_session=True,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
     while len(list((tmp / "work" / "ray").glob("train-*/checkpoint_*"))) < 2:
@@ -48,11 +48,11 @@ def _kill(run: subprocess.Popen) -> None:
         pass
 
 
-def test_server_restart_mid_training_is_survived(tiny_config, tmp_path):
+def test_server_restart_mid_training_is_survived(tiny_config, tmp_path, prefect_api_url):
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
     server = _server(tmp_path, port)
-    run = _run_until_training(tiny_config, tmp_path, uri, epochs=10)
+    run = _run_until_training(tiny_config, tmp_path, uri, epochs=10, env={"PREFECT_API_URL": prefect_api_url})
     try:
         stop_all([server])
         time.sleep(4)  # a few epochs' metrics meet a dead server
@@ -76,12 +76,13 @@ def test_server_restart_mid_training_is_survived(tiny_config, tmp_path):
         stop_all([server])
 
 
-def test_server_gone_fails_clearly_and_keeps_local_outputs(tiny_config, tmp_path):
+def test_server_gone_fails_clearly_and_keeps_local_outputs(tiny_config, tmp_path, prefect_api_url):
     port = free_port()
     server = _server(tmp_path, port)
     # MLflow's own back-off (7 tries, about two minutes per request) is what a user gets by default; this test
     # is about how the run ends, so it shortens the back-off the way a user would (MLflow's variables).
-    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+             "PREFECT_API_URL": prefect_api_url}
     run = _run_until_training(tiny_config, tmp_path, f"http://127.0.0.1:{port}", epochs=6, env=quick)
     try:
         stop_all([server])

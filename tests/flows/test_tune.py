@@ -3,8 +3,7 @@
 One search of six trials over a tiny MLP serves every check (the suite's time is short): three chains,
 a hopeless pruning ratio (the floor scheduler must stop it), a learning rate that makes fine-tuning
 diverge (a NaN: the trial fails, the search goes on) and settings that work. The first process, a real
-``optforge tune``, is killed after two trials finished; the same search then resumes (in this process,
-to save a second Prefect server's start).
+``optforge tune``, is killed after two trials finished; the same search then resumes in this process.
 """
 
 import os
@@ -46,11 +45,12 @@ def _finished_trials(client: MlflowClient, experiment_id: str) -> list:
 
 
 @pytest.fixture(scope="module")
-def search(tmp_path_factory):
+def search(tmp_path_factory, prefect_api_url):
     """Kill a search after two finished trials, resume it; return what the checks read."""
     tmp_path = tmp_path_factory.mktemp("tune")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OPTFORGE_LOCK_DIR": str(tmp_path / "locks")}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OPTFORGE_LOCK_DIR": str(tmp_path / "locks"),
+           "PREFECT_API_URL": prefect_api_url}
     config = _config(tmp_path)
     cmd = [str(Path(sys.executable).with_name("optforge")), "tune", "--config", str(config)]
     client = MlflowClient(uri)
