@@ -129,11 +129,10 @@ def cmd_runs(args: argparse.Namespace) -> int:
     if mlflow.get_experiment_by_name(args.experiment) is None:
         print(f"error: no MLflow experiment named '{args.experiment}' at {tracking_uri()}", file=sys.stderr)
         return EXIT_FAILED
-    runs = mlflow.search_runs(  # optimize and tune runs (MLflow's filter has no IN for tags)
-        experiment_names=[args.experiment], filter_string="tags.`optforge.pipeline` LIKE '%'",
-        order_by=["attributes.start_time DESC"], max_results=args.last, output_format="list",
-    )
-    runs = [r for r in runs if r.data.tags["optforge.pipeline"] in PIPELINES]
+    runs = [run for pipeline in PIPELINES for run in mlflow.search_runs(  # MLflow's filter has no IN for tags
+        experiment_names=[args.experiment], filter_string=f"tags.`optforge.pipeline` = '{pipeline}'",
+        order_by=["attributes.start_time DESC"], max_results=args.last, output_format="list")]
+    runs = sorted(runs, key=lambda r: r.info.start_time, reverse=True)[: args.last]
     print(f"{'run id':32}  {'started (UTC)':19}  {'kind':8}  {'status':8}  {'registered':18}  error")
     for run in runs:
         tags = run.data.tags

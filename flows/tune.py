@@ -10,9 +10,10 @@ Wiring only, like ``optimize``. The search:
 3. the Pareto front over (accuracy, latency, size) of the finished trials, the register stage's
    champion/challenger rule over them and the teacher, and the run report (front included).
 
-Ray Tune keeps the search's state under ``<workdir>/tune/<search key>``; the key covers the teacher,
-the data and every setting that shapes a trial, so a killed ``optforge tune`` with the same config
-resumes there (finished trials are not run again) and a changed one starts a new search.
+A search is named by a key over the teacher, the data and the drawn trials (``<workdir>/tune/search-<key>``,
+where Ray Tune writes each run's files). MLflow holds each trial's outcome, so ``optforge tune`` again with
+the same config resumes: settled trials (done, stopped by the scheduler, failed) are not run again; those a
+kill interrupted or the budget never reached are. ``--force`` moves the search to a new generation.
 """
 
 # No ``from __future__ import annotations``: Prefect builds the flow's parameter model from the signature.
@@ -26,11 +27,13 @@ import mlflow
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
+from optforge.flows.chain_config import expand, product_name
 from optforge.flows.optimize import StageRunner, pipeline_run, prepare, train_teacher
 from optforge.flows.params import ConfigError, PipelineConfig, apply_overrides, load_config, validate
 from optforge.flows.tune_config import TUNE_CHAINS, default_space, draw_trials, trial_overrides
-from optforge.flows.tune_trial import OUTCOME_TAG, VARIANT_FILE, SearchContext, run_trial, trial_name
+from optforge.flows.tune_trial import OUTCOME_TAG, VARIANT_FILE, Outcome, SearchContext, run_trial, trial_name
 from optforge.tasks.benchmark import benchmark
+from optforge.tasks.idle import host_locks
 from optforge.tasks.refs import ModelRef, VariantResult
 from optforge.tasks.register import hash_config, register
 from optforge.tasks.report import report
@@ -81,6 +84,36 @@ def _with_menu(cfg: PipelineConfig) -> PipelineConfig:
     return cfg.model_copy(update={"compress": cfg.compress.model_copy(update={"chains": chains})})
 
 
+def _students(cfg: PipelineConfig, data, space: dict, menu, skipped: dict):
+    """The distillation chains under each student the space names (the plan judged them with the config's own
+    student): the menu with those that apply under some student, a check of (chain, values), and what was
+    skipped under every student."""
+    from itertools import product
+
+    from optforge.flows.plan import plan
+
+    keys = [k for k in space if k.startswith("compress.distill.")]
+    distill_chains = tuple(c for c in (cfg.tune.chains or TUNE_CHAINS) if "distill" in c)
+    if not keys or not distill_chains:
+        return menu, None, skipped
+    base = apply_overrides(cfg.to_dict(), [f"compress.chains={json.dumps([list(c) for c in distill_chains])}"])
+    kept: dict[tuple, set] = {}
+    for combo in product(*(space[k] for k in keys)):
+        student = dict(zip(keys, combo))
+        planned = plan(validate(apply_overrides(base, trial_overrides(student))), data.inputs, data.name)
+        kept[tuple(sorted((k, json.dumps(v)) for k, v in student.items()))] = set(planned.cfg.compress.chains)
+
+    def allowed(chain: tuple, values: dict) -> bool:
+        if "distill" not in chain:
+            return True
+        return chain in kept[tuple(sorted((k, json.dumps(values[k])) for k in keys))]
+
+    admitted = set().union(*kept.values())
+    menu = tuple(c for c in menu if "distill" not in c) + tuple(c for c in distill_chains if c in admitted)
+    names = {product_name(expand(c), "_") for c in admitted}
+    return menu, allowed, {k: v for k, v in skipped.items() if k not in names}
+
+
 def _prefect_api_url() -> str | None:
     """The API this flow reports to (the ephemeral one included), for the trials' flow runs."""
     from prefect.client.orchestration import get_client
@@ -94,7 +127,7 @@ def _record_stop(result: dict, reason: str) -> None:
     run_id = result.get("mlflow_run_id")
     if run_id:
         client = mlflow.MlflowClient()
-        client.set_tag(run_id, OUTCOME_TAG, "stopped")
+        client.set_tag(run_id, OUTCOME_TAG, Outcome.STOPPED)
         client.set_tag(run_id, STOPPED_TAG, reason[:5000])
 
 
@@ -108,8 +141,10 @@ def _tuner(cfg: PipelineConfig, ctx: SearchContext, todo: list[dict], floor_val:
     scheduler = FloorScheduler(floor_val, t.stop_margin, _record_stop) if t.scheduler == "floor" else None
     # The trials are drawn by the flow (distinct, seeded) and handed to Ray Tune as a grid of one key.
     param_space = {"trial": tune.grid_search(todo)}
-    # reuse_actors: a trial's process has imported torch, Prefect and MLflow already (8-10 s each time here).
-    tune_cfg = tune.TuneConfig(num_samples=1, time_budget_s=t.time_budget_s, scheduler=scheduler, reuse_actors=True,
+    # No actor reuse: stopping a trial whose distillation runs on Ray Train cannot interrupt that fit from the
+    # reporting thread; ending the trial's process does (its Ray Train actors go with it). It costs a process
+    # start per trial (8-10 s of imports here).
+    tune_cfg = tune.TuneConfig(num_samples=1, time_budget_s=t.time_budget_s, scheduler=scheduler, reuse_actors=False,
                                search_alg=BasicVariantGenerator(max_concurrent=t.max_concurrent))
     run_cfg = tune.RunConfig(name=time.strftime("run-%Y%m%d-%H%M%S"), storage_path=str(folder), verbose=0,
                              failure_config=tune.FailureConfig(max_failures=0, fail_fast=False))
@@ -129,23 +164,44 @@ def _trial_runs(experiment_id: str, search: str) -> dict[int, object]:
     return {int(r.data.tags["optforge.tune.trial"]): r for r in runs if "optforge.tune.trial" in r.data.tags}
 
 
-def _row(trial: dict, run, error: str | None = None) -> dict:
-    """One trial's outcome from its MLflow run: done (metrics, variant), stopped (why), failed (the error) or not
-    run (the budget ended first)."""
+def _row(trial: dict, run, error: str | None, parent_run_id: str) -> dict:
+    """One trial's outcome: a settled one from its MLflow run (done: metrics and variant; stopped by the
+    scheduler: why; failed: the error), else what this search's Ray Tune run made of it (an error, a stop by
+    the budget, or never started)."""
     row = {"index": trial["index"], "trial": trial_name(trial["index"], trial["chain"]),
            "chain": ">".join(trial["chain"]), "values": trial["values"],
            "mlflow_run_id": run.info.run_id if run else None}
     tags = run.data.tags if run else {}
-    outcome = tags.get(OUTCOME_TAG) or ("failed" if error else "stopped" if run else "not run")
+    ours = run is not None and tags.get("mlflow.parentRunId") == parent_run_id
+    if error:
+        outcome = Outcome.FAILED
+    elif tags.get(OUTCOME_TAG):
+        outcome = Outcome(tags[OUTCOME_TAG])
+    else:  # unsettled: stopped by the budget if this run started it, else it never got to it
+        outcome = Outcome.STOPPED if ours else Outcome.NOT_RUN
     row["status"] = outcome
-    if outcome == "done":
+    if outcome == Outcome.DONE:
         row["metrics"] = {k: float(v) for k, v in run.data.metrics.items() if k in VARIANT_METRICS}
         row["variant"] = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/{VARIANT_FILE}")
-    elif outcome == "failed":
+    elif outcome == Outcome.FAILED:
         row["error"] = error or tags.get("optforge.error", "unknown error")
     else:
         row["reason"] = tags.get(STOPPED_TAG) or BUDGET
+        if outcome == Outcome.NOT_RUN:
+            row["mlflow_run_id"] = None  # an earlier, killed run's: not this search's to close
     return row
+
+
+def _generation(path: Path, force: bool) -> str:
+    """The search's name in MLflow: its folder's name and a generation that ``--force`` moves on, so a forced
+    search starts with no settled trial and its report shows only its own."""
+    path.mkdir(parents=True, exist_ok=True)
+    counter = path / "generation"
+    number = int(counter.read_text()) if counter.exists() else 0
+    if force:
+        number += 1
+        counter.write_text(str(number))
+    return f"{path.name}-g{number}"
 
 
 def _errors(grid) -> dict[int, str]:
@@ -167,7 +223,7 @@ def _close_stopped(rows: list[dict]) -> None:
     """
     client = mlflow.MlflowClient()
     for row in rows:
-        if row["status"] != "stopped" or not row["mlflow_run_id"]:
+        if row["status"] != Outcome.STOPPED or not row["mlflow_run_id"]:
             continue
         run = client.get_run(row["mlflow_run_id"])
         client.set_tag(run.info.run_id, STOPPED_TAG, row["reason"][:5000])
@@ -199,48 +255,49 @@ def _search(cfg: PipelineConfig, force: bool, parent_run_id: str) -> dict:
     stage = StageRunner(force=False, parent_run_id=parent_run_id)
     data, run_plan = prepare(_with_menu(cfg), workdir, stage)  # logs the chains it drops, with why
     cfg, skipped, menu = run_plan.cfg, run_plan.skipped, run_plan.cfg.compress.chains
+    base = cfg.to_dict()
+    space = _space(cfg, base)
+    menu, allowed, skipped = _students(cfg, data, space, menu, skipped)
     if not menu:
         raise ConfigError("tune.chains: no chain of the menu applies to this model: "
                           + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
-    base = cfg.to_dict()
-    space = _space(cfg, base)
     teacher = train_teacher(cfg, workdir, stage, data)
     (baseline,) = stage(benchmark, cfg=cfg.benchmark, variants=[teacher], data=data)
     floor = accuracy_floor(baseline.metrics["accuracy"], cfg.register)
     # The scheduler sees validation accuracy: the same allowance below the teacher's validation accuracy.
     floor_val = teacher.info.get("best_val_accuracy", baseline.metrics["accuracy"]) - (baseline.metrics["accuracy"] - floor)
-    drawn = [{"index": i, **t} for i, t in enumerate(draw_trials(menu, space, cfg.tune.trials, cfg.tune.seed))]
+    drawn = [{"index": i, **t} for i, t in enumerate(draw_trials(menu, space, cfg.tune.trials, cfg.tune.seed, allowed))]
     # The budget and concurrency (tune.*) may change on resume; what the trials build may not.
     key = hash_config({"data": data.sha256, "teacher": teacher.sha256, "trials": drawn,
                        "base": {k: v for k, v in base.items() if k != "tune"}})[:16]
     path = Path(workdir) / "tune" / f"search-{key}"
-    lock_dir = str(Path(workdir) / "tune" / "locks")
+    search = _generation(path, force)
     ctx = SearchContext(base=base, teacher=asdict(teacher), data=asdict(data), parent_run_id=parent_run_id,
                         experiment=cfg.tracking.experiment, tracking_uri=tracking_uri(),
-                        prefect_api_url=_prefect_api_url(), workdir=workdir, lock_dir=lock_dir, search=path.name)
+                        prefect_api_url=_prefect_api_url(), workdir=workdir, lock_dir=str(host_locks()),
+                        search=search)
     mlflow.log_dict({"chains": [list(c) for c in menu], "space": space, "not_searched": skipped, "trials": drawn},
                     "tune_space.json")
-    mlflow.set_tags({"optforge.tune.search": path.name, "optforge.tune.search_dir": str(path),
+    mlflow.set_tags({"optforge.tune.search": search, "optforge.tune.search_dir": str(path),
                      "optforge.tune.floor": f"{floor:.4f}"})
     experiment_id = mlflow.get_experiment_by_name(cfg.tracking.experiment).experiment_id
     # Resume: the trials an earlier run of this search settled (done, stopped by the scheduler, failed) are not
     # run again; those it left unfinished (killed, or out of budget) are. MLflow holds the outcomes.
-    earlier = {} if force else {i for i, r in _trial_runs(experiment_id, path.name).items()
-                                if r.data.tags.get(OUTCOME_TAG)}
+    earlier = {i for i, r in _trial_runs(experiment_id, search).items() if r.data.tags.get(OUTCOME_TAG)}
     todo = [t for t in drawn if t["index"] not in earlier]
     resumed = bool(earlier)
     mlflow.set_tag("optforge.tune.resumed", str(resumed).lower())
     logger.info("%s search %s: %d of %d trial(s) to run, over %d chain(s) and %d setting(s), floor %.2f%%",
-                "resuming" if resumed else "starting", path.name, len(todo), len(drawn), len(menu), len(space), floor)
+                "resuming" if resumed else "starting", search, len(todo), len(drawn), len(menu), len(space), floor)
     errors = {}
     if todo:
         ensure_ray()
         errors = _errors(_tuner(cfg, ctx, todo, floor_val, path).fit())
-    runs = _trial_runs(experiment_id, path.name)
-    trials = [_row(t, runs.get(t["index"]), errors.get(t["index"])) for t in drawn]
+    runs = _trial_runs(experiment_id, search)
+    trials = [_row(t, runs.get(t["index"]), errors.get(t["index"]), parent_run_id) for t in drawn]
     _close_stopped(trials)
 
-    done = [t for t in trials if t["status"] == "done"]
+    done = [t for t in trials if t["status"] == Outcome.DONE]
     variants = [teacher] + [ModelRef(**t["variant"]) for t in done]
     results = [baseline] + [VariantResult(t["trial"], t["metrics"], t["mlflow_run_id"]) for t in done]
     latency = cfg.register.latency_metric
@@ -251,7 +308,7 @@ def _search(cfg: PipelineConfig, force: bool, parent_run_id: str) -> dict:
                          config_hash=hash_config(base))
     report_ref = report(cfg=cfg.register, results=results, variants=variants, registration=registration,
                         workdir=workdir, parent_run_id=parent_run_id)
-    counts = {s: sum(t["status"] == s for t in trials) for s in ("done", "stopped", "failed", "not run")}
+    counts = {str(o): sum(t["status"] == o for t in trials) for o in Outcome}
     mlflow.log_metrics({f"trials_{s.replace(' ', '_')}": n for s, n in counts.items()}
                        | {"tune_seconds": time.perf_counter() - started})
     mlflow.set_tags({"optforge.tune.front": ",".join(front), "optforge.registered": registration.variant or "none",

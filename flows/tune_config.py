@@ -8,6 +8,7 @@ rebuilt exactly by ``optforge run`` with the same overrides and ``compress.chain
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 import yaml
@@ -32,7 +33,8 @@ TUNE_CHAINS: tuple[tuple[str, ...], ...] = (
 class TuneConfig(TechniqueConfig):
     """The search over compression chains and their settings (``optforge tune``)."""
 
-    trials: int = Field(8, ge=1, le=10_000, description="trials to run (Ray Tune's num_samples)")
+    trials: int = Field(8, ge=1, le=10_000, description="distinct trials to draw (fewer when the space holds "
+                        "fewer); the flow hands them to Ray Tune as a grid")
     time_budget_s: float | None = Field(None, gt=0, description="wall-time budget of the search in seconds; trials "
                                         "still running then are stopped (None: no limit)")
     max_concurrent: int = Field(2, ge=1, description="trials building at once; their latency is still measured one "
@@ -118,13 +120,15 @@ def relevant(key: str, chain) -> bool:
     return section in steps or (section == "export" and bool(steps & {"static", "quantize"}) and "fuse" not in steps)
 
 
-def draw_trials(chains, space: dict[str, list[Any]], trials: int, seed: int) -> list[dict[str, Any]]:
+def draw_trials(chains, space: dict[str, list[Any]], trials: int, seed: int,
+                allowed: Callable[[tuple, dict], bool] | None = None) -> list[dict[str, Any]]:
     """``trials`` distinct trials (chain + a value for each key that matters to it), drawn at random with ``seed``.
 
     Each draw picks a chain first (uniformly among those with untried settings left), then one of its
     untried settings, so a chain with many settings does not crowd out the others. Keys that do not touch
     a chain are left out of its trials: two draws that differ only there are one trial. Fewer come back
-    when the space holds fewer distinct trials.
+    when the space holds fewer distinct trials. ``allowed(chain, values)``, when given, drops the trials that
+    cannot apply (a student no smaller than the teacher).
     """
     import itertools
     import random
@@ -134,6 +138,7 @@ def draw_trials(chains, space: dict[str, list[Any]], trials: int, seed: int) -> 
     for chain in chains:
         keys = sorted(k for k in space if relevant(k, chain))
         combos = [dict(zip(keys, combo)) for combo in itertools.product(*(space[k] for k in keys))]
+        combos = [c for c in combos if allowed is None or allowed(tuple(chain), c)]
         rng.shuffle(combos)
         left.append((list(chain), combos))
     drawn = []

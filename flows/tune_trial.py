@@ -23,6 +23,7 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, replace
+from enum import StrEnum
 
 import mlflow
 from prefect import flow
@@ -37,11 +38,20 @@ from optforge.tasks.benchmark import benchmark
 from optforge.tasks.idle import building, timing
 from optforge.tasks.progress import epoch_listener
 from optforge.tasks.refs import DataRef, ModelRef
-from optforge.tasks.report import TUNE_TRIAL_STAGE
-from optforge.tasks.tracking import child_run, configure, process_tags
+from optforge.tasks.tracking import TUNE_TRIAL_STAGE, child_run, configure, process_tags
 
 VARIANT_FILE = "tune_variant.json"  # the trial's ModelRef, on its run: what the search registers from
 OUTCOME_TAG = "optforge.tune.outcome"  # done | stopped | failed: a settled trial, not run again on resume
+
+
+class Outcome(StrEnum):
+    """What became of a trial: the first three are settled (recorded on its run); ``not run``: the search ended
+    before it started."""
+
+    DONE = "done"
+    STOPPED = "stopped"
+    FAILED = "failed"
+    NOT_RUN = "not run"
 
 
 @dataclass(frozen=True)
@@ -106,11 +116,11 @@ def tune_trial(ctx: SearchContext, index: int, chain: list[str], values: dict) -
         try:
             result, variant = _build_and_time(ctx, name, overrides, run_id)
         except Exception:  # an error of the trial's own (not Ray Tune's SystemExit when it stops the trial)
-            mlflow.set_tag(OUTCOME_TAG, "failed")
+            mlflow.set_tag(OUTCOME_TAG, Outcome.FAILED)
             raise
         mlflow.log_metrics(result.metrics)
         mlflow.log_dict(asdict(variant), VARIANT_FILE)
-        mlflow.set_tags({"optforge.format": str(variant.format), OUTCOME_TAG: "done",
+        mlflow.set_tags({"optforge.format": str(variant.format), OUTCOME_TAG: Outcome.DONE,
                          **{f"optforge.{k}": str(v) for k, v in variant.info.get("lineage", {}).items()}})
     return {**result.metrics, "benchmarked": 1, "mlflow_run_id": run_id}
 

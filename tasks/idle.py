@@ -7,8 +7,10 @@ that every builder passes through before taking its shared hold, so new builds q
 timer instead of starving it. Builds already running finish their current step first.
 
 ``fcntl.flock`` locks are held by the OS for the process and released when it dies, so a killed trial
-never leaves the search locked. They are per host, which is what is wanted: a timing is disturbed only by
-work on the same machine. POSIX only (optforge's Ray clusters are Linux).
+never leaves the search locked. ``HOST_LOCKS`` is in this host's temp folder, so every search on the host
+shares it (two searches do not time while the other builds) and nodes of a cluster do not wait on each
+other: a timing is disturbed only by work on the same machine. ``optforge run``'s own stages do not take
+it. POSIX only (optforge's Ray clusters are Linux).
 """
 
 from __future__ import annotations
@@ -16,8 +18,14 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+
+def host_locks() -> Path:
+    """The timing lock's folder: host-local (the temp folder), never a shared file system."""
+    return Path(tempfile.gettempdir()) / "optforge-locks" / "timing"
 
 
 @contextlib.contextmanager

@@ -30,7 +30,7 @@ from optforge.tasks.techniques.report import (
     write_report,
 )
 from optforge.tasks.techniques.selection import RegisterConfig, Selection, select_variant
-from optforge.tasks.tracking import PIPELINES, STAGE_TAG
+from optforge.tasks.tracking import PIPELINES, STAGE_TAG, TUNE_TRIAL_STAGE
 
 ARTIFACT_DIR = "report"
 SELECTION_FILE = "selection.json"  # written by tasks.register
@@ -65,9 +65,6 @@ def get_pipeline_run(client: MlflowClient, run_id: str) -> Run:
             )
         raise ReportError(f"run {run_id} is not an optforge pipeline run (no tag optforge.pipeline, one of {PIPELINES})")
     return run
-
-
-TUNE_TRIAL_STAGE = "tune_trial"  # flows/tune_trial.py's runs: one per trial of optforge tune
 
 
 def _stage_runs(client: MlflowClient, run: Run, stage: str) -> list[Run]:

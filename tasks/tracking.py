@@ -106,6 +106,7 @@ def process_tags() -> dict[str, str]:
 
 # The flows whose parent runs a later run may find left RUNNING: optforge run's and optforge tune's.
 PIPELINES = ("optimize", "tune")
+TUNE_TRIAL_STAGE = "tune_trial"  # the stage tag of a tune trial's run (flows/tune_trial.py)
 
 
 def _running_descendants(client, experiment_id: str, run_id: str) -> list:

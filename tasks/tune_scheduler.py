@@ -5,8 +5,9 @@ fine-tuning phase (a prune round's, the student's distillation, QAT's) a learnin
 epoch as it goes, so the best gain seen so far in the phase, times the epochs left, bounds what the
 phase can still add. A trial whose bound stays more than ``margin`` points under the floor is stopped:
 the steps after a phase (more pruning, quantization) do not win accuracy back. A phase decides nothing
-before its ``GRACE_EPOCHS``-th epoch unless that is its last: one epoch-to-epoch change is noise (the
-second epoch of a fine-tune often dips under the first's learning rate).
+before it has reported ``GRACE_EPOCHS`` epochs unless the one reported is its last: one epoch-to-epoch
+change is noise (the second epoch of a fine-tune often dips under the first's learning rate), and a phase
+resumed from a checkpoint (Ray Train after a worker failure) starts counting again.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class Phase:
     epoch: int
     accuracy: float
     best_gain: float | None = None  # None until the phase has two epochs
+    seen: int = 1  # epochs reported in this phase
 
 
 def advance(phase: Phase | None, label: str, epoch: int, accuracy: float) -> Phase:
@@ -35,13 +37,13 @@ def advance(phase: Phase | None, label: str, epoch: int, accuracy: float) -> Pha
         return Phase(label, epoch, accuracy)
     gain = (accuracy - phase.accuracy) / (epoch - phase.epoch)
     best = gain if phase.best_gain is None else max(phase.best_gain, gain)
-    return Phase(label, epoch, accuracy, best)
+    return Phase(label, epoch, accuracy, best, phase.seen + 1)
 
 
 def hopeless(phase: Phase, epochs: int, floor: float, margin: float) -> str | None:
     """Why the phase cannot reach ``floor - margin`` by its last epoch (``epochs`` in all), or None."""
     left = epochs - 1 - phase.epoch
-    if left > 0 and phase.epoch + 1 < GRACE_EPOCHS:
+    if left > 0 and phase.seen < GRACE_EPOCHS:
         return None
     bound = phase.accuracy + left * max(0.0, phase.best_gain or 0.0)
     if bound >= floor - margin:

@@ -59,3 +59,11 @@ def test_the_default_space_scales_the_student_to_the_teacher():
 def test_bad_search_configs_name_the_field(override, field):
     with pytest.raises(ConfigError, match=field.replace("[", r"\[")):
         load_config(None, [override])
+
+
+def test_trials_that_cannot_apply_are_not_drawn():
+    space = {"compress.distill.student.hidden": [[8], [512]], "compress.prune.sparsity": [0.3]}
+    too_big = lambda chain, values: values.get("compress.distill.student.hidden") != [512]
+    drawn = draw_trials([("distill", "quantize"), ("prune", "quantize")], space, 10, seed=0, allowed=too_big)
+    assert sorted(str(t["values"]) for t in drawn) == sorted(
+        [str({"compress.distill.student.hidden": [8]}), str({"compress.prune.sparsity": 0.3})])

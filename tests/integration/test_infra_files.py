@@ -100,16 +100,25 @@ def test_prefect_yaml_matches_the_flow():
     from optforge.flows.optimize import optimize
     from optforge.flows.params import PipelineConfig
 
+    from optforge.flows.params import load_config
+    from optforge.flows.tune import tune
+
     spec = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
-    (deployment,) = spec["deployments"]
-    path, _, name = deployment["entrypoint"].partition(":")
+    nightly, weekly = spec["deployments"]
+    path, _, name = nightly["entrypoint"].partition(":")
     assert (ROOT / path).is_file() and name == optimize.fn.__name__
-    assert set(deployment["parameters"]) == set(inspect.signature(optimize.fn).parameters) - {"config_path"}
-    PipelineConfig.model_validate(deployment["parameters"]["config"])  # the typed default is a valid config
-    assert deployment["enforce_parameter_schema"] is True
-    for schedule in deployment["schedules"]:
-        Cron(schedule["cron"], timezone=schedule["timezone"])  # raises on a bad cron or time zone
-    assert deployment["work_pool"]["name"] == "optforge-process"
+    assert set(nightly["parameters"]) == set(inspect.signature(optimize.fn).parameters) - {"config_path"}
+    PipelineConfig.model_validate(nightly["parameters"]["config"])  # the typed default is a valid config
+    assert nightly["enforce_parameter_schema"] is True
+    # The search: its entry point, parameters the flow takes, a config (and overrides) that load.
+    path, _, name = weekly["entrypoint"].partition(":")
+    assert (ROOT / path).is_file() and name == tune.fn.__name__
+    assert set(weekly["parameters"]) == set(inspect.signature(tune.fn).parameters)
+    load_config(ROOT / weekly["parameters"]["config_path"], weekly["parameters"]["overrides"])
+    for deployment in (nightly, weekly):
+        for schedule in deployment["schedules"]:
+            Cron(schedule["cron"], timezone=schedule["timezone"])  # raises on a bad cron or time zone
+        assert deployment["work_pool"]["name"] == "optforge-process"
     (pull,) = spec["pull"]
     assert pull["prefect.deployments.steps.set_working_directory"]["directory"] == "{{ $OPTFORGE_HOME }}"
     readme = (INFRA / "README.md").read_text()

@@ -1,5 +1,7 @@
 """The floor scheduler's rule, and the timing lock between trials: pure Python, no Ray cluster."""
 
+import fcntl
+import os
 import threading
 import time
 
@@ -32,6 +34,12 @@ def test_a_phase_that_cannot_climb_to_the_floor_is_hopeless():
     assert hopeless(_phase(10, 10), epochs=5, floor=95, margin=1) is None
 
 
+def test_a_phase_resumed_from_a_checkpoint_gets_its_grace_again():
+    resumed = advance(None, "distill", 4, 80)  # Ray Train restarted at epoch 5 of 40 after a worker failure
+    assert hopeless(resumed, epochs=40, floor=95, margin=1) is None
+    assert hopeless(advance(resumed, "distill", 5, 80.5), epochs=40, floor=95, margin=1) is None
+
+
 def test_a_new_round_starts_a_new_phase():
     phase = _phase(80, 90)
     restarted = advance(phase, "prune fine-tune", 0, 70)  # the next pruning round's first epoch
@@ -57,29 +65,53 @@ def test_the_scheduler_stops_and_records_only_hopeless_trials():
     assert [t for t, _ in stops] == ["b"]
 
 
+def _held(path) -> bool:
+    """Whether another holder has ``path`` locked (a non-blocking try from a fresh file description)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def _wait(predicate, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
 def test_timing_waits_for_builds_and_holds_new_ones_back(tmp_path):
     events = []
+    release_a = threading.Event()
 
-    def build(name, seconds):
+    def build(name, until):
         with building(tmp_path):
             events.append(f"{name} start")
-            time.sleep(seconds)
+            until()
             events.append(f"{name} end")
 
     def time_it():
         with timing(tmp_path):
             events.append("timing start")
-            time.sleep(0.3)
+            time.sleep(0.2)
             events.append("timing end")
 
-    first = threading.Thread(target=build, args=("a", 0.5))
+    first = threading.Thread(target=build, args=("a", lambda: release_a.wait(30)))
     first.start()
-    time.sleep(0.1)
+    _wait(lambda: events == ["a start"])
     timer = threading.Thread(target=time_it)
     timer.start()
-    time.sleep(0.1)
-    late = threading.Thread(target=build, args=("b", 0.1))  # arrives while the timer waits: goes after it
+    _wait(lambda: _held(tmp_path / "turnstile.lock"))  # the timer waits for "a", holding the turnstile
+    late = threading.Thread(target=build, args=("b", lambda: None))  # arrives while the timer waits
     late.start()
+    time.sleep(0.2)
+    assert events == ["a start"]  # neither the timer nor the late build got in while "a" builds
+    release_a.set()
     for t in (first, timer, late):
-        t.join(10)
+        t.join(30)
     assert events == ["a start", "a end", "timing start", "timing end", "b start", "b end"]
