@@ -20,6 +20,23 @@ def _fmt(v: float, digits: int = 2) -> str:
     return "-" if v != v else f"{v:,.{digits}f}"  # NaN: a skipped variant (e.g. TensorRT without CUDA)
 
 
+def _table(header: tuple, rows: list[tuple], numbers_right: bool = False) -> list[str]:
+    """Aligned text lines: the header, a rule, the rows (all but the first column right-aligned if asked)."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(r) -> str:
+        return "  ".join(str(c).rjust(w) if i and numbers_right else str(c).ljust(w)
+                         for i, (c, w) in enumerate(zip(r, widths)))
+
+    return [line(header), line(["-" * w for w in widths]), *map(line, rows)]
+
+
+def _registration_line(reg: dict) -> str:
+    alias = f" as '{reg['alias']}'" if reg.get("alias") else ""
+    return (f"registered {reg['model_name']} version {reg['version']}{alias} ({reg['reason']})"
+            if reg["version"] else f"nothing registered: {reg['reason']}")
+
+
 def format_summary(summary: dict) -> str:
     """The run's variants as an aligned text table, plus the registration outcome."""
     header = ("variant", "accuracy %", "p50 b1 ms", "p95 b1 ms", "thr b64 /s", "size MB", "params", "speed-up b1")
@@ -31,18 +48,12 @@ def format_summary(summary: dict) -> str:
         )
         for v in summary["variants"]
     ]
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
-    reg = summary["registration"]
-    alias = f" as '{reg['alias']}'" if reg.get("alias") else ""
-    outcome = (
-        f"registered {reg['model_name']} version {reg['version']}{alias} ({reg['reason']})"
-        if reg["version"] else f"nothing registered: {reg['reason']}"
-    )
+    table = _table(header, rows, numbers_right=True)
+    outcome = _registration_line(summary["registration"])
     stages = ", ".join(f"{s['stage']} " + ("cached" if s["cached"] else f"{s['seconds']}s") for s in summary["stages"])
     skipped = [f"{v['variant']}: skipped ({v['skipped']})" for v in summary["variants"] if v.get("skipped")]
     skipped += [f"{name}: skipped ({why})" for name, why in summary.get("skipped", {}).items()]
-    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows), *skipped, "", outcome,
+    return "\n".join([*table, *skipped, "", outcome,
                       f"stages: {stages}", f"MLflow parent run: {summary['parent_run_id']}",
                       *([f"report: {summary['report']}"] if summary.get("report") else [])])
 
@@ -98,14 +109,9 @@ def format_tune(summary: dict) -> str:
     base = summary["baseline"]
     rows.append((f"{base['name']} (teacher)", "baseline", _fmt(base["accuracy"]), _fmt(base["latency_ms_p50_b1"], 3),
                  _fmt(base["size_mb"], 3), "*" if base["name"] in summary["front"] else "", ""))
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))
-    reg = summary["registration"]
-    alias = f" as '{reg['alias']}'" if reg.get("alias") else ""
-    outcome = (f"registered {reg['model_name']} version {reg['version']}{alias} ({reg['reason']})"
-               if reg["version"] else f"nothing registered: {reg['reason']}")
-    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows), "",
-                      f"accuracy floor {summary['floor']:.2f}%; Pareto front: {', '.join(summary['front'])}", outcome,
+    return "\n".join([*_table(header, rows), "",
+                      f"accuracy floor {summary['floor']:.2f}%; Pareto front: {', '.join(summary['front'])}",
+                      _registration_line(summary["registration"]),
                       (f"{'resumed' if summary['resumed'] else 'searched'} in {summary['seconds']} s "
                        f"({summary['search']})"), f"MLflow tune run: {summary['parent_run_id']}",
                       f"report: {summary['report']}"])

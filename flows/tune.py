@@ -32,14 +32,14 @@ from optforge.flows.optimize import StageRunner, pipeline_run, prepare, train_te
 from optforge.flows.params import ConfigError, PipelineConfig, apply_overrides, load_config, validate
 from optforge.flows.tune_config import TUNE_CHAINS, default_space, draw_trials, trial_overrides
 from optforge.flows.tune_trial import OUTCOME_TAG, VARIANT_FILE, Outcome, SearchContext, run_trial, trial_name
-from optforge.tasks.benchmark import benchmark
+from optforge.tasks.benchmark import TIMED, benchmark
 from optforge.tasks.idle import host_locks
 from optforge.tasks.refs import ModelRef, VariantResult
 from optforge.tasks.register import hash_config, register
 from optforge.tasks.report import report
 from optforge.tasks.techniques.pareto import pareto_front
 from optforge.tasks.techniques.selection import accuracy_floor
-from optforge.tasks.tracking import flatten, tracking_uri
+from optforge.tasks.tracking import descendants, flatten, tracking_uri
 from optforge.tasks.tune_scheduler import FloorScheduler
 from optforge.tasks.worker_common import ensure_ray
 
@@ -151,8 +151,7 @@ def _tuner(cfg: PipelineConfig, ctx: SearchContext, todo: list[dict], floor_val:
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_cfg, run_config=run_cfg)
 
 
-VARIANT_METRICS = ("accuracy", "latency_ms_p50_b1", "latency_ms_p95_b1", "latency_ms_mean_b1", "throughput_sps_b64",
-                   "size_mb", "params", "flops")
+VARIANT_METRICS = (*TIMED, "params", "flops")  # what the benchmark stage logs for every variant
 BUDGET = "the search's time budget ran out, or the search was stopped, before the trial finished"
 
 
@@ -227,21 +226,12 @@ def _close_stopped(rows: list[dict]) -> None:
             continue
         run = client.get_run(row["mlflow_run_id"])
         client.set_tag(run.info.run_id, STOPPED_TAG, row["reason"][:5000])
-        for r in [*_unfinished_descendants(client, run), run]:
+        for r in [*descendants(client, run.info.experiment_id, run.info.run_id, "!= 'FINISHED'"), run]:
             if r.info.status != "KILLED":
                 client.set_terminated(r.info.run_id, status="KILLED")
             for tag in ("optforge.error", "optforge.error_type"):
                 if tag in r.data.tags:
                     client.delete_tag(r.info.run_id, tag)
-
-
-def _unfinished_descendants(client, run) -> list:
-    """A stopped trial's step runs that did not finish, at any depth."""
-    found = []
-    for child in client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}' and "
-                                    "attributes.status != 'FINISHED'"):
-        found += [*_unfinished_descendants(client, child), child]
-    return found
 
 
 def _search(cfg: PipelineConfig, force: bool, parent_run_id: str) -> dict:

@@ -109,12 +109,13 @@ PIPELINES = ("optimize", "tune")
 TUNE_TRIAL_STAGE = "tune_trial"  # the stage tag of a tune trial's run (flows/tune_trial.py)
 
 
-def _running_descendants(client, experiment_id: str, run_id: str) -> list:
-    """RUNNING runs under ``run_id`` at any depth (a tune trial's steps sit two levels down), deepest first."""
+def descendants(client, experiment_id: str, run_id: str, status: str = "= 'RUNNING'") -> list:
+    """Runs under ``run_id`` at any depth whose status matches ``status`` (an MLflow filter clause), deepest
+    first: a tune trial's steps sit two levels under the tune run."""
     found = []
     for child in client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{run_id}' and "
-                                    "attributes.status = 'RUNNING'", max_results=1000):
-        found += [*_running_descendants(client, experiment_id, child.info.run_id), child]
+                                    f"attributes.status {status}", max_results=1000):
+        found += [*descendants(client, experiment_id, child.info.run_id, status), child]
     return found
 
 
@@ -137,7 +138,7 @@ def close_dead_runs(experiment_id: str, current_run_id: str) -> list[str]:
         start = _process_start(int(tags["optforge.pid"]))
         if start is not None and start == tags.get("optforge.pid_start"):
             continue  # still alive: a concurrent run, not a dead one
-        for r in [*_running_descendants(client, experiment_id, run.info.run_id), run]:
+        for r in [*descendants(client, experiment_id, run.info.run_id), run]:
             client.set_tag(r.info.run_id, "optforge.closed_by", current_run_id)
             client.set_terminated(r.info.run_id, status="KILLED")
         closed.append(run.info.run_id)
