@@ -1,6 +1,8 @@
-"""The Python API: ``optforge.optimize(model, data, config=...)`` runs the optimize flow from a notebook or script.
+"""The Python API: ``optforge.optimize(model, data, config=...)`` runs the optimize flow from a notebook or script,
+and ``optforge.tune(model, data, config=...)`` the tune flow (the search of ``optforge tune``).
 
-It turns what a Python user holds into what the flow reads, then runs the same flow as ``optforge run``:
+It turns what a Python user holds into what the flow reads, then runs the same flow as ``optforge run``
+(or ``optforge tune``):
 
 - ``model``: a Hugging Face ``PreTrainedModel`` is saved with ``save_pretrained`` (``model.arch: huggingface``);
   any other ``nn.Module`` is saved whole with cloudpickle, so a class defined in the notebook itself reaches
@@ -42,6 +44,30 @@ def optimize(model: Any = None, data: Any = None, config: Any = None, *, overrid
         ConfigError: a bad config value (the message names the field).
         TypeError: ``model`` or ``data`` is of a kind optforge cannot take.
     """
+    from optforge.flows.optimize import optimize as optimize_flow
+
+    return _call(optimize_flow, model, data, config, overrides, force, verbose)
+
+
+def tune(model: Any = None, data: Any = None, config: Any = None, *, overrides: list[str] | tuple = (),
+         force: bool = False, verbose: bool = False) -> dict:
+    """Search chains and settings for ``model`` on ``data`` with the tune flow (the config's ``tune:`` section).
+
+    Takes what ``optimize`` takes. Returns the search's summary: every trial with its outcome and metrics,
+    the Pareto front, the registration and the report. Called again with the same model, data and config,
+    it resumes the search (trials already settled are not run again); ``force=True`` starts a new one.
+
+    Raises:
+        ConfigError: a bad config value (the message names the field).
+        TypeError: ``model`` or ``data`` is of a kind optforge cannot take.
+    """
+    from optforge.flows.tune import tune as tune_flow
+
+    return _call(tune_flow, model, data, config, overrides, force, verbose)
+
+
+def _call(flow, model: Any, data: Any, config: Any, overrides, force: bool, verbose: bool) -> dict:
+    """``flow`` on the config ``_config`` builds, with the CLI's quieting for this call only."""
     import warnings
 
     from optforge.flows.environment import embedded_defaults, quiet_libraries
@@ -50,13 +76,14 @@ def optimize(model: Any = None, data: Any = None, config: Any = None, *, overrid
     try:
         embedded_defaults()
         quiet_libraries(verbose)
-        return _run(model, data, config, overrides, force)
+        return flow(config=_config(model, data, config, overrides), force=force)
     finally:
         warnings.showwarning = show
 
 
-def _run(model: Any, data: Any, config: Any, overrides, force: bool) -> dict:
-    from optforge.flows.optimize import optimize as optimize_flow
+def _config(model: Any, data: Any, config: Any, overrides):
+    """The typed config a flow runs: the caller's config and overrides, with ``model`` and ``data`` written
+    as files the stages read."""
     from optforge.flows.params import apply_overrides, read_yaml, validate
 
     # What the caller set, without defaults: a model object is the FP32 baseline unless they set train.epochs.
@@ -76,7 +103,7 @@ def _run(model: Any, data: Any, config: Any, overrides, force: bool) -> dict:
             raw.setdefault("train", {})["epochs"] = 0
     if data is not None:
         raw.setdefault("data", {})["source"] = _data_source(data, inputs)
-    return optimize_flow(config=validate(raw), force=force)
+    return validate(raw)
 
 
 def _digest(blob: bytes) -> str:

@@ -50,16 +50,18 @@ STOPPED_TAG = "optforge.tune.stopped"  # why a trial was stopped (the floor sche
 
 
 @flow(name="tune")
-def tune(config_path: str | None = None, overrides: list[str] | None = None, force: bool = False) -> dict:
+def tune(config_path: str | None = None, overrides: list[str] | None = None, force: bool = False,
+         config: PipelineConfig | None = None) -> dict:
     """Search the compression space (module docstring); return the trials, the front and the registration.
 
     Args:
         config_path: a YAML pipeline config; its ``tune:`` section is the search.
         overrides: ``KEY=VALUE`` strings on top of it (the CLI's ``--set``).
         force: start the search over instead of resuming the one the same config left unfinished.
+        config: the pipeline config, typed, instead of ``config_path`` (the Python API's ``optforge.tune``).
     """
-    with pipeline_run("tune", config_path, overrides, None) as parent_run_id:
-        summary = _search(load_config(config_path, overrides), force, parent_run_id)
+    with pipeline_run("tune", config_path, overrides, config) as parent_run_id:
+        summary = _search(load_config(config_path, overrides, config), force, parent_run_id)
         mlflow.log_text(json.dumps(summary, indent=2, default=str), "tune_summary.json")
     return summary
 

@@ -5,6 +5,6 @@ The pipeline's code lives in the repository's ``flows/`` and ``tasks/`` folders 
 config or notebook (a Celery ``tasks.py``, a ``flows/`` folder) can shadow it.
 """
 
-from optforge.flows.api import optimize
+from optforge.flows.api import optimize, tune
 
-__all__ = ["optimize"]
+__all__ = ["optimize", "tune"]

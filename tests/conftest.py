@@ -64,7 +64,10 @@ def prefect_api_url():
 
     server = SubprocessASGIServer()  # the singleton Prefect's clients use in this process
     server.start()
-    return server.api_url
+    yield server.api_url
+    # Stopped here, not by Prefect's atexit hook: that one logs through a handler whose stream pytest has
+    # closed by then ("--- Logging error --- ValueError: I/O operation on closed file" after the summary).
+    server.stop()
 
 
 TINY = {

@@ -3,7 +3,8 @@
 One search of six trials over a tiny MLP serves every check (the suite's time is short): three chains,
 a hopeless pruning ratio (the floor scheduler must stop it), a learning rate that makes fine-tuning
 diverge (a NaN: the trial fails, the search goes on) and settings that work. The first process, a real
-``optforge tune``, is killed after two trials finished; the same search then resumes in this process.
+``optforge tune``, is killed after two trials finished; the same search then resumes in this process,
+through the Python API (``optforge.tune``).
 """
 
 import os
@@ -73,12 +74,12 @@ def search(tmp_path_factory, prefect_api_url):
     exp = client.get_experiment_by_name("optforge-test")
     finished_before = {r.data.tags["optforge.tune.trial"] for r in _finished_trials(client, exp.experiment_id)}
 
-    from optforge.flows.tune import tune
+    import optforge
 
     saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "OPTFORGE_LOCK_DIR")}
     os.environ.update({k: env[k] for k in saved})
     try:
-        summary = tune(config_path=str(config))
+        summary = optforge.tune(config=str(config))  # the Python API resumes what the CLI started
     finally:
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
