@@ -31,7 +31,15 @@ from optforge.flows.chain_config import expand, product_name
 from optforge.flows.optimize import StageRunner, pipeline_run, prepare, train_teacher
 from optforge.flows.params import ConfigError, PipelineConfig, apply_overrides, load_config, validate
 from optforge.flows.tune_config import TUNE_CHAINS, default_space, draw_trials, trial_overrides
-from optforge.flows.tune_trial import OUTCOME_TAG, VARIANT_FILE, Outcome, SearchContext, run_trial, trial_name
+from optforge.flows.tune_trial import (
+    OUTCOME_TAG,
+    PREFECT_RUN_TAG,
+    VARIANT_FILE,
+    Outcome,
+    SearchContext,
+    run_trial,
+    trial_name,
+)
 from optforge.tasks.benchmark import TIMED, benchmark
 from optforge.tasks.idle import host_locks
 from optforge.tasks.refs import ModelRef, VariantResult
@@ -217,10 +225,11 @@ def _errors(grid) -> dict[int, str]:
 
 
 def _close_stopped(rows: list[dict]) -> None:
-    """End the MLflow runs of stopped trials KILLED, with the reason.
+    """End the MLflow runs of stopped trials KILLED and their Prefect flow runs Cancelled, with the reason.
 
     Ray Tune ends a stopped trial's process with ``SystemExit``: its runs are FAILED with that as their error
-    (or still RUNNING, if the process died first); neither says what happened.
+    and its flow run Crashed ("aborted by Python system exit call"), or all still RUNNING if the process died
+    first; none of which says what happened.
     """
     client = mlflow.MlflowClient()
     for row in rows:
@@ -234,6 +243,18 @@ def _close_stopped(rows: list[dict]) -> None:
             for tag in ("optforge.error", "optforge.error_type"):
                 if tag in r.data.tags:
                     client.delete_tag(r.info.run_id, tag)
+        if run.data.tags.get(PREFECT_RUN_TAG):
+            _cancel_flow_run(run.data.tags[PREFECT_RUN_TAG], f"stopped by optforge tune: {row['reason']}")
+
+
+def _cancel_flow_run(flow_run_id: str, message: str) -> None:
+    """Move a stopped trial's flow run to Cancelled (forced: it may be Crashed, or Running with no process)."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelled
+
+    with get_client(sync_client=True) as client:
+        if not client.read_flow_run(flow_run_id).state.is_cancelled():
+            client.set_flow_run_state(flow_run_id, Cancelled(message=message[:2000]), force=True)
 
 
 def _search(cfg: PipelineConfig, force: bool, parent_run_id: str) -> dict:

@@ -27,6 +27,7 @@ from enum import StrEnum
 
 import mlflow
 from prefect import flow
+from prefect.runtime import flow_run
 from ray import tune
 
 from optforge.flows.chain_config import expand, product_name
@@ -70,6 +71,9 @@ class SearchContext:
     search: str  # the search's folder name (its key): tags every trial run, so a resumed search finds them
 
 
+PREFECT_RUN_TAG = "prefect.flow_run_id"  # the trial's Prefect flow run, which the search cancels if it stops the trial
+
+
 def trial_name(index: int, chain) -> str:
     """``t03_prune_int8``: the trial's place in the search's draw and its chain's product; the variant's name in
     every table."""
@@ -109,7 +113,7 @@ def tune_trial(ctx: SearchContext, index: int, chain: list[str], values: dict) -
     overrides = [*trial_overrides(values), f"compress.chains={json.dumps([list(chain)])}"]
     configure(ctx.experiment)
     tags = {"optforge.variant": name, "optforge.chain": ">".join(chain), "optforge.tune.search": ctx.search,
-            "optforge.tune.trial": str(index), **process_tags()}
+            "optforge.tune.trial": str(index), PREFECT_RUN_TAG: str(flow_run.get_id() or ""), **process_tags()}
     with child_run(ctx.parent_run_id, TUNE_TRIAL_STAGE, run_name=name, tags=tags,
                    params={"chain": ">".join(chain), **values}) as run:
         run_id = run.info.run_id

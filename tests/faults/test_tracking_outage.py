@@ -11,7 +11,8 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from tests.integration.conftest import BIN, free_port, http_ok, start, stop_all, wait_until
+from tests.conftest import free_port
+from tests.integration.conftest import BIN, http_ok, start, stop_all, wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -114,7 +114,10 @@ def test_trials_that_share_a_prefix_build_it_once(search):
     assert sorted(r.data.tags["optforge.stage.prune.cached"] for r in pruned) == ["false", "true"]
 
 
-def test_the_floor_scheduler_stops_the_hopeless_pruning(search):
+def test_the_floor_scheduler_stops_the_hopeless_pruning(search, prefect_api_url):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     client, _, _, summary, _ = search
     stopped = [t for t in summary["trials"] if t["status"] == "stopped"]
     assert stopped and all(t["values"]["compress.prune.sparsity"] == 0.95 for t in stopped)
@@ -122,6 +125,10 @@ def test_the_floor_scheduler_stops_the_hopeless_pruning(search):
         assert "below the floor" in t["reason"]
         run = client.get_run(t["mlflow_run_id"])
         assert run.info.status == "KILLED" and "optforge.error" not in run.data.tags
+        # Its Prefect flow run says the same (Ray Tune's SystemExit had left it Crashed, or Running).
+        with temporary_settings({PREFECT_API_URL: prefect_api_url}), get_client(sync_client=True) as prefect:
+            state = prefect.read_flow_run(run.data.tags["prefect.flow_run_id"]).state
+        assert state.is_cancelled() and "below the floor" in state.message
 
 
 def test_a_failing_trial_is_recorded_and_the_search_goes_on(search):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import shutil
 import signal
 import socket
@@ -29,49 +28,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import TINY
+from tests.conftest import TINY, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 STARTUP_TIMEOUT_S = 120  # the servers start in ~15 s alone; the 2 cores here are shared
 STOP_GRACE_S = 5
-
-
-_HANDED_OUT: set[int] = set()
-RAY_WORKER_PORTS = range(10002, 20000)  # ray start's default --min/--max-worker-port
-
-
-def _ephemeral_low() -> int:
-    """The first port the kernel hands to outgoing connections and ``bind(port=0)`` (32768 by default)."""
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
-def free_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on now and that nothing else will be handed meanwhile.
-
-    Not the kernel's ``bind(port=0)`` choice: that comes from the ephemeral range, where any outgoing
-    connection (Ray's dozens, a Prefect client's) may take the port in the seconds before a slow server
-    (mlflow: ~10 s) binds it, and the server then exits with EADDRINUSE (seen in CI). Ports between
-    Ray's worker range and the ephemeral range are only ever taken by an explicit bind; this session
-    never hands out the same one twice.
-    """
-    rng = random.Random()
-    candidates = range(RAY_WORKER_PORTS.stop, _ephemeral_low())
-    for _ in range(200):
-        port = rng.choice(candidates)
-        if port in _HANDED_OUT:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _HANDED_OUT.add(port)
-        return port
-    raise RuntimeError(f"no free port in {candidates.start}-{candidates.stop - 1} on 127.0.0.1")
 
 
 @dataclass

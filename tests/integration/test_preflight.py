@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from optforge.flows.preflight import PreflightError, check_environment, check_mlflow, check_prefect, check_ray
-from tests.integration.conftest import free_port
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.integration
 

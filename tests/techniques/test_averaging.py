@@ -1,7 +1,5 @@
 """Model averaging across two real processes (gloo on 127.0.0.1): weights become the mean; NaN stops both."""
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -9,12 +7,6 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from optforge.tasks.techniques.averaging import ModelAverager
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, port: int, results, poison: bool):
@@ -40,8 +32,10 @@ def _worker(rank: int, port: int, results, poison: bool):
 
 
 def _run(poison: bool) -> dict:
+    from tests.conftest import free_port  # here, not at the top: the spawned workers import this module
+
     results = mp.Manager().dict()
-    mp.spawn(_worker, args=(_free_port(), results, poison), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), results, poison), nprocs=2, join=True)
     return dict(results)
 
 
