@@ -10,8 +10,9 @@ It turns what a Python user holds into what the flow reads, then runs the same f
   beside it (``model.weights``); a string or path is a ``save_pretrained`` folder or an ``.onnx`` file.
 - ``data``: ``(X, y)`` arrays become an ``.npz`` table; a string or path is anything ``data.source`` takes.
 
-The files go under ``<tracking.workdir>/inputs/<content hash>/``, so the same model and data give the same
-stage cache keys on the next call. A model handed over as an object is taken as already trained
+The files go under ``<tracking.workdir>/inputs/<content hash>/`` (for an ``nn.Module``: of its weights and its
+classes' source), so the same model and data give the same stage cache keys on the next call, in this Python
+session or the next. A model handed over as an object is taken as already trained
 (``train.epochs: 0``, the FP32 baseline) unless the config sets ``train.epochs``.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 from pathlib import Path
 from typing import Any
 
@@ -131,13 +133,41 @@ def _model_section(model: Any, inputs: Path) -> dict[str, Any]:
     import cloudpickle
 
     pickled = cloudpickle.dumps(model)
-    folder = inputs / f"module-{_digest(pickled)}"
+    folder = inputs / f"module-{_module_digest(model, weights.getvalue(), pickled)}"
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_atomically(folder / "module.pkl", pickled)  # always: this session's code is what the call runs
     if not (folder / "weights.pt").exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "module.pkl").write_bytes(pickled)
-        (folder / "weights.pt").write_bytes(weights.getvalue())  # last: its presence marks a complete folder
+        _write_atomically(folder / "weights.pt", weights.getvalue())
     return {"arch": PICKLED_MODULE_FACTORY, "kwargs": {"file": str(folder / "module.pkl")},
             "weights": str(folder / "weights.pt")}
+
+
+def _module_digest(model, weights: bytes, pickled: bytes) -> str:
+    """A name for the model's folder that is the same in the next Python session: the weights and the source
+    of the model's own classes (those not from torch).
+
+    Not the pickle's hash: cloudpickle gives a class defined in ``__main__`` (a notebook's, a script's) a new
+    random id in every process, so a restarted notebook would get a new folder, new stage cache keys and, for
+    ``optforge.tune``, a new search instead of resuming its own. Without the source (a class typed at a
+    prompt) it falls back to the pickle's hash.
+    """
+    import inspect
+
+    classes = {type(m) for m in model.modules() if not type(m).__module__.startswith("torch.")}
+    parts = [weights]
+    try:
+        for cls in sorted(classes, key=lambda c: f"{c.__module__}.{c.__qualname__}"):
+            parts.append(f"{cls.__module__}.{cls.__qualname__}\n{inspect.getsource(cls)}".encode())
+    except (OSError, TypeError):
+        return _digest(pickled)
+    return _digest(b"\0".join(parts))
+
+
+def _write_atomically(path: Path, blob: bytes) -> None:
+    """Write through a temporary file, so a reader (a Ray worker, another call) never sees half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(blob)
+    tmp.replace(path)
 
 
 def _data_source(data: Any, inputs: Path) -> str:
@@ -152,9 +182,7 @@ def _data_source(data: Any, inputs: Path) -> str:
     path = inputs / f"table-{_digest(blob.getvalue())}.npz"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(blob.getvalue())
-        tmp.replace(path)
+        _write_atomically(path, blob.getvalue())
     return str(path)
 
 

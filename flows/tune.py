@@ -243,18 +243,31 @@ def _close_stopped(rows: list[dict]) -> None:
             for tag in ("optforge.error", "optforge.error_type"):
                 if tag in r.data.tags:
                     client.delete_tag(r.info.run_id, tag)
-        if run.data.tags.get(PREFECT_RUN_TAG):
+        if run.data.tags.get(PREFECT_RUN_TAG):  # an earlier, killed search's stops too: it never got here
             _cancel_flow_run(run.data.tags[PREFECT_RUN_TAG], f"stopped by optforge tune: {row['reason']}")
 
 
 def _cancel_flow_run(flow_run_id: str, message: str) -> None:
-    """Move a stopped trial's flow run to Cancelled (forced: it may be Crashed, or Running with no process)."""
+    """Move a stopped trial's flow run to Cancelled (forced: it may be Crashed, or Running with no process).
+
+    Best effort, as the search's result does not depend on it. A flow run this Prefect API does not hold is
+    left alone: an earlier run of the search may have reported to another (the CLI against a server, then the
+    Python API on a temporary one), or the server's history was pruned.
+    """
+    import httpx
     from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
     from prefect.states import Cancelled
 
-    with get_client(sync_client=True) as client:
-        if not client.read_flow_run(flow_run_id).state.is_cancelled():
-            client.set_flow_run_state(flow_run_id, Cancelled(message=message[:2000]), force=True)
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(flow_run_id).state
+            if state is None or not state.is_cancelled():
+                client.set_flow_run_state(flow_run_id, Cancelled(message=message[:2000]), force=True)
+    except ObjectNotFound:
+        return
+    except (httpx.HTTPError, ValueError) as exc:  # the server unreachable or refusing, a malformed id
+        get_run_logger().warning("could not mark the stopped trial's flow run %s Cancelled: %s", flow_run_id, exc)
 
 
 def _search(cfg: PipelineConfig, force: bool, parent_run_id: str) -> dict:

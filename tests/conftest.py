@@ -28,12 +28,13 @@ _HANDED_OUT: set[int] = set()
 RAY_WORKER_PORTS = range(10002, 20000)  # ray start's default --min/--max-worker-port
 
 
-def _ephemeral_low() -> int:
-    """The first port the kernel hands to outgoing connections and ``bind(port=0)`` (32768 by default)."""
+def _ephemeral_range() -> tuple[int, int]:
+    """The ports the kernel hands to outgoing connections and ``bind(port=0)`` (32768-60999 by default)."""
     try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[:2])
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
 
 
 def free_port() -> int:
@@ -41,13 +42,15 @@ def free_port() -> int:
 
     Not the kernel's ``bind(port=0)`` choice: that comes from the ephemeral range, where any outgoing
     connection (Ray's dozens, a Prefect client's) may take the port in the seconds before a slow server
-    (mlflow: ~10 s) binds it, and the server then exits with EADDRINUSE (seen in CI). Ports between
-    Ray's worker range and the ephemeral range are only ever taken by an explicit bind; this session
-    never hands out the same one twice.
+    (mlflow: ~10 s) binds it, and the server then exits with EADDRINUSE (seen in CI). Ports above Ray's
+    worker range and outside the ephemeral range are only ever taken by an explicit bind; this session
+    never hands out the same one twice. A host whose ephemeral range leaves no such port gets the
+    kernel's choice.
     """
+    low, high = _ephemeral_range()
+    candidates = [*range(RAY_WORKER_PORTS.stop, low), *range(max(high + 1, RAY_WORKER_PORTS.stop), 65536)]
     rng = random.Random()
-    candidates = range(RAY_WORKER_PORTS.stop, _ephemeral_low())
-    for _ in range(200):
+    for _ in range(200 if candidates else 0):
         port = rng.choice(candidates)
         if port in _HANDED_OUT:
             continue
@@ -58,7 +61,9 @@ def free_port() -> int:
                 continue
         _HANDED_OUT.add(port)
         return port
-    raise RuntimeError(f"no free port in {candidates.start}-{candidates.stop - 1} on 127.0.0.1")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _stop_ray(grace_s: float = 60.0) -> None:
@@ -106,6 +111,12 @@ def prefect_api_url():
     yield server.api_url
     # Stopped here, not by Prefect's atexit hook: that one logs through a handler whose stream pytest has
     # closed by then ("--- Logging error --- ValueError: I/O operation on closed file" after the summary).
+    # Logs and events still queued go first, as in Prefect's own prefect_test_harness.
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=10)
+    EventsWorker.drain_all(timeout=10)
     server.stop()
 
 

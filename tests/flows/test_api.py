@@ -53,3 +53,44 @@ def test_what_the_api_cannot_take_is_named(tmp_path, monkeypatch):
     with pytest.raises(TypeError, match=r"data: expected \(X, y\) arrays or a path"):
         optforge.optimize(data=[1, 2, 3])
     assert not (tmp_path / "mlflow.db").exists()  # refused before anything was tracked
+
+
+NOTEBOOK_MODEL = '''
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from optforge.flows.api import _model_section
+
+
+class Net(nn.Module):  # defined in __main__, as in a notebook
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+
+    def forward(self, x):
+        return self.body(x){extra}
+
+
+torch.manual_seed(0)
+print(_model_section(Net(), Path(sys.argv[1]))["kwargs"]["file"])
+'''
+
+
+def test_a_notebook_model_keeps_its_folder_in_the_next_session(tmp_path):
+    """A restarted notebook hands over the same model: same folder, so the same cache keys (and tune resumes).
+    cloudpickle alone gives a ``__main__`` class a new random id per process."""
+
+    def folder(source: str) -> str:
+        script = tmp_path / "notebook.py"
+        script.write_text(source)
+        out = subprocess.run([sys.executable, str(script), str(tmp_path / "inputs")], capture_output=True, text=True,
+                             timeout=120, check=True)
+        return out.stdout.strip().splitlines()[-1]
+
+    first, second = folder(NOTEBOOK_MODEL.format(extra="")), folder(NOTEBOOK_MODEL.format(extra=""))
+    assert first == second and Path(first).is_file()
+    changed = folder(NOTEBOOK_MODEL.format(extra=" * 2"))  # the class's code changed: a new folder
+    assert changed != first
