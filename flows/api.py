@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +107,13 @@ def _config(model: Any, data: Any, config: Any, overrides):
     return validate(raw)
 
 
+def _write_bytes(path: Path, blob: bytes) -> None:
+    """Atomically (a Ray worker or another call may be reading ``path``)."""
+    from optforge.tasks.techniques.files import atomic_write
+
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(blob))
+
+
 def _digest(blob: bytes) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -134,10 +140,9 @@ def _model_section(model: Any, inputs: Path) -> dict[str, Any]:
 
     pickled = cloudpickle.dumps(model)
     folder = inputs / f"module-{_module_digest(model, weights.getvalue(), pickled)}"
-    folder.mkdir(parents=True, exist_ok=True)
-    _write_atomically(folder / "module.pkl", pickled)  # always: this session's code is what the call runs
+    _write_bytes(folder / "module.pkl", pickled)  # always: this session's code is what the call runs
     if not (folder / "weights.pt").exists():
-        _write_atomically(folder / "weights.pt", weights.getvalue())
+        _write_bytes(folder / "weights.pt", weights.getvalue())
     return {"arch": PICKLED_MODULE_FACTORY, "kwargs": {"file": str(folder / "module.pkl")},
             "weights": str(folder / "weights.pt")}
 
@@ -163,13 +168,6 @@ def _module_digest(model, weights: bytes, pickled: bytes) -> str:
     return _digest(b"\0".join(parts))
 
 
-def _write_atomically(path: Path, blob: bytes) -> None:
-    """Write through a temporary file, so a reader (a Ray worker, another call) never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(blob)
-    tmp.replace(path)
-
-
 def _data_source(data: Any, inputs: Path) -> str:
     """``data.source`` for ``data``: a path as given, or ``(X, y)`` arrays written as an ``.npz`` table."""
     if isinstance(data, (str, Path)):
@@ -181,8 +179,7 @@ def _data_source(data: Any, inputs: Path) -> str:
     np.savez(blob, X=x, y=y)
     path = inputs / f"table-{_digest(blob.getvalue())}.npz"
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomically(path, blob.getvalue())
+        _write_bytes(path, blob.getvalue())
     return str(path)
 
 

@@ -129,16 +129,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_runs(args: argparse.Namespace) -> int:
     import mlflow
 
-    from optforge.tasks.tracking import PIPELINES, tracking_uri
+    from optforge.tasks.tracking import pipeline_runs, tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())
-    if mlflow.get_experiment_by_name(args.experiment) is None:
+    experiment = mlflow.get_experiment_by_name(args.experiment)
+    if experiment is None:
         print(f"error: no MLflow experiment named '{args.experiment}' at {tracking_uri()}", file=sys.stderr)
         return EXIT_FAILED
-    runs = [run for pipeline in PIPELINES for run in mlflow.search_runs(  # MLflow's filter has no IN for tags
-        experiment_names=[args.experiment], filter_string=f"tags.`optforge.pipeline` = '{pipeline}'",
-        order_by=["attributes.start_time DESC"], max_results=args.last, output_format="list")]
-    runs = sorted(runs, key=lambda r: r.info.start_time, reverse=True)[: args.last]
+    runs = pipeline_runs(mlflow.MlflowClient(), experiment.experiment_id, max_results=args.last)[: args.last]
     print(f"{'run id':32}  {'started (UTC)':19}  {'kind':8}  {'status':8}  {'registered':18}  error")
     for run in runs:
         tags = run.data.tags

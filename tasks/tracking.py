@@ -109,6 +109,18 @@ PIPELINES = ("optimize", "tune")
 TUNE_TRIAL_STAGE = "tune_trial"  # the stage tag of a tune trial's run (flows/tune_trial.py)
 
 
+def pipeline_runs(client, experiment_id: str, where: str = "", max_results: int = 200) -> list:
+    """Every pipeline's parent runs matching ``where`` (an MLflow filter clause, or none), newest first.
+
+    One query per pipeline: MLflow's filter has no ``IN`` for tags.
+    """
+    clause = f" and {where}" if where else ""
+    runs = [run for pipeline in PIPELINES for run in client.search_runs(
+        [experiment_id], f"tags.`optforge.pipeline` = '{pipeline}'{clause}", max_results=max_results,
+        order_by=["attributes.start_time DESC"])]
+    return sorted(runs, key=lambda r: r.info.start_time or 0, reverse=True)
+
+
 def descendants(client, experiment_id: str, run_id: str, status: str = "= 'RUNNING'") -> list:
     """Runs under ``run_id`` at any depth whose status matches ``status`` (an MLflow filter clause), deepest
     first: a tune trial's steps sit two levels under the tune run."""
@@ -128,8 +140,7 @@ def close_dead_runs(experiment_id: str, current_run_id: str) -> list[str]:
     """
     client = mlflow.MlflowClient()
     host = socket.gethostname()
-    running = [run for pipeline in PIPELINES for run in client.search_runs(
-        [experiment_id], f"attributes.status = 'RUNNING' and tags.`optforge.pipeline` = '{pipeline}'", max_results=200)]
+    running = pipeline_runs(client, experiment_id, "attributes.status = 'RUNNING'")
     closed = []
     for run in running:
         tags = run.data.tags
