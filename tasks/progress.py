@@ -40,14 +40,7 @@ class ProgressFeed:
     @classmethod
     def to_queue(cls, queue, epochs: int, every_s: float = STEP_EVERY_S) -> ProgressFeed:
         """A feed onto the driver's Ray queue (from ``StageProgress.remote_queue``), used by Ray workers."""
-
-        def send(event: dict) -> None:
-            try:
-                queue.put_nowait(event)
-            except Exception:  # the driver is gone or the queue is full: drop the event, never the training
-                pass
-
-        return cls(send, epochs, every_s)
+        return cls(queue_sender(queue), epochs, every_s)
 
     def batch(self, epoch: int, done: int, total: int) -> None:
         """After each batch: sends a step event when ``every_s`` has passed since the last event."""
@@ -61,6 +54,19 @@ class ProgressFeed:
         self._last = time.monotonic()
         shown = {k: float(metrics[k]) for k in SHOWN_METRICS if k in metrics}
         self.send({"kind": "epoch", "epoch": epoch, "epochs": self.epochs, "metrics": shown})
+
+
+def queue_sender(queue) -> Callable[[dict], None]:
+    """``send(event)`` onto a Ray queue that drops the event when it cannot be sent (the driver is gone or the
+    queue is full): reporting never breaks training."""
+
+    def send(event: dict) -> None:
+        try:
+            queue.put_nowait(event)
+        except Exception:
+            pass
+
+    return send
 
 
 @contextlib.contextmanager
@@ -83,6 +89,8 @@ class StageProgress:
         self.lines: list[str] = []  # what was shown, in order (the tests read it)
         self._artifact = None
         self._queue = None
+        # Where the ranks' own events (hello, beat, finished: ``tasks.watchdog``) go; they are not shown.
+        self.on_rank_event: Callable[[dict], None] | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._started = time.monotonic()
@@ -98,7 +106,8 @@ class StageProgress:
         return ProgressFeed(self.show, self.epochs)
 
     def remote_queue(self):
-        """A Ray queue for rank 0 of Ray workers (``ProgressFeed.to_queue``), drained here in a thread."""
+        """A Ray queue for Ray workers, drained here in a thread: rank 0's ``ProgressFeed.to_queue`` events are
+        shown, every rank's ``tasks.watchdog.Heartbeat`` events go to ``on_rank_event``."""
         from ray.util.queue import Queue
 
         self._queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
@@ -111,7 +120,11 @@ class StageProgress:
 
         while True:
             try:
-                self.show(self._queue.get(block=True, timeout=0.5))
+                event = self._queue.get(block=True, timeout=0.5)
+                if "rank" not in event:
+                    self.show(event)
+                elif self.on_rank_event is not None:
+                    self.on_rank_event(event)
             except Empty:
                 if self._stop.is_set():
                     return

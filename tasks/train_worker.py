@@ -21,6 +21,7 @@ import ray.train.torch
 import torch
 
 from optforge.tasks.progress import ProgressFeed
+from optforge.tasks.techniques.agreement import from_rank_zero, sync_buffers
 from optforge.tasks.techniques.averaging import ModelAverager
 from optforge.tasks.techniques.data import load_splits
 from optforge.tasks.techniques.init_weights import apply_init, load_init_state
@@ -42,6 +43,7 @@ from optforge.tasks.techniques.training import (
     precision_for,
     train_epoch,
 )
+from optforge.tasks.watchdog import Heartbeat
 from optforge.tasks.worker_common import CKPT_FILE, ERROR_FILE, WorkerConfig, make_loader, mlflow_logger, train_dataset
 
 OPT_SHARDS = "optimizer_shards"  # fsdp: every rank's slice of the optimizer state, beside rank 0's CKPT_FILE
@@ -57,6 +59,11 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    queue = config.get("progress")  # an empty Ray queue is falsy: compare with None
+    # Every rank tells the driver's watchdog where it is (tasks/watchdog.py); rank 0 also shows progress.
+    beat = (Heartbeat.to_queue(queue, rank, cfg.stall_timeout_s) if queue is not None
+            else Heartbeat(lambda event: None, rank))
+    beat.hello(_controller() if rank == 0 else None)
 
     splits = load_splits(worker.data_path)
     spec = worker.model_spec
@@ -108,14 +115,15 @@ def train_loop_per_worker(config: dict) -> None:
             state = {k: v for k, v in state.items() if k not in ("model", "optimizer", "best_model")}
 
     log = mlflow_logger(worker) if rank == 0 else None
-    queue = config.get("progress")  # an empty Ray queue is falsy: compare with None
     feed = ProgressFeed.to_queue(queue, cfg.epochs) if rank == 0 and queue is not None else None
     averager = ModelAverager(base, cfg.local_steps) if averaging else None
     if averager:
         averager.average()  # start from identical weights (DDP would have broadcast them)
-    if start_epoch == 0 and (log or sharded):  # a sharded forward gathers weights from every rank: all run it
-        # The starting point's loss: a fresh model's ~ln(classes), a fine-tuned one's much lower.
-        first = evaluate(base, splits.val, device=device)
+    if start_epoch == 0:
+        # The starting point's loss: a fresh model's ~ln(classes), a fine-tuned one's much lower. Every rank
+        # runs it (a sharded forward is a collective; a rank that waited meanwhile in DDP's first broadcast
+        # would count the whole evaluation against train.collective_timeout_s).
+        first = evaluate(base, splits.val, device=device, on_batch=lambda: beat.beat(-1, "evaluating"))
         if sharded:
             reshard(model)  # evaluation leaves the root unit gathered
     if log and start_epoch == 0:
@@ -127,21 +135,28 @@ def train_loop_per_worker(config: dict) -> None:
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(epoch)
         t0 = time.perf_counter()
+        beat.beat(epoch, "training")
         try:
             stats = train_epoch(model, loader, opt, sched, precision, cfg.grad_accum_steps, no_sync, device, loss_fn,
                                 after_step=averager.after_step if averager else None,
-                                on_batch=(lambda done, total: feed.batch(epoch, done, total)) if feed else None)
+                                on_batch=_on_batch(beat, feed, epoch))
             if averager:
                 averager.average()  # every rank evaluates and checkpoints the same weights
         except FloatingPointError as exc:
             # Deterministic: every rank raises at the same step (see train_epoch). Report instead of
             # raising, so Ray Train's failure handling does not restart a run that would fail again.
             _report_error(f"epoch {epoch}: {exc}", rank)
+            beat.finished(epoch)
             return
         seconds = time.perf_counter() - t0
-        # Every rank evaluates the full validation set with identical weights, so all ranks reach the
-        # same early-stopping decision without another collective.
-        val = evaluate(base, splits.val, device=device)
+        # One model, one decision (tasks/techniques/agreement.py). Equal weights are not enough: each rank's
+        # forward passes updated its own BatchNorm statistics, so the buffers are made equal first; then
+        # rank 0's metrics drive early stopping, the best checkpoint and the stop on every rank.
+        if not averager:  # the averager's all-reduce has just averaged the buffers with the weights
+            sync_buffers(base)
+        beat.beat(epoch, "evaluating")
+        val = from_rank_zero(evaluate(base, splits.val, device=device,
+                                      on_batch=lambda e=epoch: beat.beat(e, "evaluating")))
         # fsdp: the gather is a collective on every rank (and reshards the root unit that evaluation left
         # gathered); rank 0 receives a fresh CPU copy, the others {}. The optimizer state stays sharded.
         model_state = full_model_state(model) if sharded else base.state_dict()
@@ -153,7 +168,8 @@ def train_loop_per_worker(config: dict) -> None:
             "lr": sched.get_last_lr()[0], "epoch_seconds": seconds, "epoch": epoch,
             **({"averaging_rounds": averager.rounds} if averager else {}), **worker_memory(model, opt),
         }
-        stop = stopper.should_stop or epoch + 1 == cfg.epochs
+        stop = stopper.should_stop or epoch + 1 == cfg.epochs  # equal on every rank: equal inputs, equal state
+        beat.beat(epoch, "checkpointing")
         state = {
             "model": model_state, "optimizer": None if sharded else opt.state_dict(), "scheduler": sched.state_dict(),
             "scaler": precision.scaler.state_dict() if precision.scaler else None,
@@ -169,8 +185,30 @@ def train_loop_per_worker(config: dict) -> None:
             break
     if done:  # resumed after the final checkpoint: report it again so the result carries it
         _report({"epoch": epoch, "resumed_done": 1}, state, rank, spec, best_state)
+    beat.finished(epoch)
     if log:
         log.flush()
+
+
+def _on_batch(beat: Heartbeat, feed: ProgressFeed | None, epoch: int) -> Callable[[int, int], None]:
+    """After each micro-batch: the watchdog's beat on every rank, the shown step on rank 0."""
+    def on_batch(done: int, total: int) -> None:
+        beat.beat(epoch, "training")
+        if feed:
+            feed.batch(epoch, done, total)
+
+    return on_batch
+
+
+def _controller():
+    """Ray Train's controller actor, which the driver's watchdog asks to abort a stalled run; None if this Ray
+    version keeps it elsewhere (Ray 2.60's v2 train context holds it; there is no public accessor)."""
+    try:
+        from ray.train.v2._internal.execution.context import get_train_context
+
+        return get_train_context().controller_actor
+    except Exception:
+        return None
 
 
 def _read_state(checkpoint: ray.train.Checkpoint | None, device) -> dict | None:

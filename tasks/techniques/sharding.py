@@ -205,19 +205,6 @@ def held_bytes(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, int]:
     }
 
 
-def all_ranks_agree(ok: bool) -> bool:
-    """True only if ``ok`` on every rank (one all-reduce of a flag; ``ok`` itself without a process group).
-
-    A sharded check (gradients' finiteness) sees only this rank's slices; all ranks must still take the
-    same decision, since a rank that raised alone would leave its peers waiting in the next collective.
-    """
-    if not (dist.is_available() and dist.is_initialized()):
-        return ok
-    flag = torch.tensor([1.0 if ok else 0.0])
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
-
-
 def worker_memory(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, float]:
     """Memory figures of every worker, gathered to all (a collective when a process group is up).
 
