@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -154,11 +153,9 @@ def make_loader(dataset: Dataset, sampler, batch_size: int, loader: LoaderConfig
 def mlflow_logger(worker: WorkerConfig):
     """Rank 0's per-epoch logger into the stage's MLflow run (None when not tracking).
 
-    ``log(metrics, step)`` only queues: a thread sends, so a slow or unreachable tracking server never
-    holds rank 0 while its peers wait in the next collective (and never trips the stall watchdog). A
-    tracking-server outage must not kill training either: metrics that cannot be sent stay queued and
-    go out with the next epoch's (MLflow's own HTTP retries come first). ``log.flush()`` at the end stops
-    the thread and tries once more.
+    A tracking-server outage must not kill training: metrics that cannot be sent stay queued and go
+    out with the next epoch's (MLflow's own HTTP retries come first). ``log.flush()`` tries once more
+    at the end.
     """
     if not worker.mlflow_run_id:
         return None
@@ -167,42 +164,19 @@ def mlflow_logger(worker: WorkerConfig):
 
     client = MlflowClient(tracking_uri=worker.mlflow_tracking_uri)
     pending: list = []
-    lock, wake, stop = threading.Lock(), threading.Event(), threading.Event()
 
-    def send() -> None:
-        while True:
-            with lock:
-                batch = pending[:1000]  # MLflow's batch limit
-            if not batch:
-                return
-            try:
-                client.log_batch(worker.mlflow_run_id, metrics=batch)
-            except Exception as exc:
-                print(f"[optforge] could not send {len(batch)} metric(s) to MLflow, retrying next epoch: {exc}")
-                return
-            with lock:
-                del pending[:len(batch)]
-
-    def sender() -> None:
-        while not stop.is_set():
-            wake.wait()
-            wake.clear()
-            send()
-
-    thread = threading.Thread(target=sender, name="optforge-mlflow-metrics", daemon=True)
-    thread.start()
+    def flush() -> None:
+        try:
+            while pending:
+                client.log_batch(worker.mlflow_run_id, metrics=pending[:1000])  # MLflow's batch limit
+                del pending[:1000]
+        except Exception as exc:
+            print(f"[optforge] could not send {len(pending)} metric(s) to MLflow, retrying next epoch: {exc}")
 
     def log(metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
-        with lock:
-            pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
-        wake.set()
-
-    def flush() -> None:
-        stop.set()
-        wake.set()
-        thread.join()
-        send()
+        pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+        flush()
 
     log.flush = flush
     return log
