@@ -18,6 +18,7 @@ from optforge.tasks.distill import teacher_logits_file
 from optforge.tasks.progress import StageProgress
 from optforge.tasks.refs import DataRef, Format, ModelRef, file_sha256
 from optforge.tasks.techniques import binarize, clustering
+from optforge.tasks.techniques.benchmark import int8_dot_saturates
 from optforge.tasks.techniques.binarize import BinarizeConfig
 from optforge.tasks.techniques.circulant import CirculantConfig, to_circulant
 from optforge.tasks.techniques.clustering import ClusterConfig
@@ -144,7 +145,9 @@ def qat(cfg: QatConfig, model: ModelRef, teacher: ModelRef, data: DataRef, workd
         net, _ = load_model(model.path)
         splits = load_splits(data.path)
         acc_fp32 = evaluate(net, splits.test)["accuracy"]
-        prepared = prepare(net, splits.contract, cfg.momentum)
+        reduce_range = int8_dot_saturates() if cfg.reduce_range is None else cfg.reduce_range
+        mlflow.log_param("qat_reduce_range", reduce_range)  # what this machine's CPU decided, when the config did not
+        prepared = prepare(net, splits.contract, cfg.momentum, reduce_range)
         calibrate(prepared, (as_tensors(inputs) for inputs, _ in splits.train.head(CALIBRATION_ROWS).batches(64)))
         # The same quantizer before any fine-tuning: what post-training INT8 of this model would give.
         acc_ptq = onnx_accuracy(export_qdq(prepared, splits.contract, out / "before.onnx", cfg.opset), splits.test)

@@ -143,3 +143,21 @@ def cpu_model() -> str:
         except (OSError, subprocess.SubprocessError):
             pass
     return platform.processor() or "unknown"
+
+
+def int8_dot_saturates() -> bool:
+    """Whether ONNX Runtime's UINT8 x INT8 kernels can saturate on this CPU, so INT8 weights need 7 bits.
+
+    On x86-64 without VNNI, ORT multiplies with ``vpmaddubsw``, which adds two u8*s8 products into a
+    saturating int16: 255 * 127 * 2 overflows it, 255 * 63 * 2 does not. VNNI (``vpdpbusd``, AVX-512 or
+    AVX) and ARM's dot products accumulate in int32. ONNX Runtime's docs give the same rule for
+    ``reduce_range``. Reads Linux's /proc/cpuinfo; elsewhere an x86-64 CPU is assumed to lack VNNI (safe side).
+    """
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return not {"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags)

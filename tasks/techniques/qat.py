@@ -5,7 +5,7 @@ slack and loses accuracy (the default run's distilled student: 1.1 points). QAT 
 rounding in the forward pass, so the weights settle where rounding costs little:
 
 - every Linear and Conv2d gets its weight fake-quantized to INT8, symmetric, one scale per output
-  channel (max |w| / 127, recomputed from the current weights each step), and its input and output
+  channel (max |w| / 127, or / 63 where the CPU's integer kernels saturate, recomputed each step), and its input and output
   fake-quantized to UINT8, one scale per tensor, from an exponential moving average of the observed
   range (frozen in eval mode). Gradients pass the rounding straight through (STE) inside the range;
 - BatchNorm is folded into the convolution before, so the INT8 convolution is the one that runs;
@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from optforge.tasks.techniques.benchmark import int8_dot_saturates
 from optforge.tasks.techniques.config import TechniqueConfig
 from optforge.tasks.techniques.contract import InputContract, forward_logits
 from optforge.tasks.techniques.distill import FinetuneConfig
@@ -49,6 +50,9 @@ class QatConfig(TechniqueConfig):
 
     momentum: float = Field(0.9, ge=0, lt=1, description="EMA momentum of each activation's observed min/max")
     opset: int = Field(17, ge=13, le=20, description="opset of the QDQ export (per-channel QDQ needs >= 13)")
+    reduce_range: bool | None = Field(
+        None, description="INT8 weights in 7 bits (-63..63), as ORT's integer kernels need on x86 CPUs without "
+                          "VNNI to avoid int16 saturation; unset: decided from this machine's CPU")
     finetune: FinetuneConfig = Field(default_factory=_qat_finetune_default, description="fine-tuning with fake quantization")
 
 
@@ -85,13 +89,14 @@ class ActQuant(nn.Module):
 class QuantLayer(nn.Module):
     """A Linear or Conv2d with fake-quantized input, weights (INT8 per output channel) and output."""
 
-    def __init__(self, layer: nn.Linear | nn.Conv2d, momentum: float):
+    def __init__(self, layer: nn.Linear | nn.Conv2d, momentum: float, weight_max: int = 127):
         super().__init__()
         self.layer, self.inp, self.out = layer, ActQuant(momentum), ActQuant(momentum)
+        self.weight_max = weight_max
 
     def quantized_weight(self) -> torch.Tensor:
         w = self.layer.weight
-        scale = (w.detach().abs().flatten(1).amax(1).clamp_min(1e-8) / 127).float()
+        scale = (w.detach().abs().flatten(1).amax(1).clamp_min(1e-8) / self.weight_max).float()
         # (-128, 127) is what ONNX's QuantizeLinear allows for int8; symmetric scales never reach -128.
         return torch.fake_quantize_per_channel_affine(w, scale, torch.zeros_like(scale, dtype=torch.int32), 0, -128, 127)
 
@@ -129,15 +134,18 @@ def fold_batchnorms(model: nn.Module, contract: InputContract) -> int:
     return folded
 
 
-def prepare(model: nn.Module, contract: InputContract, momentum: float = 0.9) -> nn.Module:
-    """A copy of ``model`` with BatchNorms folded and every Linear/Conv2d wrapped in a ``QuantLayer``."""
+def prepare(model: nn.Module, contract: InputContract, momentum: float = 0.9, reduce_range: bool | None = None
+            ) -> nn.Module:
+    """A copy of ``model`` with BatchNorms folded and every Linear/Conv2d wrapped in a ``QuantLayer``.
+    ``reduce_range`` (None: decided from this CPU, ``int8_dot_saturates``) keeps weights within 7 bits."""
+    weight_max = 63 if (int8_dot_saturates() if reduce_range is None else reduce_range) else 127
     model = copy.deepcopy(model).eval()
     fold_batchnorms(model, contract)
     targets = [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     for name in targets:
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, leaf, QuantLayer(getattr(parent, leaf), momentum))
+        setattr(parent, leaf, QuantLayer(getattr(parent, leaf), momentum, weight_max))
     return model
 
 

@@ -8,10 +8,13 @@ import copy
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import onnxruntime as ort
+import pytest
 import torch
 from torch import nn
 
+from optforge.tasks.techniques.benchmark import int8_dot_saturates
 from optforge.tasks.techniques.contract import as_tensors, forward_logits, table_contract, text_contract
 from optforge.tasks.techniques.distill import FinetuneConfig, finetune
 from optforge.tasks.techniques.models import MLP, SmallCNN
@@ -29,10 +32,13 @@ def _optimized_ops(path, tmp_path) -> list[str]:
     return [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
 
 
-def test_export_has_int8_weights_behind_dequantize_and_runs_integer_kernels(tmp_path):
+@pytest.mark.parametrize("reduce_range", [None, True], ids=["this-cpu", "7-bit"])
+def test_export_has_int8_weights_behind_dequantize_and_runs_integer_kernels(tmp_path, reduce_range):
+    """Agreement holds on every CPU only because weights drop to 7 bits where ORT's kernels saturate (x86
+    without VNNI): with 8-bit weights there, ORT was 13 output steps off (0.035) on a CI machine."""
     torch.manual_seed(0)
     model, contract = MLP(64, 10, (128, 64), dropout=0.0).eval(), table_contract(64, 10)
-    prepared = prepare(model, contract)
+    prepared = prepare(model, contract, reduce_range=reduce_range)
     assert sum(isinstance(m, QuantLayer) for m in prepared.modules()) == 3
     calibrate(prepared, [{"input": torch.randn(32, 64)} for _ in range(4)])
     path = export_qdq(prepared, contract, tmp_path / "qat.onnx")
@@ -40,12 +46,17 @@ def test_export_has_int8_weights_behind_dequantize_and_runs_integer_kernels(tmp_
     int8 = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.INT8}
     weight_dq = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in int8]
     assert len(weight_dq) == 3  # every weight stored as INT8, dequantized in the graph
+    widest = max(np.abs(onnx.numpy_helper.to_array(i)).max() for i in graph.initializer if i.name in int8)
+    assert widest == (63 if reduce_range or int8_dot_saturates() else 127)  # the range ORT can run exactly
     assert _optimized_ops(path, tmp_path).count("QGemm") == 3  # ORT runs integer GEMMs, not float
     x = np.random.default_rng(0).standard_normal((8, 64), dtype=np.float32)
     (ort_logits,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})
     with torch.inference_mode():
         ref = prepared.eval()(torch.from_numpy(x)).numpy()
-    assert np.abs(ort_logits - ref).max() < 1e-4  # ORT computes what QAT trained
+    step = [m for m in prepared.modules() if isinstance(m, QuantLayer)][-1].out.qparams()[0]
+    # ORT computes what QAT trained: equal up to one output step (a rounding tie may fall the other way;
+    # int16 saturation, which 8-bit weights gave on a CPU without VNNI, was 13 steps off)
+    assert np.abs(ort_logits - ref).max() <= step * 1.01
     assert path.stat().st_size < 0.5 * sum(p.numel() for p in model.parameters()) * 4
 
 
