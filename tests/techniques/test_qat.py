@@ -18,9 +18,9 @@ from optforge.tasks.techniques.benchmark import int8_dot_saturates
 from optforge.tasks.techniques.contract import as_tensors, forward_logits, table_contract, text_contract
 from optforge.tasks.techniques.distill import FinetuneConfig, finetune
 from optforge.tasks.techniques.models import MLP, SmallCNN
-from optforge.tasks.techniques.onnx_export import ExportConfig, export_onnx
 from optforge.tasks.techniques.qat import QuantLayer, calibrate, export_qdq, fold_batchnorms, prepare
-from optforge.tasks.techniques.static_quant import StaticQuantConfig, accuracy, quantize_static_int8
+from optforge.tasks.techniques.static_quant import logits
+from optforge.tasks.techniques.training import evaluate
 from tests.techniques.helpers import table_part, tiny_bert
 
 
@@ -99,22 +99,24 @@ def _digits_with_a_wide_feature():
     return [table_part(X[i], y[i]) for i in (idx[:1200], idx[1200:1450], idx[1450:])]
 
 
-def test_qat_beats_post_training_int8_given_the_same_fine_tuning(tmp_path):
+def test_fine_tuning_learns_around_the_rounding_and_onnx_runtime_runs_what_it_learned(tmp_path):
+    """Both sides of the claim are computed so that no CPU's INT8 rounding decides them: the gain is measured on
+    the fake-quantized PyTorch model (float arithmetic), and ORT's integer kernels must then agree with that
+    model's predictions. (Comparing QAT with post-training INT8 through ORT was a 1-point race that another
+    CPU's kernels reversed: 90.5 against 92.5 with VNNI.)"""
     train, val, test = _digits_with_a_wide_feature()
     contract = table_contract(64, 10)
     torch.manual_seed(0)
     model = MLP(64, 10, (32,), dropout=0.0)
     finetune(model, train, val, FinetuneConfig(epochs=60, lr=3e-3, kd_alpha=0))
-    extra = FinetuneConfig(epochs=20, lr=1e-3, kd_alpha=0)
-
-    float_model = copy.deepcopy(model)  # post-training INT8 gets the same extra epochs, in float
-    finetune(float_model, train, val, extra)
-    fp32 = export_onnx(float_model, contract, tmp_path / "fp32.onnx", ExportConfig())
-    ptq = quantize_static_int8(fp32, tmp_path / "ptq.onnx", train, StaticQuantConfig(max_fallback_nodes=0), test)
-
     prepared = prepare(model, contract)
     calibrate(prepared, [as_tensors(b) for b, _ in train.head(512).batches(64)])
-    finetune(prepared, train, val, extra)
-    qat_acc = accuracy(export_qdq(prepared, contract, tmp_path / "qat.onnx"), test)
-    assert ptq.accuracy_fp32 - ptq.accuracy_int8 > 1  # the toy is hard for post-training INT8 ...
-    assert qat_acc > ptq.accuracy_int8 + 0.5  # ... and QAT does better (measured: 93.7 vs 92.5)
+    before = evaluate(prepared, test)["accuracy"]
+    assert evaluate(model, test)["accuracy"] - before > 1  # the toy is hard for INT8 without fine-tuning ...
+    finetune(prepared, train, val, FinetuneConfig(epochs=20, lr=1e-3, kd_alpha=0))
+    assert evaluate(prepared, test)["accuracy"] > before + 1  # ... and QAT learns around it (measured: +2.0, +3.5 in 7 bits)
+    ort_labels = logits(export_qdq(prepared, contract, tmp_path / "qat.onnx"), test).argmax(1)
+    with torch.inference_mode():
+        torch_labels = np.concatenate([forward_logits(prepared.eval(), as_tensors(b)).numpy()
+                                       for b, _ in test.batches(256)]).argmax(1)
+    assert (ort_labels == torch_labels).mean() >= 0.99  # measured: 1.0 and 0.997 (7 bits)
