@@ -19,20 +19,9 @@ from optforge.tasks.techniques.early_exit import EarlyExitConfig
 from optforge.tasks.techniques.factorize import FactorizeConfig
 from optforge.tasks.techniques.prune import PruneConfig
 from optforge.tasks.techniques.qat import QatConfig
+from optforge.tasks.techniques.registry import CHAIN_STEPS, chain_problem, expand, variant_name
 
-Stage = Literal["distill", "prune", "factorize", "cluster", "binarize", "circulant", "early_exit", "export", "fuse",
-                "quantize", "static", "qat"]
-TORCH_STEPS = ("distill", "prune", "factorize", "cluster", "binarize", "circulant", "early_exit")
-# An early-exit model's routing exports as ONNX If nodes: plain export and dynamic INT8 (whose quantizer
-# walks If subgraphs) keep it; the fused, static-QDQ and QAT exports build their own graphs without it.
-AFTER_EARLY_EXIT = ((), ("export",), ("quantize",), ("export", "quantize"))
-SUFFIX = {"export": "onnx", "fuse": "fused", "quantize": "int8", "static": "static_int8", "qat": "qat_int8"}
-# What may follow the PyTorch steps: an ONNX export (plain, or fused by ONNX Runtime's transformer
-# optimizer, which exports its own graph), then optionally INT8: dynamic (quantize, MatMul-heavy models)
-# or static QDQ calibrated as engines.static_int8 says (static, convolutions); or quantization-aware
-# fine-tuning, which exports its own QDQ INT8 model.
-ONNX_TAILS = ((), ("export",), ("quantize",), ("export", "quantize"), ("fuse",), ("fuse", "quantize"),
-              ("static",), ("export", "static"), ("qat",))
+Stage = Literal[CHAIN_STEPS]  # the registry's chain steps, in its order
 
 # The default shows each technique next to its INT8 version and keeps `optforge run` quick: one Ray
 # Train distillation (shared by the first four chains), in-process fine-tuning for QAT, prune and
@@ -67,31 +56,10 @@ class CompressConfig(TechniqueConfig):
     def _chains_make_sense(cls, chains):
         seen = set()
         for i, chain in enumerate(chains):
-            where = f"chain {i} {list(chain)}"
-            if not any(step in (*TORCH_STEPS, "qat") for step in chain):
-                raise ValueError(f"{where} needs at least one of {[*TORCH_STEPS, 'qat']}; export/quantize alone "
-                                 "repeat the baseline variants")
-            if len(set(chain)) != len(chain):
-                raise ValueError(f"{where} repeats a stage")
-            torch_steps = [step for step in chain if step in TORCH_STEPS]
-            if "early_exit" in torch_steps and torch_steps[-1] != "early_exit":
-                raise ValueError(f"{where}: early_exit must be the last PyTorch step (the exit heads are trained for "
-                                 "the final backbone)")
-            if "circulant" in torch_steps and torch_steps[-1] != "circulant" and torch_steps[-2:] != ["circulant",
-                                                                                                       "early_exit"]:
-                raise ValueError(f"{where}: circulant must be the last PyTorch step, or be followed by early_exit only "
-                                 "(pruning, factorizing, clustering or binarizing a block-circulant layer is not supported)")
-            if "distill" in chain and chain[0] != "distill":
-                raise ValueError(f"{where}: distill trains a new student from the teacher, so it must come first")
-            first_onnx = next((j for j, step in enumerate(chain) if step in SUFFIX), len(chain))
-            if tuple(chain[first_onnx:]) not in ONNX_TAILS:
-                raise ValueError(f"{where}: export (or fuse) and quantize must come last, in that order, and not "
-                                 "both export and fuse")
-            if "early_exit" in chain and tuple(chain[first_onnx:]) not in AFTER_EARLY_EXIT:
-                raise ValueError(f"{where}: after early_exit only export and quantize (dynamic INT8) keep the exits' "
-                                 "routing; fuse, static and qat are not supported")
+            if problem := chain_problem(chain):
+                raise ValueError(f"chain {i} {list(chain)} {problem}")
             if expand(chain) in seen:
-                raise ValueError(f"{where} builds the same variant as an earlier chain")
+                raise ValueError(f"chain {i} {list(chain)} builds the same variant as an earlier chain")
             seen.add(expand(chain))
         return chains
 
@@ -105,18 +73,6 @@ class CompressConfig(TechniqueConfig):
         return self
 
 
-def expand(chain) -> tuple[str, ...]:
-    """The steps that actually run: INT8 (quantize, static) needs an ONNX model, so it implies export (unless
-    fused)."""
-    steps = tuple(chain)
-    if steps[-1:] in (("quantize",), ("static",)) and "export" not in steps and "fuse" not in steps:
-        steps = (*steps[:-1], "export", steps[-1])
-    return steps
-
-
 def product_name(steps: tuple[str, ...], sep: str = "-") -> str:
-    """``('distill', 'prune', 'export', 'quantize')`` -> ``distill-prune-int8``; a fused chain keeps ``fused``
-    (``distill-fused-int8``) so that it never shares a name with its unfused twin."""
-    fused = ["fused"] if "fuse" in steps and steps[-1] != "fuse" else []
-    parts = [s for s in steps if s in TORCH_STEPS] + fused + ([SUFFIX[steps[-1]]] if steps[-1] in SUFFIX else [])
-    return sep.join(parts)
+    """A chain's variant name (the registry's ``variant_name``): ``distill-prune-int8``."""
+    return variant_name(steps, sep)

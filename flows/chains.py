@@ -12,7 +12,9 @@ flow's StageRunner, so each is cached, timed and logged as a child run like any 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 from optforge.flows.chain_config import CompressConfig, expand, product_name
 from optforge.tasks.compress import binarize_weights, circulant, cluster_weights, factorize, prune, qat
@@ -23,71 +25,77 @@ from optforge.tasks.fuse import fuse_onnx
 from optforge.tasks.quantize import quantize
 from optforge.tasks.quantize_static import quantize_static
 from optforge.tasks.refs import DataRef, ModelRef
-from optforge.tasks.techniques.fusion import FuseConfig
-from optforge.tasks.techniques.onnx_export import ExportConfig
-from optforge.tasks.techniques.quantization import DynamicQuantConfig
-from optforge.tasks.techniques.static_quant import StaticQuantConfig
+from optforge.tasks.techniques.registry import TECHNIQUES, section
 
-__all__ = ["CompressConfig", "OnnxSteps", "chain_variants", "expand", "product_name"]
+__all__ = ["CompressConfig", "RUNS", "chain_variants", "expand", "product_name"]
 
 
 @dataclass(frozen=True)
-class OnnxSteps:
-    """The settings of a chain's ONNX steps, shared with the baseline's (the pipeline's top-level sections)."""
+class Step:
+    """What one chain step runs with: its settings, the model before it, and the run's context."""
 
-    export: ExportConfig
-    fuse: FuseConfig
-    quantize: DynamicQuantConfig
-    static: StaticQuantConfig
-
-
-# The in-process PyTorch steps, each with its config section of the same name (compress.<step>).
-TORCH_TASKS = {"prune": prune, "factorize": factorize, "cluster": cluster_weights, "binarize": binarize_weights,
-               "circulant": circulant, "early_exit": early_exit}
+    stage: Any  # the flow's StageRunner
+    name: str  # the product's name: the task and its MLflow run are named after it
+    cfg: Any  # the technique's section of the pipeline config
+    source: ModelRef
+    teacher: ModelRef
+    data: DataRef
+    workdir: str
 
 
-def _run_step(step: str, source: ModelRef, name: str, teacher: ModelRef, cfg: CompressConfig, data: DataRef,
-              workdir: str, stage, onnx_cfgs: OnnxSteps) -> ModelRef:
-    """One chain step through ``stage``; the task is renamed to its product so each gets its own stage tags."""
-    if step == "distill":
-        return stage(distill.with_options(name=name), cfg=cfg.distill, teacher=teacher, data=data, workdir=workdir,
-                     run_name=name)
-    if step == "qat":
-        return stage(qat.with_options(name=name), cfg=cfg.qat, model=source, teacher=teacher, data=data,
-                     workdir=workdir, run_name=name)
-    if step in TORCH_TASKS:
-        task, step_cfg = TORCH_TASKS[step], getattr(cfg, step)
-        return stage(task.with_options(name=name), cfg=step_cfg, model=source, teacher=teacher, data=data,
-                     workdir=workdir, run_name=name)
-    if step == "export":
-        out = stage(export.with_options(name=name), cfg=onnx_cfgs.export, model=source, data=data, workdir=workdir)
-    elif step == "static":
-        out = stage(quantize_static.with_options(name=name), cfg=onnx_cfgs.static, onnx_model=source, data=data,
-                    workdir=workdir)
-    elif step == "fuse":
-        out = stage(fuse_onnx.with_options(name=name), cfg=onnx_cfgs.fuse, model=source, data=data, workdir=workdir,
-                    run_name=name)
-    else:
-        out = stage(quantize.with_options(name=name), cfg=onnx_cfgs.quantize, onnx_model=source, workdir=workdir)
-    # ONNX files carry no FLOP count of their own: keep the PyTorch source's counts with the ONNX facts.
-    return replace(out, info={**source.info, **out.info})
+def _finetuned(task) -> Callable[[Step], ModelRef]:
+    """A PyTorch step that changes the model and fine-tunes it, distilling from the teacher."""
+    return lambda s: s.stage(task.with_options(name=s.name), cfg=s.cfg, model=s.source, teacher=s.teacher,
+                             data=s.data, workdir=s.workdir, run_name=s.name)
 
 
-def chain_variants(cfg: CompressConfig, teacher: ModelRef, data: DataRef, workdir: str, stage,
-                   onnx_cfgs: OnnxSteps) -> list[ModelRef]:
-    """Run each configured chain through ``stage`` (the flow's StageRunner); return the end products.
+def _keeps_counts(run: Callable[[Step], ModelRef]) -> Callable[[Step], ModelRef]:
+    """An ONNX step: ONNX files carry no FLOP count of their own, so keep the source's counts with its facts."""
+    def step(s: Step) -> ModelRef:
+        out = run(s)
+        return replace(out, info={**s.source.info, **out.info})
+    return step
+
+
+# Explicit dispatch: each chain step of the registry to its task shell (tests/flows/test_technique_registry.py checks
+# that the two name the same steps).
+RUNS: dict[str, Callable[[Step], ModelRef]] = {
+    "distill": lambda s: s.stage(distill.with_options(name=s.name), cfg=s.cfg, teacher=s.teacher, data=s.data,
+                                 workdir=s.workdir, run_name=s.name),
+    "prune": _finetuned(prune),
+    "factorize": _finetuned(factorize),
+    "cluster": _finetuned(cluster_weights),
+    "binarize": _finetuned(binarize_weights),
+    "circulant": _finetuned(circulant),
+    "early_exit": _finetuned(early_exit),
+    "qat": _finetuned(qat),
+    "export": _keeps_counts(lambda s: s.stage(export.with_options(name=s.name), cfg=s.cfg, model=s.source,
+                                              data=s.data, workdir=s.workdir)),
+    "fuse": _keeps_counts(lambda s: s.stage(fuse_onnx.with_options(name=s.name), cfg=s.cfg, model=s.source,
+                                            data=s.data, workdir=s.workdir, run_name=s.name)),
+    "quantize": _keeps_counts(lambda s: s.stage(quantize.with_options(name=s.name), cfg=s.cfg, onnx_model=s.source,
+                                                workdir=s.workdir)),
+    "static": _keeps_counts(lambda s: s.stage(quantize_static.with_options(name=s.name), cfg=s.cfg,
+                                              onnx_model=s.source, data=s.data, workdir=s.workdir)),
+}
+
+
+def chain_variants(cfg, teacher: ModelRef, data: DataRef, workdir: str, stage) -> list[ModelRef]:
+    """Run each of ``cfg.compress.chains`` (``cfg``: the pipeline config) through ``stage`` (the flow's
+    StageRunner); return the end products. Each step reads its settings where the registry says.
 
     Each variant's ``info["lineage"]`` becomes MLflow tags on its benchmark run: the chain, the run
     that made the model it was derived from (``parent_run``), every step's run and the teacher's run.
     """
     products: dict[tuple[str, ...], ModelRef] = {}
     variants = []
-    for chain in cfg.chains:
+    for chain in cfg.compress.chains:
         steps, ref, parent = expand(chain), teacher, teacher
         for i, step in enumerate(steps):
             key = steps[: i + 1]
             if key not in products:
-                products[key] = _run_step(step, ref, product_name(key), teacher, cfg, data, workdir, stage, onnx_cfgs)
+                products[key] = RUNS[step](Step(stage, product_name(key), section(cfg, TECHNIQUES[step]), ref,
+                                                teacher, data, workdir))
             parent, ref = ref, products[key]
         lineage = {"chain": ">".join(chain), "parent_run": parent.run_id or "", "teacher_run": teacher.run_id or "",
                    "chain_runs": ",".join(f"{s}:{products[steps[: i + 1]].run_id}" for i, s in enumerate(steps))}

@@ -21,7 +21,7 @@ import yaml
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from optforge.flows.chains import OnnxSteps, chain_variants
+from optforge.flows.chains import chain_variants
 from optforge.flows.engines import engine_variants
 from optforge.flows.params import PipelineConfig, load_config, peek_tracking
 from optforge.flows.plan import Plan, plan
@@ -189,8 +189,7 @@ def build_variants(cfg: PipelineConfig, workdir: str, stage: StageRunner) -> tup
                     info={**onnx_fused.info, **fused_int8.info, "lineage": {"parent_variant": onnx_fused.name,
                                                                             "technique": "dynamic_int8"}})]
     variants += engine_variants(cfg.engines, onnx_fp32, model, data, workdir, stage)
-    onnx_steps = OnnxSteps(cfg.export, cfg.fuse, cfg.quantize, cfg.engines.static_int8)
-    variants += chain_variants(cfg.compress, model, data, workdir, stage, onnx_steps)
+    variants += chain_variants(cfg, model, data, workdir, stage)
     return data, variants, run_plan
 
 

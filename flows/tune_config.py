@@ -16,10 +16,11 @@ from pydantic import Field, ValidationError, field_validator
 
 from optforge.flows.chain_config import CompressConfig, Stage, expand
 from optforge.tasks.techniques.config import TechniqueConfig
+from optforge.tasks.techniques.registry import CHAIN_STEPS, TECHNIQUES
 
-# Sections a trial may change: those the chain steps read. The teacher (data, model, train) is trained
-# once before the search and shared by every trial, so its settings are not searchable.
-SEARCHABLE = ("compress.", "quantize.", "fuse.", "export.", "engines.static_int8.")
+# Sections a trial may change: those the chain steps read (the registry's config keys). The teacher (data,
+# model, train) is trained once before the search and shared by every trial, so its settings are not searchable.
+SEARCHABLE = tuple(f"{TECHNIQUES[step].config_key}." for step in CHAIN_STEPS)
 
 # The chain menu when ``tune.chains`` is not given: each technique with the INT8 forms a CPU runs fast
 # (dynamic, static, quantization-aware), and the two-step chains that combine them. The plan drops those
@@ -80,17 +81,12 @@ class TuneConfig(TechniqueConfig):
 def default_space(cfg) -> dict[str, list[Any]]:
     """The settings searched when ``tune.space`` is unset, scaled to the model ``cfg`` trains.
 
-    Pruning ratio and rounds, SVD energy, the static-INT8 calibration method and per-channel scales for
-    every model; the student's size: for the zoo MLP, fractions of the teacher's widths; for a student derived
+    The registry's search values for every model (pruning ratio and rounds, SVD energy, the static-INT8
+    calibration method and per-channel scales); the student's size: for the zoo MLP, fractions of the teacher's widths; for a student derived
     from the teacher, the share of layers (``derive: layers``) or of every layer's channels (``derive: width``).
     """
-    space: dict[str, list[Any]] = {
-        "compress.prune.sparsity": [0.3, 0.5, 0.7],
-        "compress.prune.rounds": [1, 2],
-        "compress.factorize.energy": [0.4, 0.6, 0.8],
-        "engines.static_int8.method": ["minmax", "percentile"],
-        "engines.static_int8.per_channel": [False, True],
-    }
+    space: dict[str, list[Any]] = {f"{t.config_key}.{key}": list(values)
+                                   for t in TECHNIQUES.values() for key, values in t.search.items()}
     model, student = cfg.model, cfg.compress.distill.student
     if model.arch == "mlp" and student.arch == "mlp" and cfg.compress.distill.derive == "none":
         widest = max(model.hidden or (64,))
@@ -110,14 +106,9 @@ def trial_overrides(values: dict[str, Any]) -> list[str]:
 
 
 def relevant(key: str, chain) -> bool:
-    """Whether ``key`` changes what ``chain`` builds: its steps' sections, and the ONNX steps' when it has them."""
-    steps = set(expand(tuple(chain)))
-    section = key.split(".")[1] if key.startswith(("compress.", "engines.")) else key.split(".")[0]
-    if key.startswith("compress."):
-        return section in steps
-    if key.startswith("engines.static_int8."):
-        return "static" in steps
-    return section in steps or (section == "export" and bool(steps & {"static", "quantize"}) and "fuse" not in steps)
+    """Whether ``key`` changes what ``chain`` builds: it lies in the section of a step that runs (the implied
+    export included)."""
+    return any(key.startswith(f"{TECHNIQUES[step].config_key}.") for step in expand(tuple(chain)))
 
 
 def draw_trials(chains, space: dict[str, list[Any]], trials: int, seed: int,

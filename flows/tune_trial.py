@@ -31,7 +31,7 @@ from prefect.runtime import flow_run
 from ray import tune
 
 from optforge.flows.chain_config import expand, product_name
-from optforge.flows.chains import OnnxSteps, chain_variants
+from optforge.flows.chains import chain_variants
 from optforge.flows.optimize import StageRunner
 from optforge.flows.params import apply_overrides, validate
 from optforge.flows.tune_config import trial_overrides
@@ -134,10 +134,8 @@ def _build_and_time(ctx: SearchContext, name: str, overrides: list[str], run_id:
     cfg = validate(apply_overrides(ctx.base, overrides))  # a bad combination fails this trial, named
     teacher, data = ModelRef(**ctx.teacher), DataRef(**ctx.data)
     stage = StageRunner(force=False, parent_run_id=run_id)
-    onnx_steps = OnnxSteps(cfg.export, cfg.fuse, cfg.quantize, cfg.engines.static_int8)
     with epoch_listener(_report_epochs(run_id)):
-        (variant,) = chain_variants(cfg.compress, teacher, data, ctx.workdir, _Building(stage, ctx.lock_dir),
-                                    onnx_steps)
+        (variant,) = chain_variants(cfg, teacher, data, ctx.workdir, _Building(stage, ctx.lock_dir))
     variant = replace(variant, name=name)
     with timing(ctx.lock_dir):
         (result,) = stage(benchmark, cfg=cfg.benchmark, variants=[variant], data=data)

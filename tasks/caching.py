@@ -20,6 +20,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from optforge.tasks.techniques.registry import MACHINE_BOUND_STAGES
+
 # Parameters that identify *this* pipeline run rather than the stage's work.
 NOT_IN_KEY = frozenset({"parent_run_id"})
 
@@ -27,9 +29,6 @@ NOT_IN_KEY = frozenset({"parent_run_id"})
 KEYED_LIBRARIES = ("torch", "numpy", "onnx", "onnxruntime", "onnxscript", "transformers", "torch-pruning",
                    "scikit-learn", "tensorrt", "tensorrt-cu12", "apache-tvm", "apache-tvm-ffi")
 
-# Stages whose output is a property of the hardware they ran on: timings, engines built for one GPU, and TVM
-# libraries compiled for (and tuned on) one CPU.
-MACHINE_BOUND = frozenset({"benchmark", "build_engine", "compile_tvm"})
 
 
 @lru_cache(maxsize=1)
@@ -88,7 +87,7 @@ def _jsonable(value: Any) -> Any:
 def stage_key(stage: str, parameters: dict[str, Any]) -> str:
     payload = {k: _jsonable(v) for k, v in parameters.items() if k not in NOT_IN_KEY}
     key = {"stage": stage, "params": payload, "code": code_version(), "libraries": library_versions()}
-    if stage in MACHINE_BOUND:
+    if stage in MACHINE_BOUND_STAGES:  # timings, engines built for one GPU, TVM libraries tuned on one CPU
         key["machine"] = machine_identity()
     blob = json.dumps(key, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()

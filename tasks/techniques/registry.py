@@ -1,0 +1,183 @@
+"""The technique registry: one record per technique, read by everything that needs to know what one is.
+
+(Not MLflow's Model Registry, which ``tasks/register.py`` writes to.) A record says what a technique is:
+its name, its config class and where that sits in the pipeline config, the form of model it takes and
+the form it gives, its word in variant names, its stage's name, whether its output belongs to the
+machine that built it, and the values ``optforge tune`` tries by default. The chain config, the chain
+runner, the tune search and the cache key read these records instead of keeping their own tables.
+
+A chain is valid when each step takes the form the step before gives, as Olive matches its passes'
+model handlers: ``distill`` takes only the trained teacher (so it comes first), nothing takes an INT8
+model (so INT8 comes last), an early-exit model goes only to the export that keeps its routing, and
+``quantize`` or ``static`` right after a PyTorch model is bridged by an implied ``export``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Literal
+
+from optforge.tasks.techniques.binarize import BinarizeConfig
+from optforge.tasks.techniques.circulant import CirculantConfig
+from optforge.tasks.techniques.clustering import ClusterConfig
+from optforge.tasks.techniques.config import TechniqueConfig
+from optforge.tasks.techniques.distill import DistillConfig
+from optforge.tasks.techniques.early_exit import EarlyExitConfig
+from optforge.tasks.techniques.factorize import FactorizeConfig
+from optforge.tasks.techniques.fp16 import Fp16Config
+from optforge.tasks.techniques.fusion import FuseConfig
+from optforge.tasks.techniques.onnx_export import ExportConfig
+from optforge.tasks.techniques.prune import PruneConfig
+from optforge.tasks.techniques.qat import QatConfig
+from optforge.tasks.techniques.quantization import DynamicQuantConfig
+from optforge.tasks.techniques.static_quant import StaticQuantConfig
+from optforge.tasks.techniques.tensorrt_engine import TensorRTConfig
+from optforge.tasks.techniques.tvm_engine import TvmConfig
+
+
+class Form(str, Enum):
+    """The form of model a step takes or gives: what decides which step may follow which."""
+
+    TEACHER = "teacher"  # the trained FP32 PyTorch model every chain starts from
+    TORCH = "pytorch"  # a PyTorch model derived from it
+    CIRCULANT = "pytorch_circulant"  # with FFT layers: only exit heads or an export may follow
+    EXITS = "pytorch_early_exit"  # with exit heads: only the export that keeps their routing may follow
+    ONNX = "onnx"  # FP32 ONNX
+    FUSED = "onnx_fused"  # ONNX Runtime's transformer fusion, exported from PyTorch in one step
+    ROUTED = "onnx_early_exit"  # an early-exit model's ONNX, its routing in If nodes
+    INT8 = "onnx_int8"  # INT8 ONNX: the end of a chain
+    ENGINE = "engine"  # a runtime's own compiled form (TensorRT, TVM)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_PYTORCH = (Form.TEACHER, Form.TORCH)  # what the weight-level PyTorch steps take
+
+
+@dataclass(frozen=True)
+class Technique:
+    """One technique. ``io`` maps each form it takes to the form it gives."""
+
+    name: str  # the step's name in compress.chains
+    config: type[TechniqueConfig]
+    config_key: str  # where its settings live in the pipeline config (dotted)
+    io: Mapping[Form, Form]
+    word: str  # its word in a variant's name
+    named: Literal["always", "last"]  # "last": the word shows only when the step ends the chain
+    stage: str  # the Prefect task's and MLflow run's name when it runs outside a chain
+    summary: str
+    machine_bound: bool = False  # its output belongs to the machine that built it (cache keyed by that machine)
+    search: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)  # tune's default values, keys under config_key
+    chain_step: bool = True  # False: an engine, built from the baseline's ONNX outside the chains
+
+    def takes(self, form: Form) -> bool:
+        return form in self.io
+
+
+TECHNIQUES: dict[str, Technique] = {t.name: t for t in (
+    Technique("distill", DistillConfig, "compress.distill", {Form.TEACHER: Form.TORCH}, "distill", "always",
+              "distill", "train a smaller student from the teacher's soft labels (Ray Train)"),
+    Technique("prune", PruneConfig, "compress.prune", dict.fromkeys(_PYTORCH, Form.TORCH), "prune", "always",
+              "prune", "remove channels, heads or weights by importance, then fine-tune",
+              search={"sparsity": (0.3, 0.5, 0.7), "rounds": (1, 2)}),
+    Technique("factorize", FactorizeConfig, "compress.factorize", dict.fromkeys(_PYTORCH, Form.TORCH), "factorize",
+              "always", "factorize", "replace large layers by two low-rank ones (truncated SVD), then fine-tune",
+              search={"energy": (0.4, 0.6, 0.8)}),
+    Technique("cluster", ClusterConfig, "compress.cluster", dict.fromkeys(_PYTORCH, Form.TORCH), "cluster", "always",
+              "cluster", "share 2**bits values per layer (k-means), stored bit-packed"),
+    Technique("binarize", BinarizeConfig, "compress.binarize", dict.fromkeys(_PYTORCH, Form.TORCH), "binarize",
+              "always", "binarize", "binary inner-layer weights (sign x channel scale), one bit each"),
+    Technique("circulant", CirculantConfig, "compress.circulant", dict.fromkeys(_PYTORCH, Form.CIRCULANT),
+              "circulant", "always", "circulant", "block-circulant Linear layers computed by FFT"),
+    Technique("early_exit", EarlyExitConfig, "compress.early_exit",
+              dict.fromkeys((*_PYTORCH, Form.CIRCULANT), Form.EXITS), "early_exit", "always", "early_exit",
+              "exit heads after intermediate blocks; a confident sample stops early"),
+    Technique("export", ExportConfig, "export",
+              {**dict.fromkeys((*_PYTORCH, Form.CIRCULANT), Form.ONNX), Form.EXITS: Form.ROUTED}, "onnx", "last",
+              "export_onnx", "ONNX export from the input contract, checked against PyTorch"),
+    Technique("fuse", FuseConfig, "fuse", dict.fromkeys((*_PYTORCH, Form.CIRCULANT), Form.FUSED), "fused", "always",
+              "fuse_onnx", "ONNX Runtime's transformer fusion (attention, LayerNorm, GELU)"),
+    Technique("quantize", DynamicQuantConfig, "quantize", dict.fromkeys((Form.ONNX, Form.FUSED, Form.ROUTED), Form.INT8),
+              "int8", "last", "quantize_dynamic", "dynamic INT8: weights INT8, activations quantized per call"),
+    Technique("static", StaticQuantConfig, "engines.static_int8", {Form.ONNX: Form.INT8}, "static_int8", "last",
+              "quantize_static", "static INT8 (QDQ), activations calibrated on training rows",
+              search={"method": ("minmax", "percentile"), "per_channel": (False, True)}),
+    Technique("qat", QatConfig, "compress.qat", dict.fromkeys((*_PYTORCH, Form.CIRCULANT), Form.INT8), "qat_int8",
+              "last", "qat", "quantization-aware fine-tuning, exported as QDQ INT8"),
+    Technique("fp16", Fp16Config, "engines.fp16", {Form.ONNX: Form.ONNX}, "fp16", "last", "convert_fp16",
+              "FP16 ONNX for GPU runtimes", chain_step=False),
+    Technique("tensorrt", TensorRTConfig, "engines.tensorrt", {Form.ONNX: Form.ENGINE}, "tensorrt", "last",
+              "build_engine", "TensorRT FP16/INT8 engines (needs CUDA)", machine_bound=True, chain_step=False),
+    Technique("tvm", TvmConfig, "engines.tvm", {Form.ONNX: Form.ENGINE}, "tvm", "last", "compile_tvm",
+              "Apache TVM CPU libraries, tuned for this CPU", machine_bound=True, chain_step=False),
+)}
+
+CHAIN_STEPS = tuple(name for name, t in TECHNIQUES.items() if t.chain_step)
+# The steps the baseline variants already apply to the teacher: a chain of these alone repeats a baseline.
+BASELINE_STEPS = ("export", "fuse", "quantize", "static")
+# Stages whose output belongs to the machine: the engines, and the benchmark's timings (a measurement, not
+# a technique, so it has no record).
+MACHINE_BOUND_STAGES = frozenset({"benchmark", *(t.stage for t in TECHNIQUES.values() if t.machine_bound)})
+
+
+def _needs_export(name: str, form: Form) -> bool:
+    """Whether step ``name`` cannot take ``form`` but can take its export (INT8 after a PyTorch step)."""
+    export = TECHNIQUES["export"]
+    return not TECHNIQUES[name].takes(form) and export.takes(form) and TECHNIQUES[name].takes(export.io[form])
+
+
+def expand(chain) -> tuple[str, ...]:
+    """The steps that actually run: a step that cannot take a PyTorch model but can take its export (INT8)
+    gets an ``export`` before it. ``('prune', 'quantize')`` -> ``('prune', 'export', 'quantize')``."""
+    steps: list[str] = []
+    form = Form.TEACHER
+    for name in chain:
+        if _needs_export(name, form):
+            steps.append("export")
+            form = TECHNIQUES["export"].io[form]
+        steps.append(name)
+        form = TECHNIQUES[name].io.get(form, form)
+    return tuple(steps)
+
+
+def chain_problem(chain) -> str | None:
+    """Why ``chain`` is not a valid chain (the step that cannot take what the step before gives), or None."""
+    if not chain:
+        return "is empty"
+    unknown = [s for s in chain if s not in CHAIN_STEPS]
+    if unknown:
+        return f"has unknown steps {unknown}; steps: {list(CHAIN_STEPS)}"
+    if len(set(chain)) != len(chain):
+        return "repeats a step"
+    if all(s in BASELINE_STEPS for s in chain):
+        return (f"needs at least one of {[s for s in CHAIN_STEPS if s not in BASELINE_STEPS]}; "
+                f"{'/'.join(BASELINE_STEPS)} alone repeat the baseline variants")
+    form, before = Form.TEACHER, "the teacher"
+    for name in expand(chain):
+        step = TECHNIQUES[name]
+        if not step.takes(form):
+            after = ", ".join(s for s in CHAIN_STEPS if TECHNIQUES[s].takes(form) or _needs_export(s, form)) or "nothing"
+            return (f"{name} cannot follow {before}: {name} takes {' or '.join(map(str, step.io))}, {before} gives "
+                    f"{form} (what may follow it: {after})")
+        form, before = step.io[form], name
+    return None
+
+
+def variant_name(steps, sep: str = "-") -> str:
+    """``('distill', 'prune', 'export', 'quantize')`` -> ``distill-prune-int8``: every step whose word shows
+    always (the PyTorch steps, and ``fused`` so a fused chain never shares a name with its unfused twin), and
+    the last step's word."""
+    steps = tuple(steps)
+    return sep.join(TECHNIQUES[s].word for i, s in enumerate(steps)
+                    if TECHNIQUES[s].named == "always" or i == len(steps) - 1)
+
+
+def section(cfg: Any, technique: Technique) -> TechniqueConfig:
+    """The technique's settings in a pipeline config: the section at its ``config_key``."""
+    value = cfg
+    for part in technique.config_key.split("."):
+        value = getattr(value, part)
+    return value

@@ -1,0 +1,49 @@
+"""The technique registry (tasks/techniques/registry.py): each record agrees with the pipeline config and the
+chain runner, and a chain is valid exactly when each step takes the form the step before gives."""
+
+import pytest
+
+from optforge.flows.chains import RUNS
+from optforge.flows.params import PipelineConfig
+from optforge.tasks.techniques.registry import (
+    CHAIN_STEPS,
+    MACHINE_BOUND_STAGES,
+    TECHNIQUES,
+    Form,
+    chain_problem,
+    expand,
+    section,
+    variant_name,
+)
+
+
+def test_every_record_names_its_config_section_and_every_chain_step_has_a_run():
+    cfg = PipelineConfig()
+    for technique in TECHNIQUES.values():
+        assert isinstance(section(cfg, technique), technique.config), technique.name
+        for key in technique.search:  # tune's default keys exist in the section
+            assert key in technique.config.model_fields, f"{technique.name}.search: {key}"
+    assert set(RUNS) == set(CHAIN_STEPS)
+    assert MACHINE_BOUND_STAGES == {"benchmark", "build_engine", "compile_tvm"}
+
+
+@pytest.mark.parametrize("chain, problem", [
+    (("distill", "prune", "quantize"), None),
+    (("circulant", "early_exit", "quantize"), None),  # the routing survives export and dynamic INT8
+    (("prune", "distill"), "distill cannot follow prune"),  # distill takes only the teacher
+    (("early_exit", "static"), "static cannot follow early_exit"),  # static QDQ drops the routing
+    (("qat", "quantize"), "quantize cannot follow qat"),  # nothing takes INT8
+    (("fuse",), "alone repeat the baseline variants"),
+])
+def test_a_chain_is_valid_when_each_step_takes_what_the_one_before_gives(chain, problem):
+    found = chain_problem(chain)
+    assert (found is None) if problem is None else (problem in found)
+
+
+def test_an_int8_step_after_a_pytorch_model_gets_its_export_and_names_follow_the_records():
+    assert expand(("prune", "static")) == ("prune", "export", "static")
+    assert expand(("distill", "fuse", "quantize")) == ("distill", "fuse", "quantize")  # fuse exports its own graph
+    assert variant_name(expand(("distill", "fuse", "quantize")), "_") == "distill_fused_int8"
+    assert variant_name(("early_exit", "export")) == "early_exit-onnx"
+    starts = [name for name in CHAIN_STEPS if TECHNIQUES[name].takes(Form.TEACHER)]
+    assert "distill" in starts and "quantize" not in starts
