@@ -85,7 +85,8 @@ def _children(client, parent_id, stage):
 def test_engine_stages_log_runs_and_benchmark_side_by_side(exported, store):
     pid, data, torch_ref, onnx_ref, work = exported
     client = MlflowClient(store[0])
-    static = quantize_static.fn(StaticQuantConfig(calibration_samples=128), onnx_ref, data, work, pid)
+    # A budget the gate passes on any CPU (INT8 cost this model 0.4 points, 1 validation row), so the run shows no fallback.
+    static = quantize_static.fn(StaticQuantConfig(calibration_samples=128, max_accuracy_drop=5), onnx_ref, data, work, pid)
     fp16 = convert_to_fp16.fn(Fp16Config(), onnx_ref, work, pid)
     state = build_engines.fn(TensorRTConfig(), StaticQuantConfig(), Fp16Config(), onnx_ref, data, work, environment(), pid)
     assert isinstance(state, State) and "skipped trt_fp16, trt_int8" in state.message
