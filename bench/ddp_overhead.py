@@ -35,7 +35,8 @@ def _model(overrides: list[str]):
 
     from optforge.flows.params import load_config
     from optforge.tasks.techniques.contract import table_contract
-    from optforge.tasks.techniques.models import ModelSpec, build_model
+    from optforge.tasks.techniques.models import ModelSpec
+    from optforge.tasks.techniques.rebuild import build_model
 
     cfg = load_config(None, overrides)
     torch.manual_seed(0)  # both ranks build identical weights (DDP would broadcast them anyway)

@@ -37,9 +37,9 @@ def main() -> None:
 
     from optforge.tasks.techniques.benchmark import cpu_model, time_calls
     from optforge.tasks.techniques.data import load_splits
-    from optforge.tasks.techniques.models import load_model
     from optforge.tasks.techniques.onnx_export import ExportConfig, export_onnx
     from optforge.tasks.techniques.ort_session import tuned_session
+    from optforge.tasks.techniques.rebuild import load_model
 
     torch.set_num_threads(args.threads)
     model, _ = load_model(args.model)

@@ -75,8 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args(argv)
 
-    from optforge.tasks.techniques.data import DataConfig, load_splits, prepare
+    from optforge.tasks.techniques.data import DataConfig, load_splits
     from optforge.tasks.techniques.models import ModelConfig, ModelSpec
+    from optforge.tasks.techniques.sources import prepare
     from optforge.tasks.worker_common import ensure_ray
 
     tmp = Path(tempfile.mkdtemp(prefix="optforge-model-parallel-"))

@@ -20,7 +20,8 @@ from optforge.flows.params import ConfigError, PipelineConfig
 from optforge.tasks.techniques.contract import InputContract
 from optforge.tasks.techniques.fusion import unsupported_reason
 from optforge.tasks.techniques.model_source import check_runs
-from optforge.tasks.techniques.models import HUGGINGFACE, ONNX, ModelSpec, build_model, count_params
+from optforge.tasks.techniques.models import HUGGINGFACE, ONNX, ModelSpec, count_params
+from optforge.tasks.techniques.rebuild import build_model
 from optforge.tasks.techniques.tvm_engine import unavailable_reason as tvm_unavailable
 
 

@@ -30,8 +30,9 @@ from optforge.tasks.techniques.contract import forward_logits, to_device
 from optforge.tasks.techniques.data import load_splits
 from optforge.tasks.techniques.files import atomic_write
 from optforge.tasks.techniques.init_weights import apply_init, load_init_state
-from optforge.tasks.techniques.models import build_model, save_model
+from optforge.tasks.techniques.models import save_model
 from optforge.tasks.techniques.param_server import ParameterServer, Push, Reply, Work
+from optforge.tasks.techniques.rebuild import build_model
 from optforge.tasks.techniques.training import Precision, evaluate, precision_for
 from optforge.tasks.worker_common import (
     CKPT_FILE,

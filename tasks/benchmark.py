@@ -30,9 +30,9 @@ from optforge.tasks.techniques.benchmark import (
 )
 from optforge.tasks.techniques.data import load_splits
 from optforge.tasks.techniques.metrics import Predictor
-from optforge.tasks.techniques.models import load_model
 from optforge.tasks.techniques.ort_session import session_predictor, session_settings, tuned_session
 from optforge.tasks.techniques.packing import PACKED_FILE
+from optforge.tasks.techniques.rebuild import load_model
 from optforge.tasks.tracking import child_run
 
 SKIPPED = Format.SKIPPED  # a variant that could not be built on this machine (see tasks/tensorrt.py)

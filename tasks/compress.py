@@ -8,8 +8,6 @@ cached teacher logits as the distill stage.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import mlflow
 import numpy as np
 
@@ -29,11 +27,12 @@ from optforge.tasks.techniques.factorize import FactorizeConfig
 from optforge.tasks.techniques.factorize import factorize as factorize_model
 from optforge.tasks.techniques.flops import model_stats
 from optforge.tasks.techniques.graph_prune import widths
-from optforge.tasks.techniques.models import load_model, save_model
+from optforge.tasks.techniques.models import save_model
 from optforge.tasks.techniques.packing import PACKED_FILE
 from optforge.tasks.techniques.prune import PruneConfig
 from optforge.tasks.techniques.prune import prune as prune_model
 from optforge.tasks.techniques.qat import QatConfig, calibrate, export_qdq, prepare
+from optforge.tasks.techniques.rebuild import load_model
 from optforge.tasks.techniques.static_quant import accuracy as onnx_accuracy
 from optforge.tasks.techniques.static_quant import count_qdq_nodes
 from optforge.tasks.techniques.training import evaluate
@@ -171,7 +170,7 @@ def circulant(cfg: CirculantConfig, model: ModelRef, teacher: ModelRef, data: Da
                    system_metrics=True) as run:
         net, spec, splits, before, acc_before = open_input(model, data)
         blocks = to_circulant(net, cfg)
-        spec = replace(spec, circulant={**(spec.circulant or {}), **blocks})
+        spec = spec.then("circulant", {"blocks": blocks})
         mlflow.log_metrics({"circulant_layers": len(blocks),
                             "accuracy_before_finetune": evaluate(net, splits.test)["accuracy"]})
         _tuner(cfg.finetune, splits, _soft_targets(cfg.finetune, teacher, data, workdir), run_name)(net)

@@ -9,7 +9,8 @@ import numpy as np
 
 from optforge.tasks.caching import stage_task
 from optforge.tasks.refs import DataRef
-from optforge.tasks.techniques.data import DataConfig, data_name, load_splits, prepare
+from optforge.tasks.techniques.data import DataConfig, data_name, load_splits
+from optforge.tasks.techniques.sources import prepare
 from optforge.tasks.tracking import child_run
 
 # Rows of each split handed to mlflow.data as a schema sample: the fingerprint covers the whole split.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import replace
 from pathlib import Path
 
 import mlflow
@@ -16,7 +15,8 @@ from optforge.tasks.techniques.data import load_splits
 from optforge.tasks.techniques.distill import DistillConfig, check_student, teacher_logits
 from optforge.tasks.techniques.files import atomic_write
 from optforge.tasks.techniques.flops import model_stats
-from optforge.tasks.techniques.models import ModelSpec, load_model, save_model
+from optforge.tasks.techniques.models import ModelSpec, save_model
+from optforge.tasks.techniques.rebuild import load_model
 from optforge.tasks.techniques.students import share_layers, student_model
 from optforge.tasks.techniques.training import evaluate
 from optforge.tasks.tracking import child_run, tracking_uri
@@ -75,7 +75,7 @@ def distill(cfg: DistillConfig, teacher: ModelRef, data: DataRef, workdir: str, 
                                                    cfg.layer_stride, cfg.width_keep)
         if cfg.share_layers > 1:  # recorded in the spec, so the workers' student (and every rebuild) shares too
             mlflow.log_metric("distinct_layers", share_layers(student, cfg.share_layers))
-            spec = replace(spec, shared_layers=cfg.share_layers)
+            spec = spec.then("distill", {"share_layers": cfg.share_layers})
         init = save_model(student, spec, out / "init") if has_weights else None
         mlflow.set_tag("optforge.student", _describe_student(cfg, spec))
         n_student, n_teacher = check_student(student, teacher_model)

@@ -9,8 +9,6 @@ the exported model on real test rows, so its latency is the real mix, not this e
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import mlflow
 
 from optforge.tasks.caching import stage_task
@@ -44,7 +42,7 @@ def early_exit(cfg: EarlyExitConfig, model: ModelRef, teacher: ModelRef, data: D
         ee.threshold.fill_(pick["threshold"])
         test_row = curve(exit_probs(ee, splits.test), splits.test.labels, latencies, [pick["threshold"]])[0]
         _log_exits(val_curve, pick, how, test_row, latencies, ee.exits)
-        spec = replace(spec, early_exit={"exits": ee.exits, "threshold": pick["threshold"]})
+        spec = spec.then("early_exit", {"exits": ee.exits, "threshold": pick["threshold"]})
         info = log_result(ee, before, acc_before, splits)
         save_model(ee, spec, out / "model")
         mlflow.log_artifacts(str(out / "model"), "model")

@@ -31,8 +31,8 @@ from optforge.tasks.refs import DataRef, Format, ModelRef, Registration, Variant
 from optforge.tasks.techniques.benchmark import cpu_model, torch_predictor
 from optforge.tasks.techniques.data import Splits, load_splits
 from optforge.tasks.techniques.metrics import top1_accuracy
-from optforge.tasks.techniques.models import load_model
 from optforge.tasks.techniques.onnx_export import save_program
+from optforge.tasks.techniques.rebuild import load_model
 from optforge.tasks.techniques.selection import (
     CHAMPION,
     Incumbent,

@@ -22,7 +22,8 @@ from optforge.tasks.techniques.files import atomic_write
 from optforge.tasks.techniques.flops import count_flops
 from optforge.tasks.techniques.init_weights import load_init_state
 from optforge.tasks.techniques.model_source import starting_model
-from optforge.tasks.techniques.models import ModelConfig, count_params, load_model, save_model
+from optforge.tasks.techniques.models import ModelConfig, count_params, save_model
+from optforge.tasks.techniques.rebuild import load_model
 from optforge.tasks.techniques.training import TrainConfig, evaluate
 from optforge.tasks.tracking import child_run, tracking_uri
 from optforge.tasks.training_driver import run_training

@@ -25,7 +25,8 @@ from optforge.tasks.techniques.agreement import from_rank_zero, sync_buffers
 from optforge.tasks.techniques.averaging import ModelAverager
 from optforge.tasks.techniques.data import load_splits
 from optforge.tasks.techniques.init_weights import apply_init, load_init_state
-from optforge.tasks.techniques.models import ModelSpec, build_model, save_model
+from optforge.tasks.techniques.models import ModelSpec, save_model
+from optforge.tasks.techniques.rebuild import build_model
 from optforge.tasks.techniques.sampling import MixingSampler
 from optforge.tasks.techniques.sharding import (
     full_model_state,

@@ -25,7 +25,8 @@ from optforge.tasks.techniques.augment import AugmentedDataset, CachedCopies
 from optforge.tasks.techniques.data import Part, Splits
 from optforge.tasks.techniques.distill import DistillConfig, kd_loss
 from optforge.tasks.techniques.loader import LoaderConfig
-from optforge.tasks.techniques.models import ModelSpec, load_model
+from optforge.tasks.techniques.models import ModelSpec
+from optforge.tasks.techniques.rebuild import load_model
 from optforge.tasks.techniques.training import TrainConfig
 
 CKPT_FILE = "train_state.pt"

@@ -1,5 +1,6 @@
 """Architecture rules that a refactor could silently break."""
 
+import ast
 import pkgutil
 import subprocess
 import sys
@@ -47,3 +48,44 @@ def test_a_users_tasks_py_and_flows_folder_cannot_shadow_the_pipeline(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     assert Path(out.stdout.strip()).resolve() == ROOT / "tasks" / "train.py"
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Every optforge module -> the optforge modules it imports anywhere, inside functions included."""
+    files = {}
+    for folder in ("flows", "tasks", "deployments"):
+        for f in (ROOT / folder).rglob("*.py"):
+            files["optforge." + ".".join(f.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")] = f
+    graph = {name: set() for name in files}
+    for name, f in files.items():
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("optforge"):
+                targets = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                continue
+            graph[name] |= {t for t in targets if t in files and t != name}
+    return graph
+
+
+def test_no_import_cycle_even_inside_a_function():
+    """An import inside a function hides a cycle from Python, not from this walk (STYLE.md: such imports are
+    for optional heavy dependencies only)."""
+    graph = _import_graph()
+    assert len(graph) > 50 and "optforge.tasks.techniques.rebuild" in graph["optforge.tasks.train"]
+
+    def reaches(start: str, goal: str) -> list[str] | None:
+        seen, todo = set(), [[start]]
+        while todo:
+            path = todo.pop()
+            for nxt in graph[path[-1]]:
+                if nxt == goal:
+                    return [*path, nxt]
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append([*path, nxt])
+        return None
+
+    cycles = [cycle for name in sorted(graph) if (cycle := reaches(name, name))]
+    assert not cycles, f"import cycles: {cycles[:3]}"

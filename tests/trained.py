@@ -7,7 +7,8 @@ import torch
 from optforge.tasks.refs import DataRef, Format, ModelRef, file_sha256
 from optforge.tasks.techniques.contract import as_tensors
 from optforge.tasks.techniques.data import Splits
-from optforge.tasks.techniques.models import ModelConfig, ModelSpec, build_model, save_model
+from optforge.tasks.techniques.models import ModelConfig, ModelSpec, save_model
+from optforge.tasks.techniques.rebuild import build_model
 from optforge.tasks.techniques.training import TrainConfig, make_optimizer, make_scheduler, precision_for, train_epoch
 
 

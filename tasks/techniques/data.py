@@ -5,7 +5,7 @@ Three kinds of source, each an adapter that ends in the same place:
 - an image folder with one sub-folder per class: ``tasks.techniques.images``;
 - text in CSV, JSONL or Parquet with a text and a label column, tokenized: ``tasks.techniques.texts``.
 
-Each writes a split folder: ``contract.json`` (the ``InputContract``), and per part (``train``,
+``sources.prepare`` picks the adapter; each writes a split folder: ``contract.json`` (the ``InputContract``), and per part (``train``,
 ``val``, ``test``, ``new``) one ``.npy`` per input plus ``labels.npy``. Stages open those arrays
 memory-mapped (``load_splits``), so a dataset larger than memory is read a batch at a time, and the
 Ray workers read them from shared storage by path. Images and text are decoded and tokenized once,
@@ -29,8 +29,7 @@ import numpy as np
 from pydantic import Field
 
 from optforge.tasks.techniques.config import TechniqueConfig
-from optforge.tasks.techniques.contract import DTYPES, InputContract, Kind, table_contract
-from optforge.tasks.techniques.split import split_indices
+from optforge.tasks.techniques.contract import DTYPES, InputContract, Kind
 
 PARTS = ("train", "val", "test", "new")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -229,46 +228,3 @@ def fingerprint(folder: str | Path) -> str:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()[:16]
-
-
-def prepare(cfg: DataConfig, root: str | Path, tokenizer: str | None = None) -> Path:
-    """Read ``cfg.source`` with its adapter and write the split folder ``<root>/<fingerprint>``.
-
-    ``tokenizer`` (text only) is the folder to tokenize with when ``cfg.tokenizer`` is not set (the
-    Hugging Face model folder's own). Returns the folder.
-    """
-    from optforge.tasks.techniques import images, tables, texts
-
-    root = Path(root)
-    kind = source_kind(cfg)
-    with staging(root) as tmp:
-        if kind == "image":
-            images.prepare_images(cfg, tmp)
-        elif kind == "text":
-            texts.prepare_texts(cfg, tmp, cfg.tokenizer or tokenizer)
-        else:
-            _prepare_table(cfg, tmp, tables)
-        return publish(tmp, root / fingerprint(tmp))
-
-
-def _prepare_table(cfg: DataConfig, tmp: Path, tables) -> None:
-    X, y = tables.read_table(cfg.source, cfg.label_column)
-    image_shape = cfg.image_shape or ((1, 8, 8) if cfg.source == "digits" else None)
-    if cfg.num_classes is not None and y.max() >= cfg.num_classes:
-        raise ValueError(f"data.num_classes: labels must be in 0..{cfg.num_classes - 1}, found {int(y.max())} in {cfg.source}")
-    if image_shape is not None and int(np.prod(image_shape)) != X.shape[1]:
-        raise ValueError(f"data.image_shape: {list(image_shape)} holds {int(np.prod(image_shape))} values "
-                         f"but {cfg.source} has {X.shape[1]} features per sample")
-    num_classes = cfg.num_classes or int(y.max()) + 1
-    new = None
-    if cfg.new_source:
-        new = tables.read_table(cfg.new_source, cfg.label_column, field="data.new_source")
-        if new[0].shape[1] != X.shape[1]:
-            raise ValueError(f"data.new_source: {cfg.new_source} has {new[0].shape[1]} features per sample, "
-                             f"but data.source has {X.shape[1]}")
-    parts = tables.split_table(X, y, cfg, new, num_classes)
-    for name, (Xp, yp) in parts.items():
-        write_part(tmp / name, Part({"input": Xp}, yp))
-    # The test split holds data.source's rows, then data.new_source's: how many are new, to score them apart.
-    stats = {"test_new_rows": len(split_indices(len(new[0]), cfg, "data.new_source")[2])} if new else {}
-    write_meta(tmp, table_contract(X.shape[1], num_classes, image_shape), stats)

@@ -15,7 +15,6 @@ threshold recovers the accuracy (see the README's compression section for measur
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from typing import Literal
 
 import torch
@@ -91,7 +90,7 @@ def factorize_layer(layer: nn.Module, rank: int, svd: tuple[torch.Tensor, ...] |
 def factorize(model: nn.Module, spec: ModelSpec, cfg: FactorizeConfig) -> tuple[nn.Module, ModelSpec, dict]:
     """Factorize every eligible layer of ``model`` in place where it lowers the cost.
 
-    Returns the model, its spec (``factorized`` lists the new low-rank layers so ``load_model``
+    Returns the model, its spec (a ``factorize`` transform lists the new low-rank layers so ``load_model``
     rebuilds them) and a per-layer report: shape, chosen rank, break-even rank, and whether it was
     factorized.
     """
@@ -101,7 +100,7 @@ def factorize(model: nn.Module, spec: ModelSpec, cfg: FactorizeConfig) -> tuple[
     if cfg.keep_last:  # zoo modules are registered in forward order: the last weighted layer is the head
         head = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1:]
         targets = [(n, m) for n, m in targets if n not in head]
-    ranks, report = dict(spec.factorized or {}), {}
+    ranks, report = {}, {}
     for name, layer in targets:
         w = _matrix(layer)
         m, n = w.shape
@@ -113,4 +112,4 @@ def factorize(model: nn.Module, spec: ModelSpec, cfg: FactorizeConfig) -> tuple[
             parent_path, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent_path), leaf, factorize_layer(layer, rank, svd))
             ranks[name] = rank
-    return model.eval(), replace(spec, factorized=ranks or None), report
+    return model.eval(), (spec.then("factorize", {"ranks": ranks}) if ranks else spec), report

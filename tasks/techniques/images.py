@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from optforge.tasks.techniques.contract import image_contract
+from optforge.tasks.techniques.data import write_meta
 from optforge.tasks.techniques.split import split_indices
 
 SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -71,8 +72,6 @@ def _first_size(path: Path) -> int:
 
 def prepare_images(cfg, out: Path) -> None:
     """Decode ``cfg.source`` into the split folder ``out`` (see ``tasks.techniques.data``)."""
-    from optforge.tasks.techniques.data import write_meta
-
     folder = Path(cfg.source)
     files, labels, classes = scan(folder)
     channels = 3 if cfg.image_mode == "RGB" else 1

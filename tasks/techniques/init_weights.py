@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from optforge.tasks.techniques.models import ModelSpec, build_model, missing_model_file, read_spec
+from optforge.tasks.techniques.models import ModelSpec, missing_model_file, read_spec
+from optforge.tasks.techniques.rebuild import build_model
 
 FIELD = "train.init_from"
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from optforge.tasks.techniques.contract import InputContract, call_style, forward_logits
-from optforge.tasks.techniques.models import HUGGINGFACE, ModelConfig, ModelSpec, build_model, load_weights_file
+from optforge.tasks.techniques.models import HUGGINGFACE, ModelConfig, ModelSpec, base_model, load_weights_file
 
 
 def starting_model(model_cfg: ModelConfig, contract: InputContract) -> tuple[nn.Module, ModelSpec, bool]:
@@ -29,7 +29,7 @@ def starting_model(model_cfg: ModelConfig, contract: InputContract) -> tuple[nn.
         model, hf_config = load_pretrained(model_cfg.path, contract)
         spec, trained = replace(spec, hf_config=hf_config), True
     else:
-        model = build_model(spec)
+        model = base_model(spec)  # a fresh spec: nothing applied yet
         if model_cfg.weights:
             state = load_weights_file(model_cfg.weights)
             try:

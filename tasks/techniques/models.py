@@ -8,10 +8,9 @@ cannot run code. A user factory is the one place user code runs, by the user's o
 import path is in their config). A Hugging Face model's spec carries its ``config.json`` content, so a
 saved variant rebuilds without the original folder.
 
-Compressed models stay rebuildable from their spec: a structurally pruned model carries torch-pruning's
-history (which channels each layer lost) in ``ModelSpec.pruned``, and a factorized model lists its
-low-rank layers in ``ModelSpec.factorized`` (module path -> rank); ``build_model`` replays the first,
-then applies the second, before the weights load.
+Compressed models stay rebuildable from their spec: ``ModelSpec.transforms`` lists the techniques applied,
+in order, each with what its replay needs (torch-pruning's history, low-rank layers and their ranks, ...);
+``rebuild.build_model`` starts from ``base_model`` here and replays them through the technique registry.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,6 @@ from torch import nn
 from optforge.tasks.techniques.config import TechniqueConfig
 from optforge.tasks.techniques.contract import InputContract, table_contract
 from optforge.tasks.techniques.files import atomic_write
-from optforge.tasks.techniques.graph_prune import replay
 
 ZOO = ("mlp", "cnn", "dscnn")
 HUGGINGFACE, ONNX = "huggingface", "onnx"
@@ -90,22 +88,18 @@ class ModelConfig(TechniqueConfig):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Everything needed to rebuild a model's architecture (saved next to its weights)."""
+    """Everything needed to rebuild a model's architecture (saved next to its weights): where it came from,
+    and the techniques applied to it since, in order, each with what its replay needs."""
 
     config: dict[str, Any]
     contract: dict[str, Any]
-    # Low-rank layers of a factorized model: module path -> rank. None for every other model.
-    factorized: dict[str, int] | None = None
     # A Hugging Face model's config.json content (None for other models).
-    hf_config: dict[str, Any] | None = field(default=None)
-    # Structured pruning history (graph_prune.History: layer, outputs?, channel indices), replayed in order.
-    pruned: list[list[Any]] | None = None
-    # Block-circulant Linear layers (circulant.py): module path -> block size. None for every other model.
-    circulant: dict[str, int] | None = None
-    # Cross-layer sharing of a transformer's layers (students.share_layers): the group size. None: no sharing.
-    shared_layers: int | None = None
-    # Exit heads (early_exit.py): {"exits": [block indices], "threshold": confidence}. None: no early exits.
-    early_exit: dict[str, Any] | None = None
+    hf_config: dict[str, Any] | None = None
+    # ((technique, params), ...) in the order applied; ``rebuild.build_model`` replays them through the registry.
+    transforms: tuple[tuple[str, dict[str, Any]], ...] = ()
+
+    def __post_init__(self):  # JSON and Ray hand back lists; keep one hashable, comparable form
+        object.__setattr__(self, "transforms", tuple((str(name), dict(params)) for name, params in self.transforms))
 
     @property
     def inputs(self) -> InputContract:
@@ -114,6 +108,27 @@ class ModelSpec:
     @property
     def num_classes(self) -> int:
         return int(self.contract["num_classes"])
+
+    def then(self, technique: str, params: dict[str, Any]) -> ModelSpec:
+        """This spec with one more applied technique."""
+        return replace(self, transforms=(*self.transforms, (technique, params)))
+
+    def applied(self, technique: str) -> list[dict[str, Any]]:
+        """The params of each time ``technique`` was applied, in order."""
+        return [params for name, params in self.transforms if name == technique]
+
+    @property
+    def factorized(self) -> dict[str, int] | None:
+        """Every low-rank layer (module path -> rank) of a factorized model; None when nothing was factorized."""
+        ranks = {k: v for p in self.applied("factorize") for k, v in p["ranks"].items()}
+        return ranks or None
+
+    @property
+    def pruned(self) -> list[list[Any]] | None:
+        """The structured pruning history (pruning, and a student narrowed from its teacher); None: none."""
+        history = [step for name, p in self.transforms for step in (p.get("history") or [])
+                   if name in ("prune", "distill")]
+        return history or None
 
 
 class MLP(nn.Module):
@@ -213,8 +228,9 @@ def apply_ranks(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
     return model
 
 
-def build_model(spec: ModelSpec) -> nn.Module:
-    """Build the (untrained) model a spec describes. Explicit dispatch: zoo names, Hugging Face, import path."""
+def base_model(spec: ModelSpec) -> nn.Module:
+    """The (untrained) model a spec starts from, before any applied technique (``rebuild.build_model`` replays
+    those). Explicit dispatch: zoo names, Hugging Face, import path."""
     cfg = ModelConfig.from_dict(spec.config)
     contract = spec.inputs
     if cfg.arch == "mlp":
@@ -233,24 +249,6 @@ def build_model(spec: ModelSpec) -> nn.Module:
         raise ValueError("model.arch: an ONNX model has no PyTorch form; the PyTorch stages are skipped for it")
     else:
         model = _from_factory(cfg.arch, spec, cfg.kwargs)
-    if spec.pruned:
-        replay(model, contract, spec.pruned)
-    if spec.factorized:
-        apply_ranks(model, spec.factorized)
-    if spec.circulant:
-        from optforge.tasks.techniques.circulant import apply_blocks  # imported here: circulant.py imports distill.py
-
-        apply_blocks(model, spec.circulant)
-    if spec.shared_layers:
-        from optforge.tasks.techniques.students import share_layers  # imported here: students.py imports this module
-
-        share_layers(model, spec.shared_layers)
-    if spec.early_exit:
-        # imported here: early_exit.py imports this module
-        from optforge.tasks.techniques.early_exit import EarlyExitModel
-
-        model = EarlyExitModel(model, spec.early_exit["exits"], spec.num_classes, contract.example(batch=1),
-                               spec.early_exit["threshold"])
     return model
 
 
@@ -319,8 +317,18 @@ def read_spec(folder: str | Path) -> ModelSpec:
     raw = json.loads((Path(folder) / "model.json").read_text())
     contract = raw.get("contract") or table_contract(int(raw["num_features"]), int(raw["num_classes"]),
                                                      raw.get("image_shape")).to_dict()
-    return ModelSpec(raw["config"], contract, raw.get("factorized"), raw.get("hf_config"), raw.get("pruned"),
-                     raw.get("circulant"), raw.get("shared_layers"), raw.get("early_exit"))
+    return ModelSpec(raw["config"], contract, raw.get("hf_config"), raw.get("transforms") or _legacy_transforms(raw))
+
+
+def _legacy_transforms(raw: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """A model.json written before specs kept their transforms in order had one optional field per technique,
+    replayed pruned, factorized, circulant, shared layers, early exit: the same steps in that order."""
+    found = [("prune", {"history": raw.get("pruned")}), ("factorize", {"ranks": raw.get("factorized")}),
+             ("circulant", {"blocks": raw.get("circulant")}), ("distill", {"share_layers": raw.get("shared_layers")})]
+    legacy = [(name, params) for name, params in found if next(iter(params.values()))]
+    if raw.get("early_exit"):
+        legacy.append(("early_exit", dict(raw["early_exit"])))
+    return legacy
 
 
 def save_model(model: nn.Module, spec: ModelSpec, folder: str | Path) -> Path:
@@ -330,14 +338,3 @@ def save_model(model: nn.Module, spec: ModelSpec, folder: str | Path) -> Path:
     atomic_write(folder / "model.json", lambda p: Path(p).write_text(json.dumps(asdict(spec), indent=2)))
     atomic_write(folder / "model.pt", lambda p: torch.save(model.state_dict(), p))
     return folder
-
-
-def load_model(folder: str | Path) -> tuple[nn.Module, ModelSpec]:
-    """Rebuild from ``model.json`` and load ``model.pt`` with ``weights_only=True``; eval mode."""
-    folder = Path(folder)
-    if missing := missing_model_file(folder):
-        raise FileNotFoundError(f"model folder {folder} lacks {missing}")
-    spec = read_spec(folder)
-    model = build_model(spec)
-    model.load_state_dict(torch.load(folder / "model.pt", map_location="cpu", weights_only=True))
-    return model.eval(), spec

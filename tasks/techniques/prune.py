@@ -4,7 +4,7 @@ Structured pruning removes whole units with torch-pruning's dependency graph (``
 hidden neuron of an MLP, a convolution's channels across a ResNet's residual additions, a transformer's
 attention heads and feed-forward neurons. The layers become smaller dense layers, so latency really
 drops. The zoo models take the same path as Hugging Face models and factories: the pruned model is its
-original architecture plus the recorded pruning history (``ModelSpec.pruned``), which ``build_model``
+original architecture plus the recorded pruning history (a ``prune`` transform in its spec), which ``build_model``
 replays before the weights load.
 
 ``sparsity`` is the share to remove of what ``target`` measures: every layer's ``channels``, or the
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Literal
 
 import numpy as np
@@ -109,7 +108,7 @@ def prune_structured(model: nn.Module, spec: ModelSpec, cfg: PruneConfig,
     if spec.factorized or any(isinstance(m, LowRank) for m in model.modules()):
         raise ValueError("prune.method: structured pruning of a factorized model is not supported; prune before factorizing")
     contract = spec.inputs
-    history = list(spec.pruned or [])
+    history: list = []
     start = measure(model, contract, cfg.target)
     keep_per_round = (1.0 - cfg.sparsity) ** (1 / cfg.rounds)
     for r in range(1, cfg.rounds + 1):
@@ -121,7 +120,7 @@ def prune_structured(model: nn.Module, spec: ModelSpec, cfg: PruneConfig,
         history += step
         if finetune is not None:
             finetune(model, r)
-    return model.eval(), replace(spec, pruned=history)
+    return model.eval(), spec.then("prune", {"history": history})
 
 
 def _weights(model: nn.Module) -> list[tuple[nn.Module, str]]:

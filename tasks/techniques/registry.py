@@ -14,25 +14,31 @@ model (so INT8 comes last), an early-exit model goes only to the export that kee
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Literal
 
+from torch import nn
+
+from optforge.tasks.techniques import graph_prune
 from optforge.tasks.techniques.binarize import BinarizeConfig
-from optforge.tasks.techniques.circulant import CirculantConfig
+from optforge.tasks.techniques.circulant import CirculantConfig, apply_blocks
 from optforge.tasks.techniques.clustering import ClusterConfig
 from optforge.tasks.techniques.config import TechniqueConfig
+from optforge.tasks.techniques.contract import InputContract
 from optforge.tasks.techniques.distill import DistillConfig
-from optforge.tasks.techniques.early_exit import EarlyExitConfig
+from optforge.tasks.techniques.early_exit import EarlyExitConfig, EarlyExitModel
 from optforge.tasks.techniques.factorize import FactorizeConfig
 from optforge.tasks.techniques.fp16 import Fp16Config
 from optforge.tasks.techniques.fusion import FuseConfig
+from optforge.tasks.techniques.models import apply_ranks
 from optforge.tasks.techniques.onnx_export import ExportConfig
 from optforge.tasks.techniques.prune import PruneConfig
 from optforge.tasks.techniques.qat import QatConfig
 from optforge.tasks.techniques.quantization import DynamicQuantConfig
 from optforge.tasks.techniques.static_quant import StaticQuantConfig
+from optforge.tasks.techniques.students import share_layers
 from optforge.tasks.techniques.tensorrt_engine import TensorRTConfig
 from optforge.tasks.techniques.tvm_engine import TvmConfig
 
@@ -72,29 +78,50 @@ class Technique:
     machine_bound: bool = False  # its output belongs to the machine that built it (cache keyed by that machine)
     search: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)  # tune's default values, keys under config_key
     chain_step: bool = True  # False: an engine, built from the baseline's ONNX outside the chains
+    # Rebuilds its change on a freshly built model from the params it recorded in ModelSpec.transforms (the
+    # weights load afterwards); None: it changes weights only, or gives no PyTorch model.
+    replay: Callable[[nn.Module, dict[str, Any], InputContract], nn.Module] | None = None
 
     def takes(self, form: Form) -> bool:
         return form in self.io
 
 
+def _replay_prune(model: nn.Module, params: dict[str, Any], contract: InputContract) -> nn.Module:
+    return graph_prune.replay(model, contract, params["history"])
+
+
+def _replay_distill(model: nn.Module, params: dict[str, Any], contract: InputContract) -> nn.Module:
+    """A student derived from the teacher: narrowed (a pruning history) and/or sharing its layers."""
+    if params.get("history"):
+        graph_prune.replay(model, contract, params["history"])
+    if params.get("share_layers"):
+        share_layers(model, int(params["share_layers"]))
+    return model
+
+
+def _replay_early_exit(model: nn.Module, params: dict[str, Any], contract: InputContract) -> nn.Module:
+    return EarlyExitModel(model, params["exits"], contract.num_classes, contract.example(batch=1), params["threshold"])
+
+
 TECHNIQUES: dict[str, Technique] = {t.name: t for t in (
     Technique("distill", DistillConfig, "compress.distill", {Form.TEACHER: Form.TORCH}, "distill", "always",
-              "distill", "train a smaller student from the teacher's soft labels (Ray Train)"),
+              "distill", "train a smaller student from the teacher's soft labels (Ray Train)", replay=_replay_distill),
     Technique("prune", PruneConfig, "compress.prune", dict.fromkeys(_PYTORCH, Form.TORCH), "prune", "always",
               "prune", "remove channels, heads or weights by importance, then fine-tune",
-              search={"sparsity": (0.3, 0.5, 0.7), "rounds": (1, 2)}),
+              search={"sparsity": (0.3, 0.5, 0.7), "rounds": (1, 2)}, replay=_replay_prune),
     Technique("factorize", FactorizeConfig, "compress.factorize", dict.fromkeys(_PYTORCH, Form.TORCH), "factorize",
               "always", "factorize", "replace large layers by two low-rank ones (truncated SVD), then fine-tune",
-              search={"energy": (0.4, 0.6, 0.8)}),
+              search={"energy": (0.4, 0.6, 0.8)}, replay=lambda model, p, _: apply_ranks(model, p["ranks"])),
     Technique("cluster", ClusterConfig, "compress.cluster", dict.fromkeys(_PYTORCH, Form.TORCH), "cluster", "always",
               "cluster", "share 2**bits values per layer (k-means), stored bit-packed"),
     Technique("binarize", BinarizeConfig, "compress.binarize", dict.fromkeys(_PYTORCH, Form.TORCH), "binarize",
               "always", "binarize", "binary inner-layer weights (sign x channel scale), one bit each"),
     Technique("circulant", CirculantConfig, "compress.circulant", dict.fromkeys(_PYTORCH, Form.CIRCULANT),
-              "circulant", "always", "circulant", "block-circulant Linear layers computed by FFT"),
+              "circulant", "always", "circulant", "block-circulant Linear layers computed by FFT",
+              replay=lambda model, p, _: apply_blocks(model, p["blocks"])),
     Technique("early_exit", EarlyExitConfig, "compress.early_exit",
               dict.fromkeys((*_PYTORCH, Form.CIRCULANT), Form.EXITS), "early_exit", "always", "early_exit",
-              "exit heads after intermediate blocks; a confident sample stops early"),
+              "exit heads after intermediate blocks; a confident sample stops early", replay=_replay_early_exit),
     Technique("export", ExportConfig, "export",
               {**dict.fromkeys((*_PYTORCH, Form.CIRCULANT), Form.ONNX), Form.EXITS: Form.ROUTED}, "onnx", "last",
               "export_onnx", "ONNX export from the input contract, checked against PyTorch"),

@@ -93,7 +93,7 @@ def narrow(teacher: nn.Module, spec: ModelSpec, keep: float) -> tuple[nn.Module,
     if spec.factorized:
         raise ValueError("compress.distill.derive: a factorized teacher cannot be narrowed; derive before factorizing")
     student, history = prune_channels(copy.deepcopy(teacher), spec.inputs, 1.0 - keep)
-    return student.eval(), replace(spec, pruned=[*(spec.pruned or []), *history])
+    return student.eval(), spec.then("distill", {"history": history})
 
 
 def derive_student(teacher: nn.Module, spec: ModelSpec, how: Derive, layer_stride: int = 2,

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from optforge.tasks.techniques.contract import text_contract
+from optforge.tasks.techniques.data import write_meta
 from optforge.tasks.techniques.split import split_indices
 
 CHUNK_ROWS = 2048  # rows tokenized at a time: bounds memory, large enough for the fast tokenizer's batching
@@ -115,8 +116,6 @@ def raw_texts(folder: Path, part: str = "test") -> Iterator[str]:
 
 def prepare_texts(cfg, out: Path, tokenizer_folder: str | None) -> None:
     """Tokenize ``cfg.source`` into the split folder ``out`` (see ``tasks.techniques.data``)."""
-    from optforge.tasks.techniques.data import write_meta
-
     path = check_file(cfg)
     tokenizer = load_tokenizer(tokenizer_folder)
     rows, mapping = _label_map(path, cfg)

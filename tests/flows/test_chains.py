@@ -15,7 +15,8 @@ from optforge.flows.params import ConfigError, PipelineConfig, load_config
 from optforge.tasks.data import prepare_data
 from optforge.tasks.refs import Format, ModelRef, file_sha256
 from optforge.tasks.techniques.data import DataConfig
-from optforge.tasks.techniques.models import ModelConfig, ModelSpec, build_model, load_model, save_model
+from optforge.tasks.techniques.models import ModelConfig, ModelSpec, save_model
+from optforge.tasks.techniques.rebuild import build_model, load_model
 from optforge.tasks.techniques.static_quant import count_qdq_nodes
 from optforge.tasks.tracking import configure
 from tests.conftest import TINY
@@ -186,7 +187,7 @@ def test_a_circulant_chain_rebuilds_from_its_spec_and_exports_with_parity(teache
     assert onnx_variant.info["circulant"] == {"net.0": 8, "net.3": 8}  # 64->32 and 32->32; the classifier stays
     folder = Path(tmp_path / "work").glob("circulant/*/model")
     model, spec = load_model(next(folder))  # rebuilt from model.json's record, weights loaded
-    assert spec.circulant == {"net.0": 8, "net.3": 8} and isinstance(model.net[0], BlockCirculantLinear)
+    assert spec.applied("circulant") == [{"blocks": {"net.0": 8, "net.3": 8}}] and isinstance(model.net[0], BlockCirculantLinear)
 
 
 def test_a_block_that_does_not_divide_the_teachers_widths_fails_before_training(tmp_path):
@@ -224,8 +225,9 @@ def test_an_early_exit_chain_exports_its_routing_and_records_its_exits(teacher, 
     assert abs(sum(shares) - 1) < 1e-9 and "expected_latency_ms_b1" in run.data.metrics
     folder = next(Path(tmp_path / "work").glob("early_exit/*/model"))
     model, spec = load_model(folder)
-    assert isinstance(model, EarlyExitModel) and spec.early_exit["exits"] == [0]
-    assert spec.early_exit["threshold"] == float(run.data.params["early_exit.chosen_threshold"])
+    (exits,) = spec.applied("early_exit")
+    assert isinstance(model, EarlyExitModel) and exits["exits"] == [0]
+    assert exits["threshold"] == float(run.data.params["early_exit.chosen_threshold"])
     assert fp32.info["parity_max_abs_diff"] < 1e-4
     splits = load_splits(data.path)
     X = splits.test.rows(0, 50)["input"]

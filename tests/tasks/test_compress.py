@@ -12,9 +12,10 @@ from optforge.tasks.refs import Format, ModelRef, file_sha256
 from optforge.tasks.techniques.data import DataConfig, load_splits
 from optforge.tasks.techniques.distill import FinetuneConfig
 from optforge.tasks.techniques.factorize import FactorizeConfig
-from optforge.tasks.techniques.models import LowRank, ModelConfig, ModelSpec, build_model, load_model, save_model
+from optforge.tasks.techniques.models import LowRank, ModelConfig, ModelSpec, save_model
 from optforge.tasks.techniques.prune import PruneConfig
 from optforge.tasks.techniques.qat import QatConfig
+from optforge.tasks.techniques.rebuild import build_model, load_model
 from optforge.tasks.techniques.static_quant import count_qdq_nodes
 from optforge.tasks.techniques.training import evaluate
 from optforge.tasks.tracking import configure
@@ -104,7 +105,8 @@ def test_distill_worker_live_teacher_loss_equals_cached_logits_loss(tmp_path):
     from optforge.tasks.techniques.contract import table_contract
     from optforge.tasks.techniques.data import Part, Splits
     from optforge.tasks.techniques.distill import DistillConfig
-    from optforge.tasks.techniques.models import ModelConfig, ModelSpec, build_model, save_model
+    from optforge.tasks.techniques.models import ModelConfig, ModelSpec, save_model
+    from optforge.tasks.techniques.rebuild import build_model
     from optforge.tasks.techniques.training import TrainConfig
     from optforge.tasks.worker_common import KdConfig, WorkerConfig, train_dataset
 

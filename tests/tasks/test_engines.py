@@ -18,8 +18,9 @@ from optforge.tasks.refs import Format, ModelRef, file_sha256
 from optforge.tasks.techniques.benchmark import BenchmarkConfig
 from optforge.tasks.techniques.data import DataConfig, load_splits
 from optforge.tasks.techniques.fp16 import Fp16Config
-from optforge.tasks.techniques.models import ModelConfig, ModelSpec, build_model, save_model
+from optforge.tasks.techniques.models import ModelConfig, ModelSpec, save_model
 from optforge.tasks.techniques.onnx_export import ExportConfig
+from optforge.tasks.techniques.rebuild import build_model
 from optforge.tasks.techniques.static_quant import StaticQuantConfig
 from optforge.tasks.techniques.tensorrt_engine import TensorRTConfig, environment, unavailable_reason
 from optforge.tasks.techniques.tvm_engine import TvmConfig

@@ -12,7 +12,8 @@ from optforge.tasks.init_from import fetch_init_model
 from optforge.tasks.refs import Format, ModelRef, file_sha256
 from optforge.tasks.register import _log_onnx, _log_torch
 from optforge.tasks.techniques.data import DataConfig, load_splits
-from optforge.tasks.techniques.models import ModelConfig, ModelSpec, build_model, load_model
+from optforge.tasks.techniques.models import ModelConfig, ModelSpec
+from optforge.tasks.techniques.rebuild import build_model, load_model
 from optforge.tasks.techniques.training import TrainConfig, evaluate
 from optforge.tasks.tracking import configure
 from optforge.tasks.train import train

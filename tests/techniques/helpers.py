@@ -33,7 +33,8 @@ def table_part(X, y=None) -> Part:
 def table_spec(config: dict, num_features: int, num_classes: int, image_shape=None,
                factorized: dict[str, int] | None = None) -> ModelSpec:
     """A ``ModelSpec`` for ``num_features``-wide rows and ``num_classes`` classes (what the old spec held)."""
-    return ModelSpec(config, table_contract(num_features, num_classes, image_shape).to_dict(), factorized)
+    return ModelSpec(config, table_contract(num_features, num_classes, image_shape).to_dict(),
+                     transforms=[("factorize", {"ranks": factorized})] if factorized else ())
 
 
 class TableRows(Dataset):

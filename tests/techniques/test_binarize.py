@@ -8,10 +8,12 @@ import torch
 from torch import nn
 
 from optforge.tasks.techniques.binarize import BinarizeConfig, bake, binarize, binary_layers, pack
-from optforge.tasks.techniques.data import DataConfig, load_splits, prepare
+from optforge.tasks.techniques.data import DataConfig, load_splits
 from optforge.tasks.techniques.distill import FinetuneConfig, finetune
-from optforge.tasks.techniques.models import ModelConfig, ModelSpec, build_model
+from optforge.tasks.techniques.models import ModelConfig, ModelSpec
 from optforge.tasks.techniques.packing import load_packed
+from optforge.tasks.techniques.rebuild import build_model
+from optforge.tasks.techniques.sources import prepare
 from optforge.tasks.techniques.training import evaluate
 
 

@@ -10,10 +10,12 @@ from pydantic import ValidationError
 from torch import nn
 
 from optforge.tasks.techniques.clustering import ClusterConfig, bake, cluster, pack
-from optforge.tasks.techniques.data import DataConfig, load_splits, prepare
+from optforge.tasks.techniques.data import DataConfig, load_splits
 from optforge.tasks.techniques.distill import FinetuneConfig, finetune
-from optforge.tasks.techniques.models import ModelConfig, ModelSpec, build_model
+from optforge.tasks.techniques.models import ModelConfig, ModelSpec
 from optforge.tasks.techniques.packing import load_packed, pack_bits, unpack_bits
+from optforge.tasks.techniques.rebuild import build_model
+from optforge.tasks.techniques.sources import prepare
 from optforge.tasks.techniques.training import evaluate
 
 

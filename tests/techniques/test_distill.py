@@ -9,7 +9,7 @@ import yaml
 from pydantic import ValidationError
 from torch import nn
 
-from optforge.tasks.techniques.data import DataConfig, load_splits, prepare
+from optforge.tasks.techniques.data import DataConfig, load_splits
 from optforge.tasks.techniques.distill import (
     DistillConfig,
     FinetuneConfig,
@@ -18,7 +18,9 @@ from optforge.tasks.techniques.distill import (
     kd_loss,
     teacher_logits,
 )
-from optforge.tasks.techniques.models import ModelConfig, ModelSpec, build_model
+from optforge.tasks.techniques.models import ModelConfig, ModelSpec
+from optforge.tasks.techniques.rebuild import build_model
+from optforge.tasks.techniques.sources import prepare
 from optforge.tasks.techniques.training import evaluate, precision_for, train_epoch
 from tests.techniques.helpers import table_part
 

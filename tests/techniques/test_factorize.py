@@ -6,7 +6,8 @@ from pydantic import ValidationError
 from torch import nn
 
 from optforge.tasks.techniques.factorize import FactorizeConfig, breaks_even, choose_rank, factorize, factorize_layer
-from optforge.tasks.techniques.models import LowRank, ModelConfig, build_model, count_params, load_model, save_model
+from optforge.tasks.techniques.models import LowRank, ModelConfig, count_params, save_model
+from optforge.tasks.techniques.rebuild import build_model, load_model
 from tests.techniques.helpers import hf_spec, table_spec, tiny_bert
 
 

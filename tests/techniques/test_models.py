@@ -8,7 +8,8 @@ import torch
 from pydantic import ValidationError
 
 from optforge.tasks.techniques.contract import table_contract
-from optforge.tasks.techniques.models import ModelConfig, build_model, count_params, load_model, read_spec, save_model
+from optforge.tasks.techniques.models import ModelConfig, count_params, read_spec, save_model
+from optforge.tasks.techniques.rebuild import build_model, load_model
 from tests.techniques.helpers import table_spec
 
 
@@ -85,3 +86,29 @@ def test_load_refuses_pickled_code(tmp_path):
     torch.save({"net.0.weight": datetime.datetime.now()}, tmp_path / "model.pt")
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         load_model(tmp_path)
+
+
+def test_transforms_replay_in_the_order_applied_and_old_specs_still_load(tmp_path):
+    """A spec lists what was applied, in order; a model.json from before (one optional field per technique)
+    reads as the same transforms and rebuilds the same model."""
+    from optforge.tasks.techniques.factorize import FactorizeConfig, factorize
+    from optforge.tasks.techniques.graph_prune import prune_channels
+
+    spec = table_spec(ModelConfig(hidden=(32, 16)).to_dict(), 8, 3)
+    torch.manual_seed(0)
+    model = build_model(spec)
+    model, history = prune_channels(model, spec.inputs, 0.5)
+    spec = spec.then("prune", {"history": history})
+    model, spec, _ = factorize(model, spec, FactorizeConfig(mode="ratio", rank_ratio=0.25))
+    assert [name for name, _ in spec.transforms] == ["prune", "factorize"]
+    folder = save_model(model, spec, tmp_path / "new")
+    x = torch.randn(4, 8)
+    rebuilt, read = load_model(folder)
+    assert read == spec and torch.equal(rebuilt(x), model(x))
+
+    raw = json.loads((folder / "model.json").read_text())
+    legacy = {"config": raw["config"], "contract": raw["contract"], "hf_config": None,
+              "pruned": history, "factorized": spec.factorized}
+    (folder / "model.json").write_text(json.dumps(legacy))
+    old, _ = load_model(folder)
+    assert torch.equal(old(x), model(x))

@@ -1,5 +1,4 @@
 import copy
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -8,9 +7,10 @@ from pydantic import ValidationError
 from torch import nn
 
 from optforge.tasks.techniques.flops import weight_sparsity
-from optforge.tasks.techniques.models import ModelConfig, build_model, count_params, load_model, save_model
+from optforge.tasks.techniques.models import ModelConfig, count_params, save_model
 from optforge.tasks.techniques.onnx_export import ExportConfig, export_onnx, max_abs_diff
 from optforge.tasks.techniques.prune import PruneConfig, measure, prune
+from optforge.tasks.techniques.rebuild import build_model, load_model
 from tests.techniques.helpers import hf_spec, rows, table_spec, tiny_bert
 
 
@@ -159,7 +159,7 @@ def test_min_units_leaves_a_narrow_layer_whole():
 
 def test_a_factorized_model_is_not_pruned_structurally():
     s = spec(hidden=(32,))
-    factorized = replace(s, factorized={"net.0": 4})
+    factorized = s.then("factorize", {"ranks": {"net.0": 4}})
     with pytest.raises(ValueError, match="prune before factorizing"):
         prune(build_model(factorized), factorized, PruneConfig())
 

@@ -8,9 +8,10 @@ from torch import nn
 
 from optforge.flows.examples import write_bert, write_image_folder, write_text_csv
 from optforge.tasks.techniques.contract import image_contract, text_contract
-from optforge.tasks.techniques.data import DataConfig, load_splits, prepare
+from optforge.tasks.techniques.data import DataConfig, load_splits
 from optforge.tasks.techniques.model_source import starting_model
 from optforge.tasks.techniques.models import ModelConfig
+from optforge.tasks.techniques.sources import prepare
 
 
 def _prepare(tmp_path, **data):

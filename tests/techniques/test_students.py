@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import replace
 
 import pytest
 import torch
@@ -13,7 +12,8 @@ from torch import nn
 
 from optforge.tasks.techniques.contract import forward_logits, image_contract, text_contract
 from optforge.tasks.techniques.hf import to_dict
-from optforge.tasks.techniques.models import ModelConfig, count_params, load_model, save_model
+from optforge.tasks.techniques.models import ModelConfig, count_params, save_model
+from optforge.tasks.techniques.rebuild import load_model
 from optforge.tasks.techniques.students import derive_student, kept_layer_indices, student_model
 from tests.techniques.helpers import hf_spec, tiny_bert, tiny_resnet
 
@@ -115,10 +115,10 @@ def test_cross_layer_sharing_runs_one_set_of_weights_per_group_and_rebuilds_from
     torch.testing.assert_close(shared.bert.encoder.layer[1].attention.self.query.weight,
                                plain.bert.encoder.layer[0].attention.self.query.weight)  # layer 1 runs layer 0's
 
-    spec = replace(hf_spec(shared, contract), shared_layers=2)
+    spec = hf_spec(shared, contract).then("distill", {"share_layers": 2})
     folder = save_model(shared, spec, tmp_path / "student")
     rebuilt, rebuilt_spec = load_model(folder)  # what a Ray worker and every later stage build
-    assert rebuilt_spec.shared_layers == 2 and layer_stack(rebuilt)[2][2] is layer_stack(rebuilt)[2][3]
+    assert rebuilt_spec.applied("distill") == [{"share_layers": 2}] and layer_stack(rebuilt)[2][2] is layer_stack(rebuilt)[2][3]
     ids = torch.randint(0, 60, (2, 16))
     feeds = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     torch.testing.assert_close(forward_logits(rebuilt, feeds), forward_logits(shared, feeds))
