@@ -18,10 +18,10 @@ import torch
 from optforge.flows.chain_config import expand, product_name
 from optforge.flows.params import ConfigError, PipelineConfig
 from optforge.tasks.techniques.contract import InputContract
-from optforge.tasks.techniques.fusion import unsupported_reason
 from optforge.tasks.techniques.model_source import check_runs
 from optforge.tasks.techniques.models import HUGGINGFACE, ONNX, ModelSpec, count_params
 from optforge.tasks.techniques.rebuild import build_model
+from optforge.tasks.techniques.registry import TECHNIQUES, Subject
 from optforge.tasks.techniques.tvm_engine import unavailable_reason as tvm_unavailable
 
 
@@ -127,35 +127,33 @@ def _check_circulant(cfg: PipelineConfig, contract: InputContract) -> None:
         raise ConfigError(f"config error: {exc}") from None
 
 
-def _early_exit_problem(cfg: PipelineConfig, contract: InputContract, chain) -> str | None:
-    """Why exit heads cannot go on the model a chain hands to early_exit (a skip reason), or None; raise
-    ``ConfigError`` when compress.early_exit.exits does not fit that model's blocks."""
-    from optforge.tasks.techniques.early_exit import check_exits
-    from optforge.tasks.techniques.exit_blocks import blocks_of
-
+def _subject(cfg: PipelineConfig, contract: InputContract, chain) -> Subject:
+    """The model a chain's steps after ``distill`` (or all of them, without it) are given: the configured
+    student when distill trains its own, else the model (or a student derived from it)."""
     distill = cfg.compress.distill
     own_student = "distill" in chain and distill.derive == "none"
     source = distill.student if own_student else cfg.model
-    if source.is_factory:
-        return (f"early_exit: the step cannot see blocks in a factory model ({source.arch}); exit heads go on the "
-                "zoo MLP, CNN and DSCNN and on BERT-style Hugging Face classifiers")
     build = (lambda: build_model(ModelSpec(source.to_dict(), contract.to_dict()))) if own_student \
         else _teacher_builder(cfg, contract)
+    return Subject(source.arch, _fused_config(cfg, chain), contract, build)
+
+
+def _check_exits(cfg: PipelineConfig, subject: Subject, chain) -> None:
+    """Raise ``ConfigError`` when compress.early_exit.exits does not fit the blocks of the model it goes on."""
+    from optforge.tasks.techniques.early_exit import check_exits
+    from optforge.tasks.techniques.exit_blocks import blocks_of
+
+    if "distill" in chain and cfg.compress.distill.derive != "width":
+        return  # a new student's blocks are not the teacher's (a derived-by-width student keeps them)
     try:
         with torch.device("meta"):
-            model = build()
+            count = len(blocks_of(subject.build()).blocks)
     except Exception:
-        return None  # cannot be built here: the stage itself will say
+        return  # cannot be built or cut here: the step's own check (a skip reason) or the stage will say
     try:
-        count = len(blocks_of(model).blocks)
+        check_exits(cfg.compress.early_exit.exits, count)
     except ValueError as exc:
-        return str(exc)
-    if "distill" not in chain or distill.derive == "width":  # a derived-by-width student has the teacher's blocks
-        try:
-            check_exits(cfg.compress.early_exit.exits, count)
-        except ValueError as exc:
-            raise ConfigError(f"config error: {exc}") from None
-    return None
+        raise ConfigError(f"config error: {exc}") from None
 
 
 def _fused_config(cfg: PipelineConfig, chain) -> dict | None:
@@ -174,7 +172,7 @@ def plan(cfg: PipelineConfig, contract: InputContract, data_name: str) -> Plan:
     keep = []
     student_problem = None
     updates: dict = {}
-    if cfg.fuse.enabled and (reason := unsupported_reason(_fused_config(cfg, ()) if m.arch != ONNX else None)):
+    if cfg.fuse.enabled and (reason := TECHNIQUES["fuse"].applies(_subject(cfg, contract, ()))):
         skipped["fuse"] = reason
         updates["fuse"] = cfg.fuse.model_copy(update={"enabled": False})
     for chain in cfg.compress.chains:
@@ -182,14 +180,15 @@ def plan(cfg: PipelineConfig, contract: InputContract, data_name: str) -> Plan:
         if m.arch == ONNX:
             skipped[name] = "model.arch=onnx: no PyTorch model to compress (distill, prune, factorize, cluster and binarize need one)"
             continue
-        if "fuse" in chain and (reason := unsupported_reason(_fused_config(cfg, chain))):
+        subject = _subject(cfg, contract, chain)
+        reasons = (TECHNIQUES[step].applies(subject) for step in chain if TECHNIQUES[step].applies)
+        if reason := next((r for r in reasons if r), None):  # the step's record says why it cannot apply
             skipped[name] = reason
             continue
         if chain[0] == "circulant":  # a block that does not divide the teacher's widths is the user's error
             _check_circulant(cfg, contract)
-        if "early_exit" in chain and (reason := _early_exit_problem(cfg, contract, chain)):
-            skipped[name] = reason
-            continue
+        if "early_exit" in chain:
+            _check_exits(cfg, subject, chain)
         if "distill" in chain:
             student_problem = student_problem or _student_problem(cfg, contract)
             if student_problem:

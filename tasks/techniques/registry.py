@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Literal
 
+import torch
 from torch import nn
 
 from optforge.tasks.techniques import graph_prune
@@ -29,9 +30,10 @@ from optforge.tasks.techniques.config import TechniqueConfig
 from optforge.tasks.techniques.contract import InputContract
 from optforge.tasks.techniques.distill import DistillConfig
 from optforge.tasks.techniques.early_exit import EarlyExitConfig, EarlyExitModel
+from optforge.tasks.techniques.exit_blocks import blocks_of
 from optforge.tasks.techniques.factorize import FactorizeConfig
 from optforge.tasks.techniques.fp16 import Fp16Config
-from optforge.tasks.techniques.fusion import FuseConfig
+from optforge.tasks.techniques.fusion import FuseConfig, unsupported_reason
 from optforge.tasks.techniques.models import apply_ranks
 from optforge.tasks.techniques.onnx_export import ExportConfig
 from optforge.tasks.techniques.prune import PruneConfig
@@ -64,6 +66,16 @@ _PYTORCH = (Form.TEACHER, Form.TORCH)  # what the weight-level PyTorch steps tak
 
 
 @dataclass(frozen=True)
+class Subject:
+    """The model a step would be given, as the plan sees it before anything trains."""
+
+    family: str  # model.arch of its source: a zoo name, huggingface, or a factory's import path
+    hf_config: dict[str, Any] | None  # its Hugging Face config (None: not a Hugging Face model)
+    contract: InputContract
+    build: Callable[[], nn.Module]  # builds it (the plan calls it on the meta device); may raise
+
+
+@dataclass(frozen=True)
 class Technique:
     """One technique. ``io`` maps each form it takes to the form it gives."""
 
@@ -81,6 +93,8 @@ class Technique:
     # Rebuilds its change on a freshly built model from the params it recorded in ModelSpec.transforms (the
     # weights load afterwards); None: it changes weights only, or gives no PyTorch model.
     replay: Callable[[nn.Module, dict[str, Any], InputContract], nn.Module] | None = None
+    # Why it cannot apply to the model a chain would give it (a reason to skip the chain), or None.
+    applies: Callable[[Subject], str | None] | None = None
 
     def takes(self, form: Form) -> bool:
         return form in self.io
@@ -103,6 +117,22 @@ def _replay_early_exit(model: nn.Module, params: dict[str, Any], contract: Input
     return EarlyExitModel(model, params["exits"], contract.num_classes, contract.example(batch=1), params["threshold"])
 
 
+def _early_exit_applies(subject: Subject) -> str | None:
+    if ":" in subject.family:
+        return (f"early_exit: the step cannot see blocks in a factory model ({subject.family}); exit heads go on the "
+                "zoo MLP, CNN and DSCNN and on BERT-style Hugging Face classifiers")
+    try:
+        with torch.device("meta"):
+            model = subject.build()
+    except Exception:  # cannot be built here (a factory reading files): the stage itself will say
+        return None
+    try:
+        blocks_of(model)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 TECHNIQUES: dict[str, Technique] = {t.name: t for t in (
     Technique("distill", DistillConfig, "compress.distill", {Form.TEACHER: Form.TORCH}, "distill", "always",
               "distill", "train a smaller student from the teacher's soft labels (Ray Train)", replay=_replay_distill),
@@ -121,12 +151,14 @@ TECHNIQUES: dict[str, Technique] = {t.name: t for t in (
               replay=lambda model, p, _: apply_blocks(model, p["blocks"])),
     Technique("early_exit", EarlyExitConfig, "compress.early_exit",
               dict.fromkeys((*_PYTORCH, Form.CIRCULANT), Form.EXITS), "early_exit", "always", "early_exit",
-              "exit heads after intermediate blocks; a confident sample stops early", replay=_replay_early_exit),
+              "exit heads after intermediate blocks; a confident sample stops early", replay=_replay_early_exit,
+              applies=_early_exit_applies),
     Technique("export", ExportConfig, "export",
               {**dict.fromkeys((*_PYTORCH, Form.CIRCULANT), Form.ONNX), Form.EXITS: Form.ROUTED}, "onnx", "last",
               "export_onnx", "ONNX export from the input contract, checked against PyTorch"),
     Technique("fuse", FuseConfig, "fuse", dict.fromkeys((*_PYTORCH, Form.CIRCULANT), Form.FUSED), "fused", "always",
-              "fuse_onnx", "ONNX Runtime's transformer fusion (attention, LayerNorm, GELU)"),
+              "fuse_onnx", "ONNX Runtime's transformer fusion (attention, LayerNorm, GELU)",
+              applies=lambda subject: unsupported_reason(subject.hf_config)),
     Technique("quantize", DynamicQuantConfig, "quantize", dict.fromkeys((Form.ONNX, Form.FUSED, Form.ROUTED), Form.INT8),
               "int8", "last", "quantize_dynamic", "dynamic INT8: weights INT8, activations quantized per call"),
     Technique("static", StaticQuantConfig, "engines.static_int8", {Form.ONNX: Form.INT8}, "static_int8", "last",

@@ -47,3 +47,18 @@ def test_an_int8_step_after_a_pytorch_model_gets_its_export_and_names_follow_the
     assert variant_name(("early_exit", "export")) == "early_exit-onnx"
     starts = [name for name in CHAIN_STEPS if TECHNIQUES[name].takes(Form.TEACHER)]
     assert "distill" in starts and "quantize" not in starts
+
+
+def test_a_record_says_why_it_cannot_apply_to_a_model():
+    from optforge.tasks.techniques.contract import table_contract
+    from optforge.tasks.techniques.models import MLP
+    from optforge.tasks.techniques.registry import Subject
+
+    contract = table_contract(8, 3)
+    mlp = Subject("mlp", None, contract, lambda: MLP(8, 3, (16, 16)))
+    assert "not one" in TECHNIQUES["fuse"].applies(mlp)  # ORT's transformer fusion needs a transformer
+    assert TECHNIQUES["fuse"].applies(Subject("huggingface", {"model_type": "bert"}, contract, mlp.build)) is None
+    assert TECHNIQUES["early_exit"].applies(mlp) is None  # the MLP's hidden layers are its blocks
+    factory = Subject("pkg.models:net", None, contract, mlp.build)
+    assert "factory model" in TECHNIQUES["early_exit"].applies(factory)
+    assert all(TECHNIQUES[name].applies is None for name in ("prune", "quantize"))  # they apply to any model
