@@ -67,10 +67,11 @@ def test_two_workers_learn_and_log_every_epoch(digits, tmp_path, mlflow_store):
 
 def test_slow_worker_does_not_hold_the_fast_one_back(digits, tmp_path):
     path, spec, _ = digits
-    # Worker 1 sleeps 0.2 s per batch; worker 0 needs a few ms. Work stealing gives worker 0 most units,
-    # and the slow worker's few gradients arrive too stale to apply.
+    # Worker 1 sleeps 1 s per batch; worker 0 needs a few ms plus a Ray round trip (tens of ms on a loaded
+    # 2-core machine). Work stealing gives worker 0 most units, and the slow worker's few gradients arrive too
+    # stale to apply. (0.2 s left the 5x below at the mercy of the round trip's speed.)
     summary = run_asgd(worker(config(), spec, path), tmp_path / "ray", "slow", tmp_path / "model",
-                       worker_delays_s={1: 0.2})
+                       worker_delays_s={1: 1.0})
     m = summary["metrics"]
     assert m["units_worker_0"] >= 5 * m.get("units_worker_1", 0)
     assert m["updates_worker_0"] >= 5 * 40 * 0.8
