@@ -89,7 +89,7 @@ CHAINS = {
     "resnet": ["compress.chains=[[prune, static], [prune, qat]]", "compress.prune.target=flops",
                "compress.prune.sparsity=0.5", "compress.prune.rounds=1", "compress.prune.finetune.epochs=1",
                "compress.qat.finetune.epochs=1", "compress.qat.finetune.batch_size=16",
-               "engines.static_int8.per_channel=true"],
+               "onnx.static.per_channel=true"],
 }
 ORT_FP32 = "onnx_fp32"
 

@@ -55,7 +55,7 @@ def measure_variants(variants, data, cfg, harness) -> dict:
     timings = measure_side_by_side({n: v.predict for n, (_, v) in loaded.items()}, splits.test, harness)
     table = {n: {**timings[n], "size_mb": v.size_mb, "params": float(v.params), "format": ref.format, "runtime": v.settings}
              for n, (ref, v) in loaded.items()}
-    rows = ratios(timings, harness.max_accuracy_drop)
+    rows = ratios(timings, harness.best_within)
     return {"schema": 1, "machine": machine_info(),
             "settings": {"threads": cfg.benchmark.threads, "graph_optimization": cfg.benchmark.graph_optimization,
                          **harness.to_dict()},

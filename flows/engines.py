@@ -1,4 +1,5 @@
-"""Inference-engine variants built from the FP32 ONNX model (static INT8, FP16, TensorRT, TVM, PyTorch GPU).
+"""Variants built from the FP32 ONNX model: its static INT8 and FP16 forms (``onnx:``), and the engines
+(``engines:`` TensorRT, TVM, PyTorch GPU).
 
 The optimize flow calls ``engine_variants`` after export and quantize; every stage goes through the
 flow's StageRunner, so it is cached, tagged and timed like the others.
@@ -10,10 +11,9 @@ import logging
 
 from pydantic import Field
 
+from optforge.flows.onnx_config import OnnxConfig
 from optforge.tasks.refs import DataRef, Format, ModelRef
 from optforge.tasks.techniques.config import TechniqueConfig
-from optforge.tasks.techniques.fp16 import Fp16Config
-from optforge.tasks.techniques.static_quant import StaticQuantConfig
 from optforge.tasks.techniques.tensorrt_engine import TensorRTConfig, environment
 from optforge.tasks.techniques.torch_gpu import TorchGpuConfig, cuda_unavailable_reason, gpu_variants
 from optforge.tasks.techniques.tvm_engine import TvmConfig
@@ -22,17 +22,16 @@ log = logging.getLogger(__name__)
 
 
 class EnginesConfig(TechniqueConfig):
-    """Settings of the engine variants (one nested config per engine, each with ``enabled``)."""
+    """Settings of the engines: runtimes that build their own form of the model (each with ``enabled``)."""
 
-    static_int8: StaticQuantConfig = Field(default_factory=StaticQuantConfig, description="ONNX Runtime static INT8 (QDQ)")
-    fp16: Fp16Config = Field(default_factory=Fp16Config, description="FP16 ONNX, for GPU runtimes")
+    RENAMED = {"static_int8": "onnx.static", "fp16": "onnx.fp16"}  # ONNX transforms, not engines
     tensorrt: TensorRTConfig = Field(default_factory=TensorRTConfig, description="TensorRT FP16/INT8 engines (needs CUDA)")
     tvm: TvmConfig = Field(default_factory=TvmConfig, description="Apache TVM CPU libraries, tuned by MetaSchedule")
     torch_gpu: TorchGpuConfig = Field(default_factory=TorchGpuConfig, description="PyTorch FP16/BF16/compile on CUDA")
 
 
-def engine_variants(cfg: EnginesConfig, onnx_fp32: ModelRef, baseline: ModelRef, data: DataRef, workdir: str,
-                    stage) -> list[ModelRef]:
+def engine_variants(onnx: OnnxConfig, cfg: EnginesConfig, onnx_fp32: ModelRef, baseline: ModelRef, data: DataRef,
+                    workdir: str, stage) -> list[ModelRef]:
     """Run the engine stages through ``stage`` (the flow's StageRunner); return their variants.
 
     TensorRT variants come back as format "skipped" where CUDA or tensorrt is missing, and the TVM one
@@ -46,12 +45,12 @@ def engine_variants(cfg: EnginesConfig, onnx_fp32: ModelRef, baseline: ModelRef,
     from optforge.tasks.tvm import compile_tvm
 
     variants: list[ModelRef] = []
-    if cfg.static_int8.enabled:
-        variants.append(stage(quantize_static, cfg=cfg.static_int8, onnx_model=onnx_fp32, data=data, workdir=workdir))
-    if cfg.fp16.enabled:
-        variants.append(stage(convert_to_fp16, cfg=cfg.fp16, onnx_model=onnx_fp32, workdir=workdir))
+    if onnx.static.enabled:
+        variants.append(stage(quantize_static, cfg=onnx.static, onnx_model=onnx_fp32, data=data, workdir=workdir))
+    if onnx.fp16.enabled:
+        variants.append(stage(convert_to_fp16, cfg=onnx.fp16, onnx_model=onnx_fp32, workdir=workdir))
     if cfg.tensorrt.enabled and cfg.tensorrt.precisions:
-        variants += stage(build_engines, cfg=cfg.tensorrt, quant_cfg=cfg.static_int8, fp16_cfg=cfg.fp16,
+        variants += stage(build_engines, cfg=cfg.tensorrt, quant_cfg=onnx.static, fp16_cfg=onnx.fp16,
                           onnx_model=onnx_fp32, data=data, workdir=workdir, environment=environment())
     if cfg.tvm.enabled:
         variants.append(stage(compile_tvm, cfg=cfg.tvm, onnx_model=onnx_fp32, data=data, workdir=workdir))

@@ -170,17 +170,17 @@ def build_variants(cfg: PipelineConfig, workdir: str, stage: StageRunner) -> tup
     if cfg.model.arch == "onnx":
         onnx_fp32 = stage(import_onnx, model_path=cfg.model.path, model_sha256=_sha(cfg.model.path), data=data,
                           workdir=workdir)
-        onnx_int8 = stage(quantize, cfg=cfg.quantize, onnx_model=onnx_fp32, workdir=workdir)
+        onnx_int8 = stage(quantize, cfg=cfg.onnx.quantize, onnx_model=onnx_fp32, workdir=workdir)
         engines = cfg.engines.model_copy(update={"torch_gpu": cfg.engines.torch_gpu.model_copy(update={"enabled": False})})
-        variants = [onnx_fp32, onnx_int8, *engine_variants(engines, onnx_fp32, None, data, workdir, stage)]
+        variants = [onnx_fp32, onnx_int8, *engine_variants(cfg.onnx, engines, onnx_fp32, None, data, workdir, stage)]
         return data, variants, run_plan
     model = train_teacher(cfg, workdir, stage, data)
-    onnx_fp32 = stage(export, cfg=cfg.export, model=model, data=data, workdir=workdir)
-    onnx_int8 = stage(quantize, cfg=cfg.quantize, onnx_model=onnx_fp32, workdir=workdir)
+    onnx_fp32 = stage(export, cfg=cfg.onnx.export, model=model, data=data, workdir=workdir)
+    onnx_int8 = stage(quantize, cfg=cfg.onnx.quantize, onnx_model=onnx_fp32, workdir=workdir)
     variants = [model, onnx_fp32, onnx_int8]
-    if cfg.fuse.enabled:  # the plan turned it off, with the reason, for models ORT's optimizer does not know
-        onnx_fused = stage(fuse_onnx, cfg=cfg.fuse, model=model, data=data, workdir=workdir)
-        fused_int8 = stage(quantize.with_options(name="quantize_fused"), cfg=cfg.quantize, onnx_model=onnx_fused,
+    if cfg.onnx.fuse.enabled:  # the plan turned it off, with the reason, for models ORT's optimizer does not know
+        onnx_fused = stage(fuse_onnx, cfg=cfg.onnx.fuse, model=model, data=data, workdir=workdir)
+        fused_int8 = stage(quantize.with_options(name="quantize_fused"), cfg=cfg.onnx.quantize, onnx_model=onnx_fused,
                            workdir=workdir)
         variants += [
             replace(onnx_fused, info={**onnx_fused.info, "lineage": {"parent_variant": model.name,
@@ -188,7 +188,7 @@ def build_variants(cfg: PipelineConfig, workdir: str, stage: StageRunner) -> tup
             replace(fused_int8, name="onnx_fused_int8_dynamic",
                     info={**onnx_fused.info, **fused_int8.info, "lineage": {"parent_variant": onnx_fused.name,
                                                                             "technique": "dynamic_int8"}})]
-    variants += engine_variants(cfg.engines, onnx_fp32, model, data, workdir, stage)
+    variants += engine_variants(cfg.onnx, cfg.engines, onnx_fp32, model, data, workdir, stage)
     variants += chain_variants(cfg, model, data, workdir, stage)
     return data, variants, run_plan
 

@@ -15,14 +15,12 @@ from pydantic import Field, ValidationError, model_validator
 
 from optforge.flows.chain_config import CompressConfig
 from optforge.flows.engines import EnginesConfig
+from optforge.flows.onnx_config import OnnxConfig
 from optforge.flows.tune_config import TuneConfig
 from optforge.tasks.techniques.benchmark import BenchmarkConfig
 from optforge.tasks.techniques.config import TechniqueConfig
 from optforge.tasks.techniques.data import DataConfig
-from optforge.tasks.techniques.fusion import FuseConfig
 from optforge.tasks.techniques.models import ModelConfig
-from optforge.tasks.techniques.onnx_export import ExportConfig
-from optforge.tasks.techniques.quantization import DynamicQuantConfig
 from optforge.tasks.techniques.selection import RegisterConfig
 from optforge.tasks.techniques.training import TrainConfig
 
@@ -46,14 +44,15 @@ warnings.filterwarnings("ignore", message='Field name "register" in "PipelineCon
 class PipelineConfig(TechniqueConfig):
     """Everything one ``optforge run`` does."""
 
+    RENAMED = {"export": "onnx.export", "fuse": "onnx.fuse", "quantize": "onnx.quantize"}
+
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="experiment and work folder")
     data: DataConfig = Field(default_factory=DataConfig, description="dataset and split")
     model: ModelConfig = Field(default_factory=ModelConfig, description="the FP32 model to train")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Ray Train data-parallel training")
-    export: ExportConfig = Field(default_factory=ExportConfig, description="ONNX export and parity check")
-    fuse: FuseConfig = Field(default_factory=FuseConfig, description="ONNX Runtime transformer fusion (onnx_fused)")
-    quantize: DynamicQuantConfig = Field(default_factory=DynamicQuantConfig, description="ONNX Runtime dynamic INT8")
-    engines: EnginesConfig = Field(default_factory=EnginesConfig, description="static INT8, FP16, TensorRT variants")
+    onnx: OnnxConfig = Field(default_factory=OnnxConfig, description="ONNX transforms: export, fusion, dynamic and "
+                             "static INT8, FP16")
+    engines: EnginesConfig = Field(default_factory=EnginesConfig, description="engines: TensorRT, TVM, PyTorch on GPU")
     compress: CompressConfig = Field(default_factory=CompressConfig, description="distill/prune/factorize chains")
     benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig, description="latency/throughput settings")
     register: RegisterConfig = Field(default_factory=RegisterConfig, description="selection gate and registry name")

@@ -172,9 +172,9 @@ def plan(cfg: PipelineConfig, contract: InputContract, data_name: str) -> Plan:
     keep = []
     student_problem = None
     updates: dict = {}
-    if cfg.fuse.enabled and (reason := TECHNIQUES["fuse"].applies(_subject(cfg, contract, ()))):
+    if cfg.onnx.fuse.enabled and (reason := TECHNIQUES["fuse"].applies(_subject(cfg, contract, ()))):
         skipped["fuse"] = reason
-        updates["fuse"] = cfg.fuse.model_copy(update={"enabled": False})
+        updates["onnx"] = cfg.onnx.model_copy(update={"fuse": cfg.onnx.fuse.model_copy(update={"enabled": False})})
     for chain in cfg.compress.chains:
         name = product_name(expand(chain), "_")
         if m.arch == ONNX:

@@ -36,7 +36,7 @@ def early_exit(cfg: EarlyExitConfig, model: ModelRef, teacher: ModelRef, data: D
         val_probs = exit_probs(ee, splits.val)
         val_curve = curve(val_probs, splits.val.labels, latencies, cfg.thresholds)
         if cfg.threshold is None:
-            pick, how = choose_threshold(val_curve, cfg.max_accuracy_drop), "validation"
+            pick, how = choose_threshold(val_curve, cfg.accuracy_budget), "validation"
         else:  # curve(..., [t])[0] is the row of threshold t
             pick, how = curve(val_probs, splits.val.labels, latencies, [cfg.threshold])[0], "config"
         ee.threshold.fill_(pick["threshold"])
@@ -62,7 +62,7 @@ def _log_exits(val_curve: list[dict], pick: dict, how: str, test_row: dict, late
                         **{f"exit_latency_ms_{i}": ms for i, ms in enumerate(latencies)}})
     if pick["threshold"] == NEVER:
         mlflow.set_tag("optforge.note", "early_exit: no threshold kept validation accuracy within "
-                       "max_accuracy_drop, so every sample runs to the model's own head")
+                       "accuracy_budget, so every sample runs to the model's own head")
     mlflow.log_dict({"exit_blocks": exits, "exit_latency_ms_b1": latencies, "validation": val_curve, "chosen": pick,
                      "test": test_row}, "early_exit_curve.json")
     mlflow.log_figure(_plot(val_curve, pick), "early_exit_curve.png")

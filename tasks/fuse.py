@@ -32,7 +32,7 @@ def fuse_onnx(cfg: FuseConfig, model: ModelRef, data: DataRef, workdir: str, par
         mlflow.log_metrics({f"fused_{k}" if not k.startswith("nodes") else k: v for k, v in counts.items()}
                            | {"parity_max_abs_diff": diff})
         if diff > cfg.parity_atol:
-            raise ValueError(f"fuse.parity_atol: the fused graph's logits differ from PyTorch's by {diff:.3g} > "
+            raise ValueError(f"onnx.fuse.parity_atol: the fused graph's logits differ from PyTorch's by {diff:.3g} > "
                              f"{cfg.parity_atol}")
         mlflow.log_artifact(str(path), "onnx")
     info = {k: v for k, v in model.info.items() if k == "flops"} | {"parity_max_abs_diff": diff, "fused": counts}

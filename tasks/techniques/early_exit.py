@@ -35,15 +35,17 @@ THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
 class EarlyExitConfig(TechniqueConfig):
     """Where the exit heads go, how they train, and how the confidence threshold is chosen."""
 
+    RENAMED = {"max_accuracy_drop": "compress.early_exit.accuracy_budget"}
+
     exits: list[int] | None = Field(None, description="blocks (0-based) followed by an exit head; None: every block "
                                     "but the last (whose head is the model's own)")
     threshold: float | None = Field(None, gt=0, le=1, description="softmax confidence at which a sample leaves; "
                                     "None: the lowest of `thresholds` whose validation accuracy stays within "
-                                    "max_accuracy_drop of the full model's")
+                                    "accuracy_budget of the full model's")
     thresholds: list[float] = Field(list(THRESHOLDS), description="candidate thresholds in (0, 1]: the search "
                                     "grid and the points of the accuracy-latency curve")
-    max_accuracy_drop: float = Field(1.0, ge=0, description="validation accuracy points the exits may cost against "
-                                     "the full model when the threshold is chosen")
+    accuracy_budget: float = Field(1.0, ge=0, description="validation accuracy points the exits may cost against "
+                                   "the full model when the threshold is chosen")
     joint: bool = Field(False, description="False: the backbone is frozen and only the heads train (the full "
                         "model's answers stay as they were); True: backbone and heads train together")
     finetune: FinetuneConfig = Field(default_factory=lambda: FinetuneConfig(epochs=4, lr=3e-3, kd_alpha=0.5),

@@ -7,7 +7,7 @@ accuracy is the yardstick the threshold is held to.
 A threshold's cost is its expected batch-1 latency: the share of samples leaving at each exit times the
 measured latency of running to that exit. The curve of (threshold, accuracy, expected latency, shares)
 over the config's grid is what the report plots; the chosen threshold is the cheapest whose validation
-accuracy is within ``max_accuracy_drop`` of the full model's.
+accuracy is within ``accuracy_budget`` of the full model's.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ class FuseConfig(TechniqueConfig):
     """ONNX Runtime transformer fusion: the ``onnx_fused`` variant and its dynamic INT8."""
 
     enabled: bool = Field(True, description="build onnx_fused (and onnx_fused_int8_dynamic) for supported transformers")
-    opset: int = Field(17, ge=14, le=20, description="opset of the TorchScript export the optimizer reads")
+    opset: int = Field(18, ge=14, le=20, description="opset of the TorchScript export the optimizer reads")
     parity_atol: float = Field(1e-3, gt=0, description="max abs logit difference between PyTorch and the fused graph")
 
 

@@ -50,12 +50,15 @@ TARGETS = (
 class HarnessConfig(TechniqueConfig):
     """How the harness times variants (``optforge bench`` options)."""
 
+    RENAMED = {"max_accuracy_drop": "best_within"}
+
     iters_b1: int = Field(500, ge=10, description="timed batch-1 calls per variant (p50/p95/p99)")
     iters_batch: int = Field(60, ge=1, description="timed calls at batch_size per variant")
     batch_size: int = Field(64, ge=1, description="batch of the throughput measurement")
     rounds: int = Field(5, ge=1, description="interleaved rounds the timed calls are split into")
     warmup: int = Field(20, ge=0, description="untimed calls per variant and batch size before timing")
-    max_accuracy_drop: float = Field(1.0, ge=0, description="'best' must be within this many points of the baseline")
+    best_within: float = Field(1.0, ge=0, description="accuracy points below the baseline a variant may be and still "
+                               "be called 'best' in the report (a ranking rule, not the registry's gate)")
 
 
 def machine_info() -> dict:

@@ -49,7 +49,7 @@ class QatConfig(TechniqueConfig):
     """Quantization-aware fine-tuning and its QDQ export."""
 
     momentum: float = Field(0.9, ge=0, lt=1, description="EMA momentum of each activation's observed min/max")
-    opset: int = Field(17, ge=13, le=20, description="opset of the QDQ export (per-channel QDQ needs >= 13)")
+    opset: int = Field(18, ge=13, le=20, description="opset of the QDQ export (per-channel QDQ needs >= 13)")
     reduce_range: bool | None = Field(
         None, description="INT8 weights in 7 bits (-63..63), as ORT's integer kernels need on x86 CPUs without "
                           "VNNI to avoid int16 saturation; unset: decided from this machine's CPU")
@@ -160,7 +160,7 @@ def calibrate(model: nn.Module, batches) -> None:
     model.train(was_training)
 
 
-def export_qdq(model: nn.Module, contract: InputContract, path: str | Path, opset: int = 17) -> Path:
+def export_qdq(model: nn.Module, contract: InputContract, path: str | Path, opset: int = 18) -> Path:
     """Export a prepared model as QDQ ONNX, weights folded to INT8 initializers by ORT's basic optimizations."""
     import onnxruntime as ort
 

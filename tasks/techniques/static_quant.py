@@ -34,7 +34,9 @@ ERROR_ROWS = 32
 
 
 class StaticQuantConfig(TechniqueConfig):
-    """ONNX Runtime ``quantize_static`` settings, calibration and the accuracy gate with its fallback."""
+    """ONNX Runtime ``quantize_static`` settings, calibration, and the accuracy budget with its fallback."""
+
+    RENAMED = {"max_accuracy_drop": "onnx.static.accuracy_budget"}
 
     enabled: bool = Field(True, description="build the onnx_int8_static variant")
     calibration_samples: int = Field(256, ge=1, description="training rows fed to the calibrator (first N of the split)")
@@ -49,7 +51,8 @@ class StaticQuantConfig(TechniqueConfig):
     )
     symmetric_activations: bool = Field(False, description="zero-point 0 for activations (TensorRT requires it)")
     preprocess: bool = Field(True, description="ORT's recommended pre-processing: shape inference + graph optimization")
-    max_accuracy_drop: float = Field(1.0, ge=0, description="gate: allowed INT8 accuracy drop vs FP32 on held-out rows, points")
+    accuracy_budget: float = Field(1.0, ge=0, description="validation accuracy points INT8 may cost against FP32 before "
+                                   "layers fall back to float (a budget of this step, not the registry's gate)")
     max_fallback_nodes: int = Field(3, ge=0, description="most nodes kept in FP32 to pass the gate (0: no fallback)")
 
 
@@ -218,7 +221,7 @@ def quantize_static_int8(src: str | Path, dst: str | Path, calibration, cfg: Sta
             os.replace(path, dst)
             return StaticQuantResult(dst)
         acc_fp32, acc = accuracy(fp32, eval_set), accuracy(path, eval_set)
-        passed = acc_fp32 - acc <= cfg.max_accuracy_drop
+        passed = acc_fp32 - acc <= cfg.accuracy_budget
         steps, excluded, sensitivity, seconds = [{"excluded": [], "accuracy": acc}], [], {}, 0.0
         if not passed and cfg.max_fallback_nodes:
             start = time.perf_counter()
@@ -228,7 +231,7 @@ def quantize_static_int8(src: str | Path, dst: str | Path, calibration, cfg: Sta
                 path = quantize(exclude=excluded)
                 acc = accuracy(path, eval_set)
                 steps.append({"excluded": list(excluded), "accuracy": acc})
-                passed = acc_fp32 - acc <= cfg.max_accuracy_drop
+                passed = acc_fp32 - acc <= cfg.accuracy_budget
                 if passed:
                     break
             seconds = time.perf_counter() - start

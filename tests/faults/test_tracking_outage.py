@@ -30,7 +30,8 @@ def _server(tmp: Path, port: int):
 def _run_until_training(tiny_config: Path, tmp: Path, uri: str, epochs: int, env: dict) -> subprocess.Popen:
     cfg = yaml.safe_load(tiny_config.read_text())
     cfg["train"]["epochs"] = epochs
-    cfg["engines"] = {"static_int8": {"enabled": False}, "fp16": {"enabled": False}, "tensorrt": {"enabled": False}}
+    cfg["onnx"] = {"static": {"enabled": False}, "fp16": {"enabled": False}}
+    cfg["engines"] = {"tensorrt": {"enabled": False}}
     tiny_config.write_text(yaml.safe_dump(cfg))
     run = subprocess.Popen([str(BIN / "optforge"), "run", "--config", str(tiny_config)], cwd=tmp, text=True,
                            env={**os.environ, "MLFLOW_TRACKING_URI": uri, **env}, start_new_session=True,

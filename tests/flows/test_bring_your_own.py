@@ -19,7 +19,7 @@ from optforge.flows.examples import write_bert, write_image_folder, write_resnet
 pytestmark = pytest.mark.slow
 
 FAST = {"benchmark": {"warmup": 2, "iters_b1": 10, "iters_batch": 2},
-        "engines": {"static_int8": {"calibration_samples": 64}},
+        "onnx": {"static": {"calibration_samples": 64}},
         "register": {"max_accuracy_drop": 100.0}}
 PREDICT = """
 import json, sys, mlflow, numpy as np

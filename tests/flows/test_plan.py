@@ -14,7 +14,7 @@ def test_default_digits_plan_keeps_every_chain():
     cfg = load_config(None, [])
     result = plan(cfg, table_contract(64, 10, (1, 8, 8)), "digits")
     assert list(result.skipped) == ["fuse"]  # the zoo MLP is no transformer for ONNX Runtime's optimizer
-    assert "not one" in result.skipped["fuse"] and not result.cfg.fuse.enabled
+    assert "not one" in result.skipped["fuse"] and not result.cfg.onnx.fuse.enabled
     assert result.cfg.compress.chains == cfg.compress.chains
     assert result.cfg.register.model_name == "optforge-digits"
 
@@ -49,7 +49,7 @@ def test_a_bert_keeps_fusion_and_a_fused_chain_of_its_derived_student(tmp_path):
     folder = write_bert(tmp_path / "bert", ["a b c", "d e f"] * 10)
     base = ["model.arch=huggingface", f"model.path={folder}", "compress.chains=[[distill, fuse, quantize], [prune]]"]
     derived = plan(load_config(None, [*base, "compress.distill.derive=layers"]), text_contract(16, 3, {}), "t")
-    assert not derived.skipped and derived.cfg.fuse.enabled
+    assert not derived.skipped and derived.cfg.onnx.fuse.enabled
     assert [list(c) for c in derived.cfg.compress.chains] == [["distill", "fuse", "quantize"], ["prune"]]
     zoo_student = plan(load_config(None, base), text_contract(16, 3, {}), "t")  # the default MLP student
     assert "not one" in zoo_student.skipped["distill_fused_int8"] and "fuse" not in zoo_student.skipped

@@ -8,7 +8,7 @@ from optforge.flows.tune_config import TUNE_CHAINS, default_space, draw_trials, 
 
 def test_a_draw_is_distinct_seeded_and_keeps_only_the_keys_a_chain_reads():
     space = {"compress.prune.sparsity": [0.3, 0.5], "compress.factorize.energy": [0.6, 0.8],
-             "engines.static_int8.per_channel": [False, True]}
+             "onnx.static.per_channel": [False, True]}
     chains = [("prune", "quantize"), ("factorize", "static")]
     drawn = draw_trials(chains, space, 100, seed=1)
     assert len(drawn) == 2 + 4  # every distinct trial once: prune x 2, factorize x 2 x per_channel x 2
@@ -26,19 +26,19 @@ def test_a_chain_with_many_settings_does_not_crowd_out_the_others():
 
 
 def test_relevance_follows_the_steps_a_chain_runs():
-    assert relevant("export.opset", ("prune", "quantize"))  # quantize implies an export
-    assert not relevant("export.opset", ("fuse", "quantize"))  # fuse exports its own graph
-    assert relevant("engines.static_int8.method", ("prune", "static"))
-    assert not relevant("engines.static_int8.method", ("prune", "quantize"))
+    assert relevant("onnx.export.opset", ("prune", "quantize"))  # quantize implies an export
+    assert not relevant("onnx.export.opset", ("fuse", "quantize"))  # fuse exports its own graph
+    assert relevant("onnx.static.method", ("prune", "static"))
+    assert not relevant("onnx.static.method", ("prune", "quantize"))
     assert not relevant("compress.distill.student.hidden", ("prune", "quantize"))
 
 
 def test_overrides_round_trip_through_the_config_loader():
-    values = {"compress.distill.student.hidden": [64, 32], "engines.static_int8.method": "percentile",
-              "compress.prune.sparsity": 0.7, "engines.static_int8.per_channel": True}
+    values = {"compress.distill.student.hidden": [64, 32], "onnx.static.method": "percentile",
+              "compress.prune.sparsity": 0.7, "onnx.static.per_channel": True}
     cfg = load_config(None, trial_overrides(values))
     assert cfg.compress.distill.student.hidden == (64, 32)
-    assert cfg.engines.static_int8.method == "percentile" and cfg.engines.static_int8.per_channel is True
+    assert cfg.onnx.static.method == "percentile" and cfg.onnx.static.per_channel is True
     assert cfg.compress.prune.sparsity == 0.7
 
 

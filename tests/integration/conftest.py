@@ -172,8 +172,8 @@ def ray_started(proc: Proc) -> bool:
 # variants (each costs CPU time and proves nothing more about where the work runs).
 STACK_CONFIG = {
     **TINY,
-    "engines": {"static_int8": {"enabled": False}, "fp16": {"enabled": False}, "tensorrt": {"enabled": False},
-                "torch_gpu": {"enabled": False}},
+    "onnx": {"static": {"enabled": False}, "fp16": {"enabled": False}},
+    "engines": {"tensorrt": {"enabled": False}, "torch_gpu": {"enabled": False}},
     "compress": {"chains": []},
 }
 

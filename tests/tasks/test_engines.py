@@ -9,6 +9,7 @@ from mlflow import MlflowClient
 from prefect.states import State
 
 from optforge.flows.engines import EnginesConfig, engine_variants
+from optforge.flows.onnx_config import OnnxConfig
 from optforge.tasks.benchmark import benchmark
 from optforge.tasks.data import prepare_data
 from optforge.tasks.export import export
@@ -87,7 +88,7 @@ def test_engine_stages_log_runs_and_benchmark_side_by_side(exported, store):
     pid, data, torch_ref, onnx_ref, work = exported
     client = MlflowClient(store[0])
     # A budget the gate passes on any CPU (INT8 cost this model 0.4 points, 1 validation row), so the run shows no fallback.
-    static = quantize_static.fn(StaticQuantConfig(calibration_samples=128, max_accuracy_drop=5), onnx_ref, data, work, pid)
+    static = quantize_static.fn(StaticQuantConfig(calibration_samples=128, accuracy_budget=5), onnx_ref, data, work, pid)
     fp16 = convert_to_fp16.fn(Fp16Config(), onnx_ref, work, pid)
     state = build_engines.fn(TensorRTConfig(), StaticQuantConfig(), Fp16Config(), onnx_ref, data, work, environment(), pid)
     assert isinstance(state, State) and "skipped trt_fp16, trt_int8" in state.message
@@ -121,17 +122,19 @@ def test_engine_variants_follow_the_config(exported):
         out = task.fn(**kwargs, parent_run_id=pid)
         return out.result() if isinstance(out, State) else out
 
-    cfg = EnginesConfig.from_dict({"fp16": {"enabled": False}, "tensorrt": {"precisions": ["int8"]},
-                                   "tvm": {"enabled": True, "trials": 0, "batch_sizes": [1]}})
-    variants = engine_variants(cfg, onnx_ref, torch_ref, data, work, stage)
+    onnx = OnnxConfig.from_dict({"fp16": {"enabled": False}})
+    cfg = EnginesConfig.from_dict({"tensorrt": {"precisions": ["int8"]}, "tvm": {"enabled": True, "trials": 0,
+                                                                                  "batch_sizes": [1]}})
+    variants = engine_variants(onnx, cfg, onnx_ref, torch_ref, data, work, stage)
     names = [v.name for v in variants]
     gpu = ["pytorch_fp16_cuda", "pytorch_bf16_cuda", "pytorch_fp16_compile_cuda"] if torch.cuda.is_available() else []
     assert names == ["onnx_int8_static", "trt_int8", "tvm_llvm", *gpu]
     assert variants[2].format == (Format.SKIPPED if tvm_unavailable() else Format.TVM)
     if not gpu:
         assert "CUDA is not available" in mlflow.get_run(pid).data.tags["optforge.torch_gpu.skipped"]
-    none = EnginesConfig.from_dict({k: {"enabled": False} for k in ("static_int8", "fp16", "tensorrt", "tvm", "torch_gpu")})
-    assert engine_variants(none, onnx_ref, torch_ref, data, work, stage) == []
+    none = EnginesConfig.from_dict({k: {"enabled": False} for k in ("tensorrt", "tvm", "torch_gpu")})
+    no_onnx = OnnxConfig.from_dict({k: {"enabled": False} for k in ("static", "fp16")})
+    assert engine_variants(no_onnx, none, onnx_ref, torch_ref, data, work, stage) == []
 
 
 def test_calibration_larger_than_the_training_split_uses_all_its_rows_and_says_so(exported, store):
@@ -155,9 +158,11 @@ def test_tensorrt_gets_symmetric_signed_int8():
 def test_engines_config_round_trips_through_yaml():
     import yaml
 
-    cfg = EnginesConfig.from_dict({"static_int8": {"method": "percentile"}, "tensorrt": {"precisions": ["fp16"]}})
+    cfg = EnginesConfig.from_dict({"tensorrt": {"precisions": ["fp16"]}})
     assert EnginesConfig.from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict()))) == cfg
-    assert set(EnginesConfig().to_dict()) == {"static_int8", "fp16", "tensorrt", "tvm", "torch_gpu"}
+    assert set(EnginesConfig().to_dict()) == {"tensorrt", "tvm", "torch_gpu"}  # ONNX transforms live in onnx:
+    with pytest.raises(ValueError, match="static_int8 is now onnx.static"):  # an old key names its new one
+        EnginesConfig.from_dict({"static_int8": {"method": "percentile"}})
 
 
 @pytest.mark.skipif(tvm_unavailable() is not None, reason=f"{tvm_unavailable()}")

@@ -93,7 +93,7 @@ def test_failed_parity_marks_the_stage_failed(pipeline, mlflow_store, monkeypatc
         return path
 
     monkeypatch.setattr("optforge.tasks.export.export_onnx", export_a_different_model)
-    with pytest.raises(ValueError, match="export.parity_atol"):
+    with pytest.raises(ValueError, match="onnx.export.parity_atol"):
         export.fn(ExportConfig(), torch_ref, data, str(work), parent_id)
     (run,) = _child(MlflowClient(mlflow_store), parent_id, "export_onnx")
     assert run.info.status == "FAILED" and "parity_atol" in run.data.tags["optforge.error"]

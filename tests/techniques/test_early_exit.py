@@ -147,7 +147,7 @@ def test_the_curve_and_the_chosen_threshold(trained):
 def test_bad_settings_are_config_errors():
     from pydantic import ValidationError
 
-    for bad in ({"threshold": 0}, {"threshold": 1.5}, {"thresholds": [0.5, 1.2]}, {"max_accuracy_drop": -1}):
+    for bad in ({"threshold": 0}, {"threshold": 1.5}, {"thresholds": [0.5, 1.2]}, {"accuracy_budget": -1}):
         with pytest.raises(ValidationError, match=next(iter(bad))):
             EarlyExitConfig(**bad)
     EarlyExitConfig(threshold=1.0)

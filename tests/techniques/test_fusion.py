@@ -29,7 +29,7 @@ def test_fused_bert_has_fewer_nodes_and_the_same_logits(tmp_path, pruned):
     bert, contract = tiny_bert(layers=2, hidden=64, heads=4), text_contract(16, 3, {})
     if pruned:  # half the heads gone: layer norms and GELU still fuse, and the logits must still agree
         bert, _ = prune_channels(copy.deepcopy(bert), contract, 0.5)
-    raw = export_for_fusion(bert, contract, tmp_path / "raw.onnx", opset=17)
+    raw = export_for_fusion(bert, contract, tmp_path / "raw.onnx", opset=18)
     counts = fuse(raw, tmp_path / "fused.onnx", bert.config.to_dict(), *attention_shape(bert))
     # ORT fuses Attention only where the Q/K/V width equals the hidden size: not after head pruning.
     assert counts["Attention"] == (0 if pruned else 2)
@@ -41,7 +41,7 @@ def test_fused_bert_has_fewer_nodes_and_the_same_logits(tmp_path, pruned):
 
 def test_dynamic_int8_of_the_fused_graph_runs_close_to_float(tmp_path):
     bert, contract = tiny_bert(layers=2, hidden=64, heads=4), text_contract(16, 3, {})
-    raw = export_for_fusion(bert, contract, tmp_path / "raw.onnx", opset=17)
+    raw = export_for_fusion(bert, contract, tmp_path / "raw.onnx", opset=18)
     fuse(raw, tmp_path / "fused.onnx", bert.config.to_dict(), *attention_shape(bert))
     int8 = quantize_dynamic_int8(tmp_path / "fused.onnx", tmp_path / "int8.onnx", DynamicQuantConfig())
     fp32, q = onnx_predictor(tmp_path / "fused.onnx")(_feeds()), onnx_predictor(int8)(_feeds())

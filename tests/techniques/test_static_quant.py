@@ -72,7 +72,7 @@ def test_fallback_keeps_most_sensitive_nodes_in_fp32_when_the_gate_cannot_pass(t
     src, X, held_out = toy
     # Calibrating on rows shrunk 1000x makes every activation range far too small: INT8 saturates and
     # the zero-drop gate cannot pass while any layer stays quantized, so the fallback runs to its limit.
-    cfg = StaticQuantConfig(calibration_samples=64, max_accuracy_drop=0.0, max_fallback_nodes=2)
+    cfg = StaticQuantConfig(calibration_samples=64, accuracy_budget=0.0, max_fallback_nodes=2)
     shrunk = table_part(X.inputs["input"] * 1e-3, X.labels)
     result = quantize_static_int8(src, tmp_path / "int8.onnx", shrunk, cfg, held_out)
     gemms = [n.name for n in onnx.load(str(src)).graph.node if n.op_type == "Gemm"]
@@ -131,7 +131,7 @@ def test_fallback_finds_the_worst_tensor_in_one_pass_and_excludes_its_reader(toy
     quantizations = []
     real_call = sq._Quantizer.__call__
     monkeypatch.setattr(sq._Quantizer, "__call__", lambda self, **kw: quantizations.append(kw) or real_call(self, **kw))
-    cfg = StaticQuantConfig(calibration_samples=64, max_accuracy_drop=0.0, max_fallback_nodes=1)
+    cfg = StaticQuantConfig(calibration_samples=64, accuracy_budget=0.0, max_fallback_nodes=1)
     result = quantize_static_int8(tmp_path / "blind.onnx", tmp_path / "int8.onnx", table_part(wide, X.labels), cfg,
                                   held_out)
     assert max(result.sensitivity, key=result.sensitivity.get) == first.name
