@@ -32,11 +32,11 @@ def main() -> None:
     import torch
     from torch import nn
 
-    from optforge.tasks.techniques.benchmark import cpu_model, time_calls
-    from optforge.tasks.techniques.circulant import BlockCirculantLinear
+    from optforge.tasks.techniques.compression.circulant import BlockCirculantLinear
     from optforge.tasks.techniques.contract import table_contract
-    from optforge.tasks.techniques.onnx_export import ExportConfig, export_onnx
-    from optforge.tasks.techniques.ort_session import tuned_session
+    from optforge.tasks.techniques.measurement.benchmark import cpu_model, time_calls
+    from optforge.tasks.techniques.onnx.onnx_export import ExportConfig, export_onnx
+    from optforge.tasks.techniques.onnx.ort_session import tuned_session
 
     torch.set_num_threads(args.threads)
     w = args.width

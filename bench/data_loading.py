@@ -1,7 +1,7 @@
 """Ray Data (``get_dataset_shard``) against a DataLoader with a distributed sampler, feeding Ray Train
 workers from a split folder's memory-mapped arrays (a script, not a timed test).
 
-The pipeline stores every split as ``.npy`` files that workers open memory-mapped (``tasks/techniques/data.py``).
+The pipeline stores every split as ``.npy`` files that workers open memory-mapped (``tasks/techniques/data/data.py``).
 Two ways to shard them over the training workers, both lazy (neither loads the split whole):
 
 - ``loader``: what the workers do today: a ``DataLoader`` over ``PartDataset`` (the pipeline's own) with a
@@ -77,7 +77,7 @@ def train_loop(config: dict) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
 
     if config["mode"] == "loader":
-        from optforge.tasks.techniques.data import Part
+        from optforge.tasks.techniques.data.data import Part
         from optforge.tasks.worker_common import PartDataset
 
         folder = Path(config["folder"])

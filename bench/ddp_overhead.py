@@ -35,8 +35,8 @@ def _model(overrides: list[str]):
 
     from optforge.flows.params import load_config
     from optforge.tasks.techniques.contract import table_contract
-    from optforge.tasks.techniques.models import ModelSpec
-    from optforge.tasks.techniques.rebuild import build_model
+    from optforge.tasks.techniques.models.models import ModelSpec
+    from optforge.tasks.techniques.models.rebuild import build_model
 
     cfg = load_config(None, overrides)
     torch.manual_seed(0)  # both ranks build identical weights (DDP would broadcast them anyway)
@@ -47,7 +47,7 @@ def _samples_per_s(model, steps: int, batch: int) -> float:
     import torch
 
     from optforge.tasks.techniques.contract import forward_logits
-    from optforge.tasks.techniques.training import TrainConfig, make_optimizer
+    from optforge.tasks.techniques.training.training import TrainConfig, make_optimizer
 
     x, y = {"input": torch.randn(batch, 64)}, torch.randint(0, 10, (batch,))  # a batch as the training loop sees it
     opt = make_optimizer(model, TrainConfig())  # the optimizer training uses (fused AdamW)

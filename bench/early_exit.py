@@ -35,11 +35,11 @@ def main() -> None:
     import torch
     from torch import nn
 
-    from optforge.tasks.techniques.benchmark import cpu_model, time_calls
-    from optforge.tasks.techniques.data import load_splits
-    from optforge.tasks.techniques.onnx_export import ExportConfig, export_onnx
-    from optforge.tasks.techniques.ort_session import tuned_session
-    from optforge.tasks.techniques.rebuild import load_model
+    from optforge.tasks.techniques.data.data import load_splits
+    from optforge.tasks.techniques.measurement.benchmark import cpu_model, time_calls
+    from optforge.tasks.techniques.models.rebuild import load_model
+    from optforge.tasks.techniques.onnx.onnx_export import ExportConfig, export_onnx
+    from optforge.tasks.techniques.onnx.ort_session import tuned_session
 
     torch.set_num_threads(args.threads)
     model, _ = load_model(args.model)

@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def run_one(strategy: str, args, data_path: Path, spec, tmp: Path) -> dict:
-    from optforge.tasks.techniques.training import TrainConfig
+    from optforge.tasks.techniques.training.training import TrainConfig
     from optforge.tasks.training_driver import run_training
     from optforge.tasks.worker_common import WorkerConfig
 
@@ -75,9 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args(argv)
 
-    from optforge.tasks.techniques.data import DataConfig, load_splits
-    from optforge.tasks.techniques.models import ModelConfig, ModelSpec
-    from optforge.tasks.techniques.sources import prepare
+    from optforge.tasks.techniques.data.data import DataConfig, load_splits
+    from optforge.tasks.techniques.data.sources import prepare
+    from optforge.tasks.techniques.models.models import ModelConfig, ModelSpec
     from optforge.tasks.worker_common import ensure_ray
 
     tmp = Path(tempfile.mkdtemp(prefix="optforge-model-parallel-"))

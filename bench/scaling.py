@@ -46,7 +46,7 @@ def run_one(strategy: str, workers: int, args, data, tmp: Path) -> dict:
     from mlflow import MlflowClient
 
     from optforge.flows.params import load_config
-    from optforge.tasks.techniques.models import ModelSpec
+    from optforge.tasks.techniques.models.models import ModelSpec
     from optforge.tasks.tracking import tracking_uri
     from optforge.tasks.training_driver import run_training
     from optforge.tasks.worker_common import WorkerConfig

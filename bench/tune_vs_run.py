@@ -59,7 +59,7 @@ def _points(client, run) -> dict[str, dict[str, float]]:
 
 def compare(run_points: dict, tune_points: dict) -> list[dict]:
     """For each variant on the run's front: the fastest trial at least as accurate, the most accurate at least as fast."""
-    from optforge.tasks.techniques.pareto import pareto_front
+    from optforge.tasks.techniques.measurement.pareto import pareto_front
 
     rows = []
     trials = {k: v for k, v in tune_points.items() if k.startswith("t")}
@@ -88,7 +88,7 @@ def main() -> None:
 
     from optforge.flows.environment import embedded_defaults
     from optforge.flows.params import load_config
-    from optforge.tasks.techniques.pareto import pareto_front
+    from optforge.tasks.techniques.measurement.pareto import pareto_front
     from optforge.tasks.tracking import tracking_uri
 
     embedded_defaults()

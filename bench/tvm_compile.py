@@ -34,12 +34,18 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from optforge.tasks.techniques.benchmark import cpu_model, time_calls
     from optforge.tasks.techniques.contract import table_contract
-    from optforge.tasks.techniques.models import MLP
-    from optforge.tasks.techniques.onnx_export import ExportConfig, export_onnx
-    from optforge.tasks.techniques.ort_session import onnx_predictor
-    from optforge.tasks.techniques.tvm_engine import TvmConfig, TvmRunner, compile_onnx, library_mb, resolve_target
+    from optforge.tasks.techniques.engines.tvm_engine import (
+        TvmConfig,
+        TvmRunner,
+        compile_onnx,
+        library_mb,
+        resolve_target,
+    )
+    from optforge.tasks.techniques.measurement.benchmark import cpu_model, time_calls
+    from optforge.tasks.techniques.models.models import MLP
+    from optforge.tasks.techniques.onnx.onnx_export import ExportConfig, export_onnx
+    from optforge.tasks.techniques.onnx.ort_session import onnx_predictor
 
     torch.manual_seed(0)
     contract = table_contract(64, 10)

@@ -1,7 +1,7 @@
 """``optforge bench``: the default pipeline's variants timed side by side in one process, as ratios.
 
 The variants come from the optimize flow's own (cached) stages, so after ``optforge run`` nothing is
-rebuilt; only the timing runs again, interleaved across variants (tasks/techniques/harness.py). The
+rebuilt; only the timing runs again, interleaved across variants (tasks/techniques/measurement/harness.py). The
 report goes to stdout, to a JSON file (commit, code version, machine, settings) that a later run
 can ``--compare`` against, and to an MLflow run tagged ``optforge.pipeline=bench``.
 """
@@ -41,8 +41,8 @@ def git_commit(root: Path = ROOT) -> str:
 def measure_variants(variants, data, cfg, harness) -> dict:
     """Load every buildable variant, time them all side by side; the report without run identifiers."""
     from optforge.tasks.benchmark import SKIPPED, load_variant
-    from optforge.tasks.techniques.data import load_splits
-    from optforge.tasks.techniques.harness import machine_info, measure_side_by_side, ratios, verdicts
+    from optforge.tasks.techniques.data.data import load_splits
+    from optforge.tasks.techniques.measurement.harness import machine_info, measure_side_by_side, ratios, verdicts
 
     splits = load_splits(data.path)
     loaded, skipped = {}, {}
@@ -102,7 +102,7 @@ def _bench_flow():
         from optforge.flows.optimize import StageRunner, build_variants
         from optforge.flows.params import load_config, peek_tracking
         from optforge.tasks.caching import code_version
-        from optforge.tasks.techniques.harness import HarnessConfig, format_report
+        from optforge.tasks.techniques.measurement.harness import HarnessConfig, format_report
         from optforge.tasks.tracking import configure, error_tags, process_tags
 
         configure(peek_tracking(config_path, overrides).experiment)
@@ -142,7 +142,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from optforge.flows.params import ConfigError
-    from optforge.tasks.techniques.harness import HarnessConfig, format_report
+    from optforge.tasks.techniques.measurement.harness import HarnessConfig, format_report
 
     previous = None
     if args.compare:

@@ -10,15 +10,15 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from optforge.tasks.techniques.binarize import BinarizeConfig
-from optforge.tasks.techniques.circulant import CirculantConfig
-from optforge.tasks.techniques.clustering import ClusterConfig
+from optforge.tasks.techniques.compression.binarize import BinarizeConfig
+from optforge.tasks.techniques.compression.circulant import CirculantConfig
+from optforge.tasks.techniques.compression.clustering import ClusterConfig
+from optforge.tasks.techniques.compression.distill import DistillConfig
+from optforge.tasks.techniques.compression.early_exit import EarlyExitConfig
+from optforge.tasks.techniques.compression.factorize import FactorizeConfig
+from optforge.tasks.techniques.compression.prune import PruneConfig
+from optforge.tasks.techniques.compression.qat import QatConfig
 from optforge.tasks.techniques.config import TechniqueConfig
-from optforge.tasks.techniques.distill import DistillConfig
-from optforge.tasks.techniques.early_exit import EarlyExitConfig
-from optforge.tasks.techniques.factorize import FactorizeConfig
-from optforge.tasks.techniques.prune import PruneConfig
-from optforge.tasks.techniques.qat import QatConfig
 from optforge.tasks.techniques.registry import CHAIN_STEPS, chain_problem, expand, variant_name
 
 Stage = Literal[CHAIN_STEPS]  # the registry's chain steps, in its order

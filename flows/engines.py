@@ -14,9 +14,9 @@ from pydantic import Field
 from optforge.flows.onnx_config import OnnxConfig
 from optforge.tasks.refs import DataRef, Format, ModelRef
 from optforge.tasks.techniques.config import TechniqueConfig
-from optforge.tasks.techniques.tensorrt_engine import TensorRTConfig, environment
-from optforge.tasks.techniques.torch_gpu import TorchGpuConfig, cuda_unavailable_reason, gpu_variants
-from optforge.tasks.techniques.tvm_engine import TvmConfig
+from optforge.tasks.techniques.engines.tensorrt_engine import TensorRTConfig, environment
+from optforge.tasks.techniques.engines.torch_gpu import TorchGpuConfig, cuda_unavailable_reason, gpu_variants
+from optforge.tasks.techniques.engines.tvm_engine import TvmConfig
 
 log = logging.getLogger(__name__)
 

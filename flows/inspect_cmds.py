@@ -56,7 +56,7 @@ def _client():
 def cmd_report(args: argparse.Namespace) -> int:
     client = _client()
     from optforge.tasks.report import ReportError, load_report_data
-    from optforge.tasks.techniques.report import headline, write_report
+    from optforge.tasks.techniques.measurement.report import headline, write_report
 
     try:
         data = load_report_data(client, args.run_id)

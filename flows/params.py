@@ -17,12 +17,12 @@ from optforge.flows.chain_config import CompressConfig
 from optforge.flows.engines import EnginesConfig
 from optforge.flows.onnx_config import OnnxConfig
 from optforge.flows.tune_config import TuneConfig
-from optforge.tasks.techniques.benchmark import BenchmarkConfig
 from optforge.tasks.techniques.config import TechniqueConfig
-from optforge.tasks.techniques.data import DataConfig
-from optforge.tasks.techniques.models import ModelConfig
-from optforge.tasks.techniques.selection import RegisterConfig
-from optforge.tasks.techniques.training import TrainConfig
+from optforge.tasks.techniques.data.data import DataConfig
+from optforge.tasks.techniques.measurement.benchmark import BenchmarkConfig
+from optforge.tasks.techniques.measurement.selection import RegisterConfig
+from optforge.tasks.techniques.models.models import ModelConfig
+from optforge.tasks.techniques.training.training import TrainConfig
 
 
 class ConfigError(ValueError):

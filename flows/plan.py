@@ -18,11 +18,11 @@ import torch
 from optforge.flows.chain_config import expand, product_name
 from optforge.flows.params import ConfigError, PipelineConfig
 from optforge.tasks.techniques.contract import InputContract
-from optforge.tasks.techniques.model_source import check_runs
-from optforge.tasks.techniques.models import HUGGINGFACE, ONNX, ModelSpec, count_params
-from optforge.tasks.techniques.rebuild import build_model
+from optforge.tasks.techniques.engines.tvm_engine import unavailable_reason as tvm_unavailable
+from optforge.tasks.techniques.models.model_source import check_runs
+from optforge.tasks.techniques.models.models import HUGGINGFACE, ONNX, ModelSpec, count_params
+from optforge.tasks.techniques.models.rebuild import build_model
 from optforge.tasks.techniques.registry import TECHNIQUES, Subject
-from optforge.tasks.techniques.tvm_engine import unavailable_reason as tvm_unavailable
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def _param_count(build) -> int | None:
 def _teacher_builder(cfg: PipelineConfig, contract: InputContract):
     m = cfg.model
     if m.arch == HUGGINGFACE:
-        from optforge.tasks.techniques.hf import from_config
+        from optforge.tasks.techniques.models.hf import from_config
 
         return lambda: from_config(_hf_config(m.path) or {}, contract)
     return lambda: build_model(ModelSpec(m.to_dict(), contract.to_dict()))
@@ -90,7 +90,7 @@ def _student_problem(cfg: PipelineConfig, contract: InputContract) -> str | None
     student_cfg = distill.student
     what = f"the student (compress.distill.student.arch={student_cfg.arch})"
     if student_cfg.arch == HUGGINGFACE:  # weights load in the stage; here only its config counts
-        from optforge.tasks.techniques.hf import from_config
+        from optforge.tasks.techniques.models.hf import from_config
 
         raw = _hf_config(student_cfg.path)
         if raw is None:
@@ -114,7 +114,7 @@ def _student_problem(cfg: PipelineConfig, contract: InputContract) -> str | None
 
 def _check_circulant(cfg: PipelineConfig, contract: InputContract) -> None:
     """Raise ``ConfigError`` (before anything trains) when compress.circulant cannot apply to the teacher."""
-    from optforge.tasks.techniques.circulant import chosen_layers
+    from optforge.tasks.techniques.compression.circulant import chosen_layers
 
     try:
         with torch.device("meta"):
@@ -140,8 +140,8 @@ def _subject(cfg: PipelineConfig, contract: InputContract, chain) -> Subject:
 
 def _check_exits(cfg: PipelineConfig, subject: Subject, chain) -> None:
     """Raise ``ConfigError`` when compress.early_exit.exits does not fit the blocks of the model it goes on."""
-    from optforge.tasks.techniques.early_exit import check_exits
-    from optforge.tasks.techniques.exit_blocks import blocks_of
+    from optforge.tasks.techniques.compression.early_exit import check_exits
+    from optforge.tasks.techniques.models.exit_blocks import blocks_of
 
     if "distill" in chain and cfg.compress.distill.derive != "width":
         return  # a new student's blocks are not the teacher's (a derived-by-width student keeps them)

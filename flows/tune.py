@@ -45,8 +45,8 @@ from optforge.tasks.idle import host_locks
 from optforge.tasks.refs import ModelRef, VariantResult
 from optforge.tasks.register import hash_config, register
 from optforge.tasks.report import report
-from optforge.tasks.techniques.pareto import pareto_front
-from optforge.tasks.techniques.selection import accuracy_floor
+from optforge.tasks.techniques.measurement.pareto import pareto_front
+from optforge.tasks.techniques.measurement.selection import accuracy_floor
 from optforge.tasks.tracking import descendants, flatten, tracking_uri
 from optforge.tasks.tune_scheduler import FloorScheduler
 from optforge.tasks.worker_common import ensure_ray

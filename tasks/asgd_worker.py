@@ -3,7 +3,7 @@ for each other.
 
 Each worker loops: take a unit of work and the newest weights from the server, compute the gradient,
 push it back tagged with the weight version it was computed on, and get the next unit and weights in
-the same call (``tasks.techniques.param_server`` holds the logic; this module is the Ray wiring).
+the same call (``tasks.techniques.training.param_server`` holds the logic; this module is the Ray wiring).
 A slow worker just takes fewer units; a worker that dies is counted and its unit handed to another;
 the run fails only when no worker is left.
 
@@ -27,13 +27,13 @@ from ray.exceptions import RayActorError, RayTaskError
 from torch.utils.data import default_collate
 
 from optforge.tasks.techniques.contract import forward_logits, to_device
-from optforge.tasks.techniques.data import load_splits
+from optforge.tasks.techniques.data.data import load_splits
 from optforge.tasks.techniques.files import atomic_write
-from optforge.tasks.techniques.init_weights import apply_init, load_init_state
-from optforge.tasks.techniques.models import save_model
-from optforge.tasks.techniques.param_server import ParameterServer, Push, Reply, Work
-from optforge.tasks.techniques.rebuild import build_model
-from optforge.tasks.techniques.training import Precision, evaluate, precision_for
+from optforge.tasks.techniques.models.init_weights import apply_init, load_init_state
+from optforge.tasks.techniques.models.models import save_model
+from optforge.tasks.techniques.models.rebuild import build_model
+from optforge.tasks.techniques.training.param_server import ParameterServer, Push, Reply, Work
+from optforge.tasks.techniques.training.training import Precision, evaluate, precision_for
 from optforge.tasks.worker_common import (
     CKPT_FILE,
     PartDataset,

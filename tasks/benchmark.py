@@ -19,7 +19,9 @@ import torch
 
 from optforge.tasks.caching import stage_task
 from optforge.tasks.refs import DataRef, Format, ModelRef, VariantResult
-from optforge.tasks.techniques.benchmark import (
+from optforge.tasks.techniques.compression.packing import PACKED_FILE
+from optforge.tasks.techniques.data.data import load_splits
+from optforge.tasks.techniques.measurement.benchmark import (
     BenchmarkConfig,
     count_params_onnx,
     count_params_torch,
@@ -28,11 +30,9 @@ from optforge.tasks.techniques.benchmark import (
     size_mb,
     torch_predictor,
 )
-from optforge.tasks.techniques.data import load_splits
-from optforge.tasks.techniques.metrics import Predictor
-from optforge.tasks.techniques.ort_session import session_predictor, session_settings, tuned_session
-from optforge.tasks.techniques.packing import PACKED_FILE
-from optforge.tasks.techniques.rebuild import load_model
+from optforge.tasks.techniques.measurement.metrics import Predictor
+from optforge.tasks.techniques.models.rebuild import load_model
+from optforge.tasks.techniques.onnx.ort_session import session_predictor, session_settings, tuned_session
 from optforge.tasks.tracking import child_run
 
 SKIPPED = Format.SKIPPED  # a variant that could not be built on this machine (see tasks/tensorrt.py)
@@ -74,7 +74,7 @@ def _onnx(ref: ModelRef, cfg: BenchmarkConfig, scratch: Path) -> Loaded:
 
 
 def _tensorrt(ref: ModelRef, cfg: BenchmarkConfig, scratch: Path) -> Loaded:
-    from optforge.tasks.techniques.tensorrt_engine import EngineRunner
+    from optforge.tasks.techniques.engines.tensorrt_engine import EngineRunner
 
     settings = {k: str(v) for k, v in ref.info.get("build", {}).items()}
     return Loaded(EngineRunner(ref.path), size_mb(ref.path), count_params_onnx(ref.info["source_onnx"]), settings)
@@ -82,7 +82,7 @@ def _tensorrt(ref: ModelRef, cfg: BenchmarkConfig, scratch: Path) -> Loaded:
 
 def _tvm(ref: ModelRef, cfg: BenchmarkConfig, scratch: Path) -> Loaded:
     """TVM libraries run by the Relax VM with the benchmark's thread count; size: the libraries, weights inside."""
-    from optforge.tasks.techniques.tvm_engine import TvmRunner, library_mb
+    from optforge.tasks.techniques.engines.tvm_engine import TvmRunner, library_mb
 
     settings = {k: str(v) for k, v in ref.info.get("build", {}).items()} | {"threads": cfg.threads}
     return Loaded(TvmRunner(ref.path, cfg.threads), library_mb(ref.path), count_params_onnx(ref.info["source_onnx"]),
@@ -90,7 +90,7 @@ def _tvm(ref: ModelRef, cfg: BenchmarkConfig, scratch: Path) -> Loaded:
 
 
 def _torch_cuda(ref: ModelRef, cfg: BenchmarkConfig, scratch: Path) -> Loaded:
-    from optforge.tasks.techniques.torch_gpu import device_predictor
+    from optforge.tasks.techniques.engines.torch_gpu import device_predictor
 
     model, _ = load_model(ref.path)
     info = ref.info

@@ -63,7 +63,7 @@ def machine_identity() -> dict[str, str]:
 
     import torch
 
-    from optforge.tasks.techniques.benchmark import cpu_model
+    from optforge.tasks.techniques.measurement.benchmark import cpu_model
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     return {"cpu_model": cpu_model(), "cpu_count": str(os.cpu_count()), "gpu": gpu}

@@ -15,27 +15,27 @@ from optforge.tasks.caching import stage_dir, stage_task
 from optforge.tasks.distill import teacher_logits_file
 from optforge.tasks.progress import StageProgress
 from optforge.tasks.refs import DataRef, Format, ModelRef, file_sha256
-from optforge.tasks.techniques import binarize, clustering
-from optforge.tasks.techniques.benchmark import int8_dot_saturates
-from optforge.tasks.techniques.binarize import BinarizeConfig
-from optforge.tasks.techniques.circulant import CirculantConfig, to_circulant
-from optforge.tasks.techniques.clustering import ClusterConfig
+from optforge.tasks.techniques.compression import binarize, clustering
+from optforge.tasks.techniques.compression.binarize import BinarizeConfig
+from optforge.tasks.techniques.compression.circulant import CirculantConfig, to_circulant
+from optforge.tasks.techniques.compression.clustering import ClusterConfig
+from optforge.tasks.techniques.compression.factorize import FactorizeConfig
+from optforge.tasks.techniques.compression.factorize import factorize as factorize_model
+from optforge.tasks.techniques.compression.graph_prune import widths
+from optforge.tasks.techniques.compression.packing import PACKED_FILE
+from optforge.tasks.techniques.compression.prune import PruneConfig
+from optforge.tasks.techniques.compression.prune import prune as prune_model
+from optforge.tasks.techniques.compression.qat import QatConfig, calibrate, export_qdq, prepare
 from optforge.tasks.techniques.contract import as_tensors
-from optforge.tasks.techniques.data import Splits, load_splits
-from optforge.tasks.techniques.distill import FinetuneConfig, finetune
-from optforge.tasks.techniques.factorize import FactorizeConfig
-from optforge.tasks.techniques.factorize import factorize as factorize_model
-from optforge.tasks.techniques.flops import model_stats
-from optforge.tasks.techniques.graph_prune import widths
-from optforge.tasks.techniques.models import save_model
-from optforge.tasks.techniques.packing import PACKED_FILE
-from optforge.tasks.techniques.prune import PruneConfig
-from optforge.tasks.techniques.prune import prune as prune_model
-from optforge.tasks.techniques.qat import QatConfig, calibrate, export_qdq, prepare
-from optforge.tasks.techniques.rebuild import load_model
-from optforge.tasks.techniques.static_quant import accuracy as onnx_accuracy
-from optforge.tasks.techniques.static_quant import count_qdq_nodes
-from optforge.tasks.techniques.training import evaluate
+from optforge.tasks.techniques.data.data import Splits, load_splits
+from optforge.tasks.techniques.measurement.benchmark import int8_dot_saturates
+from optforge.tasks.techniques.measurement.flops import model_stats
+from optforge.tasks.techniques.models.models import save_model
+from optforge.tasks.techniques.models.rebuild import load_model
+from optforge.tasks.techniques.onnx.static_quant import accuracy as onnx_accuracy
+from optforge.tasks.techniques.onnx.static_quant import count_qdq_nodes
+from optforge.tasks.techniques.training.finetune import FinetuneConfig, finetune
+from optforge.tasks.techniques.training.training import evaluate
 from optforge.tasks.tracking import child_run
 
 CALIBRATION_ROWS = 512  # training rows whose activations set QAT's starting ranges

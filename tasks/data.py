@@ -9,8 +9,8 @@ import numpy as np
 
 from optforge.tasks.caching import stage_task
 from optforge.tasks.refs import DataRef
-from optforge.tasks.techniques.data import DataConfig, data_name, load_splits
-from optforge.tasks.techniques.sources import prepare
+from optforge.tasks.techniques.data.data import DataConfig, data_name, load_splits
+from optforge.tasks.techniques.data.sources import prepare
 from optforge.tasks.tracking import child_run
 
 # Rows of each split handed to mlflow.data as a schema sample: the fingerprint covers the whole split.
@@ -21,7 +21,7 @@ SCHEMA_ROWS = 8
 def prepare_data(cfg: DataConfig, source_sha256: str | None, workdir: str, parent_run_id: str | None,
                  new_source_sha256: str | None = None, tokenizer: str | None = None,
                  tokenizer_sha256: str | None = None) -> DataRef:
-    """Split ``cfg.source`` into ``<workdir>/data/<fingerprint>/`` (a split folder, see tasks.techniques.data).
+    """Split ``cfg.source`` into ``<workdir>/data/<fingerprint>/`` (a split folder, see tasks.techniques.data.data).
 
     ``source_sha256`` (the user file's or folder's content hash, None for the built-in dataset) is here
     only so that the cache key changes when the content does; likewise ``new_source_sha256`` and

@@ -11,14 +11,14 @@ import numpy as np
 from optforge.tasks.caching import stage_dir, stage_task
 from optforge.tasks.distill_worker import run_distillation
 from optforge.tasks.refs import DataRef, Format, ModelRef, file_sha256
-from optforge.tasks.techniques.data import load_splits
-from optforge.tasks.techniques.distill import DistillConfig, check_student, teacher_logits
+from optforge.tasks.techniques.compression.distill import DistillConfig, check_student, teacher_logits
+from optforge.tasks.techniques.compression.students import share_layers, student_model
+from optforge.tasks.techniques.data.data import load_splits
 from optforge.tasks.techniques.files import atomic_write
-from optforge.tasks.techniques.flops import model_stats
-from optforge.tasks.techniques.models import ModelSpec, save_model
-from optforge.tasks.techniques.rebuild import load_model
-from optforge.tasks.techniques.students import share_layers, student_model
-from optforge.tasks.techniques.training import evaluate
+from optforge.tasks.techniques.measurement.flops import model_stats
+from optforge.tasks.techniques.models.models import ModelSpec, save_model
+from optforge.tasks.techniques.models.rebuild import load_model
+from optforge.tasks.techniques.training.training import evaluate
 from optforge.tasks.tracking import child_run, tracking_uri
 
 

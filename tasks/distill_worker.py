@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-from optforge.tasks.techniques.distill import DistillConfig
-from optforge.tasks.techniques.models import ModelSpec
+from optforge.tasks.techniques.compression.distill import DistillConfig
+from optforge.tasks.techniques.models.models import ModelSpec
 from optforge.tasks.training_driver import run_training
 from optforge.tasks.worker_common import KdConfig, WorkerConfig
 

@@ -15,9 +15,15 @@ from optforge.tasks.caching import stage_task
 from optforge.tasks.compress import log_result, open_input, output_and_tags, torch_ref
 from optforge.tasks.progress import StageProgress
 from optforge.tasks.refs import DataRef, ModelRef
-from optforge.tasks.techniques.early_exit import NEVER, EarlyExitConfig, EarlyExitModel
-from optforge.tasks.techniques.exit_policy import choose_threshold, curve, exit_latencies_ms, exit_probs, train_heads
-from optforge.tasks.techniques.models import save_model
+from optforge.tasks.techniques.compression.early_exit import NEVER, EarlyExitConfig, EarlyExitModel
+from optforge.tasks.techniques.compression.exit_policy import (
+    choose_threshold,
+    curve,
+    exit_latencies_ms,
+    exit_probs,
+    train_heads,
+)
+from optforge.tasks.techniques.models.models import save_model
 from optforge.tasks.tracking import child_run
 
 

@@ -6,7 +6,7 @@ import mlflow
 
 from optforge.tasks.caching import stage_dir, stage_task
 from optforge.tasks.refs import Format, ModelRef, file_sha256
-from optforge.tasks.techniques.fp16 import Fp16Config, convert_fp16, fp16_initializer_share
+from optforge.tasks.techniques.onnx.fp16 import Fp16Config, convert_fp16, fp16_initializer_share
 from optforge.tasks.tracking import child_run
 
 VARIANT = "onnx_fp16"

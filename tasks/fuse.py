@@ -6,10 +6,10 @@ import mlflow
 
 from optforge.tasks.caching import stage_dir, stage_task
 from optforge.tasks.refs import DataRef, Format, ModelRef, file_sha256
-from optforge.tasks.techniques.data import load_splits
-from optforge.tasks.techniques.fusion import FuseConfig, attention_shape, export_for_fusion, fuse
-from optforge.tasks.techniques.onnx_export import max_abs_diff
-from optforge.tasks.techniques.rebuild import load_model
+from optforge.tasks.techniques.data.data import load_splits
+from optforge.tasks.techniques.models.rebuild import load_model
+from optforge.tasks.techniques.onnx.fusion import FuseConfig, attention_shape, export_for_fusion, fuse
+from optforge.tasks.techniques.onnx.onnx_export import max_abs_diff
 from optforge.tasks.tracking import child_run
 
 PARITY_ROWS = 64  # held-out rows the fused graph is compared on

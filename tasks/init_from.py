@@ -22,8 +22,8 @@ from mlflow.exceptions import MlflowException
 from prefect import task
 
 from optforge.tasks.refs import Format, ModelRef, file_sha256
-from optforge.tasks.techniques.init_weights import FIELD
-from optforge.tasks.techniques.models import MODEL_FILES, missing_model_file
+from optforge.tasks.techniques.models.init_weights import FIELD
+from optforge.tasks.techniques.models.models import MODEL_FILES, missing_model_file
 
 
 def _model_folder(root: Path) -> Path | None:

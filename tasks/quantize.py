@@ -6,7 +6,7 @@ import mlflow
 
 from optforge.tasks.caching import stage_dir, stage_task
 from optforge.tasks.refs import Format, ModelRef, file_sha256
-from optforge.tasks.techniques.quantization import DynamicQuantConfig, quantize_dynamic_int8
+from optforge.tasks.techniques.onnx.quantization import DynamicQuantConfig, quantize_dynamic_int8
 from optforge.tasks.tracking import child_run
 
 

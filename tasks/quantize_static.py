@@ -10,8 +10,8 @@ import mlflow
 
 from optforge.tasks.caching import stage_dir, stage_task
 from optforge.tasks.refs import DataRef, Format, ModelRef, file_sha256
-from optforge.tasks.techniques.data import load_splits
-from optforge.tasks.techniques.static_quant import (
+from optforge.tasks.techniques.data.data import load_splits
+from optforge.tasks.techniques.onnx.static_quant import (
     StaticQuantConfig,
     count_qdq_nodes,
     quantize_static_int8,

@@ -1,6 +1,6 @@
 """Prefect task: select a variant, register it, and give it the ``champion`` or ``challenger`` alias.
 
-The rules live in ``tasks.techniques.selection``; this shell does the registry I/O. The version
+The rules live in ``tasks.techniques.measurement.selection``; this shell does the registry I/O. The version
 holding ``champion`` is loaded through pyfunc and scored on *this* run's test split, so the accuracy
 gate compares both models on the same data; its ranking metric (latency, size, ...) is the one
 recorded in its model-version tags by the benchmark that measured it (same metric names, same
@@ -28,12 +28,11 @@ from mlflow.models import infer_signature
 
 from optforge.tasks.caching import stage_task
 from optforge.tasks.refs import DataRef, Format, ModelRef, Registration, VariantResult
-from optforge.tasks.techniques.benchmark import cpu_model, torch_predictor
-from optforge.tasks.techniques.data import Splits, load_splits
-from optforge.tasks.techniques.metrics import top1_accuracy
-from optforge.tasks.techniques.onnx_export import save_program
-from optforge.tasks.techniques.rebuild import load_model
-from optforge.tasks.techniques.selection import (
+from optforge.tasks.techniques.data.data import Splits, load_splits
+from optforge.tasks.techniques.data.texts import raw_texts
+from optforge.tasks.techniques.measurement.benchmark import cpu_model, torch_predictor
+from optforge.tasks.techniques.measurement.metrics import top1_accuracy
+from optforge.tasks.techniques.measurement.selection import (
     CHAMPION,
     Incumbent,
     RankMetric,
@@ -41,7 +40,8 @@ from optforge.tasks.techniques.selection import (
     decide_promotion,
     select_variant,
 )
-from optforge.tasks.techniques.texts import raw_texts
+from optforge.tasks.techniques.models.rebuild import load_model
+from optforge.tasks.techniques.onnx.onnx_export import save_program
 from optforge.tasks.tracking import child_run, registry_lock
 
 # Run by MLflow on load (a "model from code"); see that file for why ONNX is not logged with mlflow.onnx.

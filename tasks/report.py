@@ -21,7 +21,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from optforge.tasks.refs import ModelRef, Registration, VariantResult
-from optforge.tasks.techniques.report import (
+from optforge.tasks.techniques.measurement.report import (
     COLUMNS,
     ReportData,
     formatted_rows,
@@ -29,7 +29,7 @@ from optforge.tasks.techniques.report import (
     render_markdown,
     write_report,
 )
-from optforge.tasks.techniques.selection import RegisterConfig, Selection, select_variant
+from optforge.tasks.techniques.measurement.selection import RegisterConfig, Selection, select_variant
 from optforge.tasks.tracking import PIPELINES, STAGE_TAG, TUNE_TRIAL_STAGE
 
 ARTIFACT_DIR = "report"

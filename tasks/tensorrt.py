@@ -15,16 +15,16 @@ from prefect.states import Completed
 from optforge.tasks.caching import stage_dir, stage_task
 from optforge.tasks.refs import DataRef, Format, ModelRef, file_sha256
 from optforge.tasks.skipping import skipped_variants
-from optforge.tasks.techniques.data import load_splits
-from optforge.tasks.techniques.fp16 import Fp16Config, convert_fp16
-from optforge.tasks.techniques.static_quant import StaticQuantConfig, quantize_static_int8, scaled_calibration
-from optforge.tasks.techniques.tensorrt_engine import (
+from optforge.tasks.techniques.data.data import load_splits
+from optforge.tasks.techniques.engines.tensorrt_engine import (
     EngineRunner,
     TensorRTConfig,
     build_engine,
     parity,
     unavailable_reason,
 )
+from optforge.tasks.techniques.onnx.fp16 import Fp16Config, convert_fp16
+from optforge.tasks.techniques.onnx.static_quant import StaticQuantConfig, quantize_static_int8, scaled_calibration
 from optforge.tasks.tracking import child_run
 
 

@@ -16,15 +16,15 @@ import numpy as np
 
 from optforge.tasks.caching import stage_dir, stage_task
 from optforge.tasks.refs import DataRef, Format, ModelRef, file_sha256
-from optforge.tasks.techniques.data import load_splits
-from optforge.tasks.techniques.distill import DistillConfig, teacher_logits
+from optforge.tasks.techniques.compression.distill import DistillConfig, teacher_logits
+from optforge.tasks.techniques.data.data import load_splits
 from optforge.tasks.techniques.files import atomic_write
-from optforge.tasks.techniques.flops import count_flops
-from optforge.tasks.techniques.init_weights import load_init_state
-from optforge.tasks.techniques.model_source import starting_model
-from optforge.tasks.techniques.models import ModelConfig, count_params, save_model
-from optforge.tasks.techniques.rebuild import load_model
-from optforge.tasks.techniques.training import TrainConfig, evaluate
+from optforge.tasks.techniques.measurement.flops import count_flops
+from optforge.tasks.techniques.models.init_weights import load_init_state
+from optforge.tasks.techniques.models.model_source import starting_model
+from optforge.tasks.techniques.models.models import ModelConfig, count_params, save_model
+from optforge.tasks.techniques.models.rebuild import load_model
+from optforge.tasks.techniques.training.training import TrainConfig, evaluate
 from optforge.tasks.tracking import child_run, tracking_uri
 from optforge.tasks.training_driver import run_training
 from optforge.tasks.worker_common import KdConfig, WorkerConfig

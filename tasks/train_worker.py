@@ -21,14 +21,14 @@ import ray.train.torch
 import torch
 
 from optforge.tasks.progress import ProgressFeed
-from optforge.tasks.techniques.agreement import from_rank_zero, sync_buffers
-from optforge.tasks.techniques.averaging import ModelAverager
-from optforge.tasks.techniques.data import load_splits
-from optforge.tasks.techniques.init_weights import apply_init, load_init_state
-from optforge.tasks.techniques.models import ModelSpec, save_model
-from optforge.tasks.techniques.rebuild import build_model
-from optforge.tasks.techniques.sampling import MixingSampler
-from optforge.tasks.techniques.sharding import (
+from optforge.tasks.techniques.data.data import load_splits
+from optforge.tasks.techniques.data.sampling import MixingSampler
+from optforge.tasks.techniques.models.init_weights import apply_init, load_init_state
+from optforge.tasks.techniques.models.models import ModelSpec, save_model
+from optforge.tasks.techniques.models.rebuild import build_model
+from optforge.tasks.techniques.training.agreement import from_rank_zero, sync_buffers
+from optforge.tasks.techniques.training.averaging import ModelAverager
+from optforge.tasks.techniques.training.sharding import (
     full_model_state,
     load_optimizer_shards,
     reshard,
@@ -36,7 +36,7 @@ from optforge.tasks.techniques.sharding import (
     shard_model,
     worker_memory,
 )
-from optforge.tasks.techniques.training import (
+from optforge.tasks.techniques.training.training import (
     EarlyStopping,
     evaluate,
     make_optimizer,
@@ -150,7 +150,7 @@ def train_loop_per_worker(config: dict) -> None:
             beat.finished(epoch)
             return
         seconds = time.perf_counter() - t0
-        # One model, one decision (tasks/techniques/agreement.py). Equal weights are not enough: each rank's
+        # One model, one decision (tasks/techniques/training/agreement.py). Equal weights are not enough: each rank's
         # forward passes updated its own BatchNorm statistics, so the buffers are made equal first; then
         # rank 0's metrics drive early stopping, the best checkpoint and the stop on every rank.
         if not averager:  # the averager's all-reduce has just averaged the buffers with the weights

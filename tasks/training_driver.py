@@ -20,8 +20,8 @@ import torch
 
 from optforge.tasks.asgd_worker import run_asgd
 from optforge.tasks.progress import StageProgress
-from optforge.tasks.techniques.augment import build_cache, cache_path
-from optforge.tasks.techniques.data import load_splits
+from optforge.tasks.techniques.data.augment import build_cache, cache_path
+from optforge.tasks.techniques.data.data import load_splits
 from optforge.tasks.train_worker import train_loop_per_worker
 from optforge.tasks.watchdog import RankWatch, TrainingStalled, Watchdog
 from optforge.tasks.worker_common import (

@@ -15,9 +15,9 @@ from prefect.states import Completed
 from optforge.tasks.caching import stage_dir, stage_task
 from optforge.tasks.refs import DataRef, Format, ModelRef, file_sha256
 from optforge.tasks.skipping import skipped_variants
-from optforge.tasks.techniques.data import load_splits
-from optforge.tasks.techniques.tensorrt_engine import parity
-from optforge.tasks.techniques.tvm_engine import (
+from optforge.tasks.techniques.data.data import load_splits
+from optforge.tasks.techniques.engines.tensorrt_engine import parity
+from optforge.tasks.techniques.engines.tvm_engine import (
     MANIFEST,
     FrontendError,
     TvmConfig,

@@ -21,13 +21,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from optforge.tasks.techniques.augment import AugmentedDataset, CachedCopies
-from optforge.tasks.techniques.data import Part, Splits
-from optforge.tasks.techniques.distill import DistillConfig, kd_loss
-from optforge.tasks.techniques.loader import LoaderConfig
-from optforge.tasks.techniques.models import ModelSpec
-from optforge.tasks.techniques.rebuild import load_model
-from optforge.tasks.techniques.training import TrainConfig
+from optforge.tasks.techniques.compression.distill import DistillConfig
+from optforge.tasks.techniques.data.augment import AugmentedDataset, CachedCopies
+from optforge.tasks.techniques.data.data import Part, Splits
+from optforge.tasks.techniques.data.loader import LoaderConfig
+from optforge.tasks.techniques.models.models import ModelSpec
+from optforge.tasks.techniques.models.rebuild import load_model
+from optforge.tasks.techniques.training.finetune import kd_loss
+from optforge.tasks.techniques.training.training import TrainConfig
 
 CKPT_FILE = "train_state.pt"
 ERROR_FILE = "error.json"
@@ -124,8 +125,8 @@ class _Inputs:
 def _kd_columns_and_loss(kd: KdConfig, fit: Part, device, student: nn.Module | None = None):
     """The extra batch column and loss of distillation: cached teacher logits, or the teacher run live (and
     then, with ``hidden_weight``, the paired layer outputs of ``student`` and teacher as well)."""
+    from optforge.tasks.techniques.compression.students import LayerOutputs, hidden_state_loss
     from optforge.tasks.techniques.contract import forward_logits
-    from optforge.tasks.techniques.students import LayerOutputs, hidden_state_loss
 
     cfg = DistillConfig.from_dict(kd.distill)
     if kd.logits_path:

@@ -6,10 +6,16 @@ import torch
 
 from optforge.tasks.refs import DataRef, Format, ModelRef, file_sha256
 from optforge.tasks.techniques.contract import as_tensors
-from optforge.tasks.techniques.data import Splits
-from optforge.tasks.techniques.models import ModelConfig, ModelSpec, save_model
-from optforge.tasks.techniques.rebuild import build_model
-from optforge.tasks.techniques.training import TrainConfig, make_optimizer, make_scheduler, precision_for, train_epoch
+from optforge.tasks.techniques.data.data import Splits
+from optforge.tasks.techniques.models.models import ModelConfig, ModelSpec, save_model
+from optforge.tasks.techniques.models.rebuild import build_model
+from optforge.tasks.techniques.training.training import (
+    TrainConfig,
+    make_optimizer,
+    make_scheduler,
+    precision_for,
+    train_epoch,
+)
 
 
 def train_in_process(model_cfg: ModelConfig, data: DataRef, splits: Splits, epochs: int,

@@ -22,27 +22,27 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from optforge.tasks.techniques import graph_prune
-from optforge.tasks.techniques.binarize import BinarizeConfig
-from optforge.tasks.techniques.circulant import CirculantConfig, apply_blocks
-from optforge.tasks.techniques.clustering import ClusterConfig
+from optforge.tasks.techniques.compression import graph_prune
+from optforge.tasks.techniques.compression.binarize import BinarizeConfig
+from optforge.tasks.techniques.compression.circulant import CirculantConfig, apply_blocks
+from optforge.tasks.techniques.compression.clustering import ClusterConfig
+from optforge.tasks.techniques.compression.distill import DistillConfig
+from optforge.tasks.techniques.compression.early_exit import EarlyExitConfig, EarlyExitModel
+from optforge.tasks.techniques.compression.factorize import FactorizeConfig
+from optforge.tasks.techniques.compression.prune import PruneConfig
+from optforge.tasks.techniques.compression.qat import QatConfig
+from optforge.tasks.techniques.compression.students import share_layers
 from optforge.tasks.techniques.config import TechniqueConfig
 from optforge.tasks.techniques.contract import InputContract
-from optforge.tasks.techniques.distill import DistillConfig
-from optforge.tasks.techniques.early_exit import EarlyExitConfig, EarlyExitModel
-from optforge.tasks.techniques.exit_blocks import blocks_of
-from optforge.tasks.techniques.factorize import FactorizeConfig
-from optforge.tasks.techniques.fp16 import Fp16Config
-from optforge.tasks.techniques.fusion import FuseConfig, unsupported_reason
-from optforge.tasks.techniques.models import apply_ranks
-from optforge.tasks.techniques.onnx_export import ExportConfig
-from optforge.tasks.techniques.prune import PruneConfig
-from optforge.tasks.techniques.qat import QatConfig
-from optforge.tasks.techniques.quantization import DynamicQuantConfig
-from optforge.tasks.techniques.static_quant import StaticQuantConfig
-from optforge.tasks.techniques.students import share_layers
-from optforge.tasks.techniques.tensorrt_engine import TensorRTConfig
-from optforge.tasks.techniques.tvm_engine import TvmConfig
+from optforge.tasks.techniques.engines.tensorrt_engine import TensorRTConfig
+from optforge.tasks.techniques.engines.tvm_engine import TvmConfig
+from optforge.tasks.techniques.models.exit_blocks import blocks_of
+from optforge.tasks.techniques.models.models import apply_ranks
+from optforge.tasks.techniques.onnx.fp16 import Fp16Config
+from optforge.tasks.techniques.onnx.fusion import FuseConfig, unsupported_reason
+from optforge.tasks.techniques.onnx.onnx_export import ExportConfig
+from optforge.tasks.techniques.onnx.quantization import DynamicQuantConfig
+from optforge.tasks.techniques.onnx.static_quant import StaticQuantConfig
 
 
 class Form(str, Enum):

@@ -21,12 +21,12 @@ import pytest
 import ray.train
 
 from optforge.tasks.distill_worker import run_distillation
-from optforge.tasks.techniques.data import DataConfig, load_splits
-from optforge.tasks.techniques.distill import DistillConfig
-from optforge.tasks.techniques.models import ModelConfig, ModelSpec, save_model
-from optforge.tasks.techniques.rebuild import build_model
-from optforge.tasks.techniques.sources import prepare
-from optforge.tasks.techniques.training import TrainConfig
+from optforge.tasks.techniques.compression.distill import DistillConfig
+from optforge.tasks.techniques.data.data import DataConfig, load_splits
+from optforge.tasks.techniques.data.sources import prepare
+from optforge.tasks.techniques.models.models import ModelConfig, ModelSpec, save_model
+from optforge.tasks.techniques.models.rebuild import build_model
+from optforge.tasks.techniques.training.training import TrainConfig
 from optforge.tasks.training_driver import run_training
 from optforge.tasks.watchdog import TrainingStalled
 from optforge.tasks.worker_common import WorkerConfig

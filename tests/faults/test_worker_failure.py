@@ -22,10 +22,10 @@ TRAIN = """
 import json, sys
 from dataclasses import asdict
 from pathlib import Path
-from optforge.tasks.techniques.data import DataConfig, load_splits
-from optforge.tasks.techniques.sources import prepare
-from optforge.tasks.techniques.models import ModelConfig, ModelSpec
-from optforge.tasks.techniques.training import TrainConfig
+from optforge.tasks.techniques.data.data import DataConfig, load_splits
+from optforge.tasks.techniques.data.sources import prepare
+from optforge.tasks.techniques.models.models import ModelConfig, ModelSpec
+from optforge.tasks.techniques.training.training import TrainConfig
 from optforge.tasks.training_driver import run_training
 from optforge.tasks.worker_common import WorkerConfig
 

@@ -9,8 +9,14 @@ import pytest
 from mlflow import MlflowClient
 
 from optforge.flows.bench import EXIT_CONFIG, add_parser, cmd_bench, git_commit
-from optforge.tasks.techniques.data import Part
-from optforge.tasks.techniques.harness import HarnessConfig, format_report, measure_side_by_side, ratios, verdicts
+from optforge.tasks.techniques.data.data import Part
+from optforge.tasks.techniques.measurement.harness import (
+    HarnessConfig,
+    format_report,
+    measure_side_by_side,
+    ratios,
+    verdicts,
+)
 
 
 def _m(acc, p50, thr):

@@ -14,10 +14,10 @@ from optforge.flows.chains import CompressConfig, chain_variants, expand, produc
 from optforge.flows.params import ConfigError, PipelineConfig, load_config
 from optforge.tasks.data import prepare_data
 from optforge.tasks.refs import Format, ModelRef, file_sha256
-from optforge.tasks.techniques.data import DataConfig
-from optforge.tasks.techniques.models import ModelConfig, ModelSpec, save_model
-from optforge.tasks.techniques.rebuild import build_model, load_model
-from optforge.tasks.techniques.static_quant import count_qdq_nodes
+from optforge.tasks.techniques.data.data import DataConfig
+from optforge.tasks.techniques.models.models import ModelConfig, ModelSpec, save_model
+from optforge.tasks.techniques.models.rebuild import build_model, load_model
+from optforge.tasks.techniques.onnx.static_quant import count_qdq_nodes
 from optforge.tasks.tracking import configure
 from tests.conftest import TINY
 
@@ -143,8 +143,8 @@ def test_flow_builds_chain_variants_with_lineage_and_caches_them(tmp_path, mlflo
 
 def test_cluster_and_binarize_chains_store_the_model_bit_packed_and_the_benchmark_reports_that_size(teacher, tmp_path):
     from optforge.tasks.benchmark import load_variant
-    from optforge.tasks.techniques.benchmark import BenchmarkConfig
-    from optforge.tasks.techniques.packing import PACKED_FILE, load_packed
+    from optforge.tasks.techniques.compression.packing import PACKED_FILE, load_packed
+    from optforge.tasks.techniques.measurement.benchmark import BenchmarkConfig
 
     parent_id, data, ref = teacher
 
@@ -173,7 +173,7 @@ def test_cluster_and_binarize_chains_store_the_model_bit_packed_and_the_benchmar
 
 
 def test_a_circulant_chain_rebuilds_from_its_spec_and_exports_with_parity(teacher, tmp_path):
-    from optforge.tasks.techniques.circulant import BlockCirculantLinear
+    from optforge.tasks.techniques.compression.circulant import BlockCirculantLinear
 
     parent_id, data, ref = teacher
 
@@ -204,8 +204,8 @@ def test_an_early_exit_chain_exports_its_routing_and_records_its_exits(teacher, 
     import onnx
 
     from optforge.tasks.register import _log_onnx
-    from optforge.tasks.techniques.data import load_splits
-    from optforge.tasks.techniques.early_exit import EarlyExitModel
+    from optforge.tasks.techniques.compression.early_exit import EarlyExitModel
+    from optforge.tasks.techniques.data.data import load_splits
 
     parent_id, data, ref = teacher
 

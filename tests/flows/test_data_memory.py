@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np, torch
 from torch.utils.data import DataLoader
 from optforge.flows.examples import write_image_folder
-from optforge.tasks.techniques.data import DataConfig, load_splits
-from optforge.tasks.techniques.sources import prepare
+from optforge.tasks.techniques.data.data import DataConfig, load_splits
+from optforge.tasks.techniques.data.sources import prepare
 from optforge.tasks.worker_common import PartDataset
 
 root = Path(sys.argv[1])

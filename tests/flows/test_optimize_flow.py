@@ -10,7 +10,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterType
 
 from optforge.flows.optimize import optimize
-from optforge.tasks.techniques.data import load_splits
+from optforge.tasks.techniques.data.data import load_splits
 
 pytestmark = pytest.mark.slow
 

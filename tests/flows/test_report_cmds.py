@@ -21,8 +21,8 @@ from optforge.tasks.refs import DataRef, ModelRef, VariantResult
 from optforge.tasks.register import register
 from optforge.tasks.report import report
 from optforge.tasks.techniques.contract import table_contract
-from optforge.tasks.techniques.data import Part, Splits, save_splits
-from optforge.tasks.techniques.selection import RegisterConfig
+from optforge.tasks.techniques.data.data import Part, Splits, save_splits
+from optforge.tasks.techniques.measurement.selection import RegisterConfig
 from optforge.tasks.tracking import child_run, configure
 
 CFG = RegisterConfig(model_name="report-test", baseline="onnx_fp32", max_accuracy_drop=2.0)

@@ -51,7 +51,7 @@ def test_an_int8_step_after_a_pytorch_model_gets_its_export_and_names_follow_the
 
 def test_a_record_says_why_it_cannot_apply_to_a_model():
     from optforge.tasks.techniques.contract import table_contract
-    from optforge.tasks.techniques.models import MLP
+    from optforge.tasks.techniques.models.models import MLP
     from optforge.tasks.techniques.registry import Subject
 
     contract = table_contract(8, 3)

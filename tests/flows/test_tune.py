@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 
 from optforge.flows.cli import format_tune
 from optforge.tasks.benchmark import TIMED
-from optforge.tasks.techniques.pareto import dominates
+from optforge.tasks.techniques.measurement.pareto import dominates
 from tests.conftest import TINY
 
 pytestmark = pytest.mark.slow

@@ -6,8 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from optforge.tasks.techniques.models import MLP
-from optforge.tasks.techniques.torch_gpu import TorchGpuConfig, cuda_unavailable_reason, device_predictor, gpu_variants
+from optforge.tasks.techniques.engines.torch_gpu import (
+    TorchGpuConfig,
+    cuda_unavailable_reason,
+    device_predictor,
+    gpu_variants,
+)
+from optforge.tasks.techniques.models.models import MLP
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch.cuda.is_available() is False)")
 

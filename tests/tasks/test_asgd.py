@@ -13,11 +13,11 @@ import ray
 from mlflow import MlflowClient
 
 from optforge.tasks.asgd_worker import actor_name, run_asgd
-from optforge.tasks.techniques.data import DataConfig, load_splits
-from optforge.tasks.techniques.models import ModelSpec
-from optforge.tasks.techniques.rebuild import load_model
-from optforge.tasks.techniques.sources import prepare
-from optforge.tasks.techniques.training import TrainConfig, evaluate
+from optforge.tasks.techniques.data.data import DataConfig, load_splits
+from optforge.tasks.techniques.data.sources import prepare
+from optforge.tasks.techniques.models.models import ModelSpec
+from optforge.tasks.techniques.models.rebuild import load_model
+from optforge.tasks.techniques.training.training import TrainConfig, evaluate
 from optforge.tasks.worker_common import WorkerConfig, ensure_ray
 
 pytestmark = pytest.mark.slow

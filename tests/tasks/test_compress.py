@@ -9,15 +9,15 @@ from optforge.tasks.compress import factorize, prune, qat
 from optforge.tasks.data import prepare_data
 from optforge.tasks.distill import teacher_logits_file
 from optforge.tasks.refs import Format, ModelRef, file_sha256
-from optforge.tasks.techniques.data import DataConfig, load_splits
-from optforge.tasks.techniques.distill import FinetuneConfig
-from optforge.tasks.techniques.factorize import FactorizeConfig
-from optforge.tasks.techniques.models import LowRank, ModelConfig, ModelSpec, save_model
-from optforge.tasks.techniques.prune import PruneConfig
-from optforge.tasks.techniques.qat import QatConfig
-from optforge.tasks.techniques.rebuild import build_model, load_model
-from optforge.tasks.techniques.static_quant import count_qdq_nodes
-from optforge.tasks.techniques.training import evaluate
+from optforge.tasks.techniques.compression.factorize import FactorizeConfig
+from optforge.tasks.techniques.compression.prune import PruneConfig
+from optforge.tasks.techniques.compression.qat import QatConfig
+from optforge.tasks.techniques.data.data import DataConfig, load_splits
+from optforge.tasks.techniques.models.models import LowRank, ModelConfig, ModelSpec, save_model
+from optforge.tasks.techniques.models.rebuild import build_model, load_model
+from optforge.tasks.techniques.onnx.static_quant import count_qdq_nodes
+from optforge.tasks.techniques.training.finetune import FinetuneConfig
+from optforge.tasks.techniques.training.training import evaluate
 from optforge.tasks.tracking import configure
 
 QUICK = FinetuneConfig(epochs=2, lr=3e-3)
@@ -26,7 +26,7 @@ QUICK = FinetuneConfig(epochs=2, lr=3e-3)
 @pytest.fixture
 def teacher(mlflow_store, tmp_path):
     """An active parent run, the digits split and a quickly fitted 64-64 MLP teacher."""
-    from optforge.tasks.techniques.distill import finetune
+    from optforge.tasks.techniques.training.finetune import finetune
 
     configure("compress")
     with mlflow.start_run(run_name="parent") as parent:
@@ -102,12 +102,12 @@ def test_distill_worker_live_teacher_loss_equals_cached_logits_loss(tmp_path):
     import numpy as np
     from torch.utils.data import default_collate
 
+    from optforge.tasks.techniques.compression.distill import DistillConfig
     from optforge.tasks.techniques.contract import table_contract
-    from optforge.tasks.techniques.data import Part, Splits
-    from optforge.tasks.techniques.distill import DistillConfig
-    from optforge.tasks.techniques.models import ModelConfig, ModelSpec, save_model
-    from optforge.tasks.techniques.rebuild import build_model
-    from optforge.tasks.techniques.training import TrainConfig
+    from optforge.tasks.techniques.data.data import Part, Splits
+    from optforge.tasks.techniques.models.models import ModelConfig, ModelSpec, save_model
+    from optforge.tasks.techniques.models.rebuild import build_model
+    from optforge.tasks.techniques.training.training import TrainConfig
     from optforge.tasks.worker_common import KdConfig, WorkerConfig, train_dataset
 
     torch.manual_seed(0)

@@ -16,16 +16,16 @@ from optforge.tasks.export import export
 from optforge.tasks.fp16 import convert_to_fp16
 from optforge.tasks.quantize_static import quantize_static
 from optforge.tasks.refs import Format, ModelRef, file_sha256
-from optforge.tasks.techniques.benchmark import BenchmarkConfig
-from optforge.tasks.techniques.data import DataConfig, load_splits
-from optforge.tasks.techniques.fp16 import Fp16Config
-from optforge.tasks.techniques.models import ModelConfig, ModelSpec, save_model
-from optforge.tasks.techniques.onnx_export import ExportConfig
-from optforge.tasks.techniques.rebuild import build_model
-from optforge.tasks.techniques.static_quant import StaticQuantConfig
-from optforge.tasks.techniques.tensorrt_engine import TensorRTConfig, environment, unavailable_reason
-from optforge.tasks.techniques.tvm_engine import TvmConfig
-from optforge.tasks.techniques.tvm_engine import unavailable_reason as tvm_unavailable
+from optforge.tasks.techniques.data.data import DataConfig, load_splits
+from optforge.tasks.techniques.engines.tensorrt_engine import TensorRTConfig, environment, unavailable_reason
+from optforge.tasks.techniques.engines.tvm_engine import TvmConfig
+from optforge.tasks.techniques.engines.tvm_engine import unavailable_reason as tvm_unavailable
+from optforge.tasks.techniques.measurement.benchmark import BenchmarkConfig
+from optforge.tasks.techniques.models.models import ModelConfig, ModelSpec, save_model
+from optforge.tasks.techniques.models.rebuild import build_model
+from optforge.tasks.techniques.onnx.fp16 import Fp16Config
+from optforge.tasks.techniques.onnx.onnx_export import ExportConfig
+from optforge.tasks.techniques.onnx.static_quant import StaticQuantConfig
 from optforge.tasks.tensorrt import _int8_for_tensorrt, build_engines
 from optforge.tasks.tracking import configure
 from optforge.tasks.tvm import compile_tvm

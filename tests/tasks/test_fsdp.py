@@ -10,12 +10,12 @@ from dataclasses import asdict
 
 import pytest
 
-from optforge.tasks.techniques.data import DataConfig, load_splits
-from optforge.tasks.techniques.models import MLP, ModelConfig, ModelSpec, count_params
-from optforge.tasks.techniques.rebuild import build_model, load_model
-from optforge.tasks.techniques.sharding import is_sharded
-from optforge.tasks.techniques.sources import prepare
-from optforge.tasks.techniques.training import TrainConfig, evaluate
+from optforge.tasks.techniques.data.data import DataConfig, load_splits
+from optforge.tasks.techniques.data.sources import prepare
+from optforge.tasks.techniques.models.models import MLP, ModelConfig, ModelSpec, count_params
+from optforge.tasks.techniques.models.rebuild import build_model, load_model
+from optforge.tasks.techniques.training.sharding import is_sharded
+from optforge.tasks.techniques.training.training import TrainConfig, evaluate
 from optforge.tasks.training_driver import run_training
 from optforge.tasks.worker_common import WorkerConfig
 

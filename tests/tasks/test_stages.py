@@ -12,13 +12,13 @@ from optforge.tasks.data import prepare_data
 from optforge.tasks.export import export
 from optforge.tasks.quantize import quantize
 from optforge.tasks.register import register
-from optforge.tasks.techniques.benchmark import BenchmarkConfig
-from optforge.tasks.techniques.data import DataConfig, load_splits
-from optforge.tasks.techniques.models import ModelConfig
-from optforge.tasks.techniques.onnx_export import ExportConfig, export_onnx
-from optforge.tasks.techniques.quantization import DynamicQuantConfig
-from optforge.tasks.techniques.selection import RegisterConfig
-from optforge.tasks.techniques.training import evaluate
+from optforge.tasks.techniques.data.data import DataConfig, load_splits
+from optforge.tasks.techniques.measurement.benchmark import BenchmarkConfig
+from optforge.tasks.techniques.measurement.selection import RegisterConfig
+from optforge.tasks.techniques.models.models import ModelConfig
+from optforge.tasks.techniques.onnx.onnx_export import ExportConfig, export_onnx
+from optforge.tasks.techniques.onnx.quantization import DynamicQuantConfig
+from optforge.tasks.techniques.training.training import evaluate
 from optforge.tasks.tracking import configure
 from tests.trained import train_in_process
 

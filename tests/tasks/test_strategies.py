@@ -11,10 +11,10 @@ from optforge.tasks.data import prepare_data
 from optforge.tasks.init_from import fetch_init_model
 from optforge.tasks.refs import Format, ModelRef, file_sha256
 from optforge.tasks.register import _log_onnx, _log_torch
-from optforge.tasks.techniques.data import DataConfig, load_splits
-from optforge.tasks.techniques.models import ModelConfig, ModelSpec
-from optforge.tasks.techniques.rebuild import build_model, load_model
-from optforge.tasks.techniques.training import TrainConfig, evaluate
+from optforge.tasks.techniques.data.data import DataConfig, load_splits
+from optforge.tasks.techniques.models.models import ModelConfig, ModelSpec
+from optforge.tasks.techniques.models.rebuild import build_model, load_model
+from optforge.tasks.techniques.training.training import TrainConfig, evaluate
 from optforge.tasks.tracking import configure
 from optforge.tasks.train import train
 from optforge.tasks.training_driver import run_training
@@ -93,7 +93,7 @@ def test_init_from_pointing_at_nothing(digits, uri, message):
 
 
 def test_init_from_an_onnx_version_says_what_to_use_instead(digits, tmp_path):
-    from optforge.tasks.techniques.onnx_export import ExportConfig, export_onnx
+    from optforge.tasks.techniques.onnx.onnx_export import ExportConfig, export_onnx
 
     data, parent, workdir = digits
     ref, _ = _trained_folder(data, tmp_path)
@@ -115,7 +115,7 @@ def test_kl_adaptation_keeps_the_original_and_plain_fine_tuning_learns_the_new_s
     kl_weight=0 learns the mirrored digits. Both runs log the old and new accuracy apart."""
     import numpy as np
 
-    from optforge.tasks.techniques.tables import read_table
+    from optforge.tasks.techniques.data.tables import read_table
 
     X, y = read_table("digits", "label")
     np.savez(tmp_path / "mirrored.npz", X=X.reshape(-1, 8, 8)[:, :, ::-1].reshape(len(X), 64), y=y)

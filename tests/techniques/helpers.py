@@ -12,8 +12,8 @@ import torch
 from torch.utils.data import Dataset
 
 from optforge.tasks.techniques.contract import table_contract
-from optforge.tasks.techniques.data import Part
-from optforge.tasks.techniques.models import ModelSpec
+from optforge.tasks.techniques.data.data import Part
+from optforge.tasks.techniques.models.models import ModelSpec
 
 INPUT = "input"  # the one input of a table contract
 
@@ -72,7 +72,7 @@ def tiny_resnet(num_labels: int = 10):
 
 def hf_spec(model, contract) -> ModelSpec:
     """The spec the pipeline keeps for a Hugging Face model: its config.json content and the data's contract."""
-    from optforge.tasks.techniques.models import ModelConfig
+    from optforge.tasks.techniques.models.models import ModelConfig
 
     return ModelSpec(ModelConfig(arch="huggingface", path="unused").to_dict(), contract.to_dict(),
                      hf_config=model.config.to_dict())

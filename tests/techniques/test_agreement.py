@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from optforge.tasks.techniques.agreement import all_ranks_agree, from_rank_zero, sync_buffers
+from optforge.tasks.techniques.training.agreement import all_ranks_agree, from_rank_zero, sync_buffers
 
 
 def _worker(rank: int, port: int, results):
@@ -46,7 +46,7 @@ def _worker(rank: int, port: int, results):
 def _nan_worker(rank: int, port: int, results):
     """One training step in which only rank 1's batch is poisoned, with no DDP all-reduce to spread it: the
     NaN check still stops both ranks at the same step (``all_ranks_agree`` inside ``train_epoch``)."""
-    from optforge.tasks.techniques.training import Precision, train_epoch
+    from optforge.tasks.techniques.training.training import Precision, train_epoch
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from optforge.tasks.techniques.augment import AugmentedDataset, CachedCopies, build_cache, cache_path
-from optforge.tasks.techniques.loader import LoaderConfig
+from optforge.tasks.techniques.data.augment import AugmentedDataset, CachedCopies, build_cache, cache_path
+from optforge.tasks.techniques.data.loader import LoaderConfig
 
 
 def test_cache_equals_on_the_fly_and_copies_differ(tmp_path):

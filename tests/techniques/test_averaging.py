@@ -6,7 +6,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from optforge.tasks.techniques.averaging import ModelAverager
+from optforge.tasks.techniques.training.averaging import ModelAverager
 
 
 def _worker(rank: int, port: int, results, poison: bool):

@@ -7,7 +7,8 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from optforge.tasks.techniques.benchmark import (
+from optforge.tasks.techniques.contract import table_contract
+from optforge.tasks.techniques.measurement.benchmark import (
     BenchmarkConfig,
     count_params_onnx,
     count_params_torch,
@@ -16,9 +17,8 @@ from optforge.tasks.techniques.benchmark import (
     size_mb,
     torch_predictor,
 )
-from optforge.tasks.techniques.contract import table_contract
-from optforge.tasks.techniques.onnx_export import ExportConfig, export_onnx
-from optforge.tasks.techniques.ort_session import onnx_predictor, tuned_session
+from optforge.tasks.techniques.onnx.onnx_export import ExportConfig, export_onnx
+from optforge.tasks.techniques.onnx.ort_session import onnx_predictor, tuned_session
 from tests.techniques.helpers import rows, table_part
 
 F, C = 16, 4

@@ -1,4 +1,4 @@
-"""Binary weights (tasks/techniques/binarize.py): each binary layer's weights are +-scale per output channel
+"""Binary weights (tasks/techniques/compression/binarize.py): each binary layer's weights are +-scale per output channel
 after straight-through fine-tuning, the first and last layers keep full precision, and the one-bit stored form
 rebuilds the same weights."""
 
@@ -7,14 +7,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from optforge.tasks.techniques.binarize import BinarizeConfig, bake, binarize, binary_layers, pack
-from optforge.tasks.techniques.data import DataConfig, load_splits
-from optforge.tasks.techniques.distill import FinetuneConfig, finetune
-from optforge.tasks.techniques.models import ModelConfig, ModelSpec
-from optforge.tasks.techniques.packing import load_packed
-from optforge.tasks.techniques.rebuild import build_model
-from optforge.tasks.techniques.sources import prepare
-from optforge.tasks.techniques.training import evaluate
+from optforge.tasks.techniques.compression.binarize import BinarizeConfig, bake, binarize, binary_layers, pack
+from optforge.tasks.techniques.compression.packing import load_packed
+from optforge.tasks.techniques.data.data import DataConfig, load_splits
+from optforge.tasks.techniques.data.sources import prepare
+from optforge.tasks.techniques.models.models import ModelConfig, ModelSpec
+from optforge.tasks.techniques.models.rebuild import build_model
+from optforge.tasks.techniques.training.finetune import FinetuneConfig, finetune
+from optforge.tasks.techniques.training.training import evaluate
 
 
 def test_binary_layers_are_plus_minus_scale_per_channel_and_the_ends_stay_float(tmp_path):

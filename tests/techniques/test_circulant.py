@@ -1,4 +1,4 @@
-"""Block-circulant layers by FFT (tasks/techniques/circulant.py): the layer equals its dense expansion, the
+"""Block-circulant layers by FFT (tasks/techniques/compression/circulant.py): the layer equals its dense expansion, the
 projection of a dense layer is its nearest block-circulant one, it exports to ONNX (DFT) with the same
 outputs, and a block that does not divide a width is a clear error."""
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from optforge.tasks.techniques.circulant import (
+from optforge.tasks.techniques.compression.circulant import (
     BlockCirculantLinear,
     CirculantConfig,
     apply_blocks,
@@ -17,7 +17,7 @@ from optforge.tasks.techniques.circulant import (
     to_circulant,
 )
 from optforge.tasks.techniques.contract import table_contract
-from optforge.tasks.techniques.onnx_export import ExportConfig, export_onnx, max_abs_diff
+from optforge.tasks.techniques.onnx.onnx_export import ExportConfig, export_onnx, max_abs_diff
 from tests.techniques.helpers import rows
 
 

@@ -1,4 +1,4 @@
-"""Weight clustering (tasks/techniques/clustering.py): at most 2**bits values per layer, before and after
+"""Weight clustering (tasks/techniques/compression/clustering.py): at most 2**bits values per layer, before and after
 fine-tuning the shared values, a bit-packed stored form that rebuilds the same weights, clear config errors."""
 
 from __future__ import annotations
@@ -9,14 +9,14 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from optforge.tasks.techniques.clustering import ClusterConfig, bake, cluster, pack
-from optforge.tasks.techniques.data import DataConfig, load_splits
-from optforge.tasks.techniques.distill import FinetuneConfig, finetune
-from optforge.tasks.techniques.models import ModelConfig, ModelSpec
-from optforge.tasks.techniques.packing import load_packed, pack_bits, unpack_bits
-from optforge.tasks.techniques.rebuild import build_model
-from optforge.tasks.techniques.sources import prepare
-from optforge.tasks.techniques.training import evaluate
+from optforge.tasks.techniques.compression.clustering import ClusterConfig, bake, cluster, pack
+from optforge.tasks.techniques.compression.packing import load_packed, pack_bits, unpack_bits
+from optforge.tasks.techniques.data.data import DataConfig, load_splits
+from optforge.tasks.techniques.data.sources import prepare
+from optforge.tasks.techniques.models.models import ModelConfig, ModelSpec
+from optforge.tasks.techniques.models.rebuild import build_model
+from optforge.tasks.techniques.training.finetune import FinetuneConfig, finetune
+from optforge.tasks.techniques.training.training import evaluate
 
 
 def _distinct(model: nn.Module) -> dict[str, int]:

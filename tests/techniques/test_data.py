@@ -2,10 +2,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from optforge.tasks.techniques.data import DataConfig, Part, fingerprint, load_splits, save_splits
-from optforge.tasks.techniques.sources import prepare
-from optforge.tasks.techniques.split import split_indices
-from optforge.tasks.techniques.tables import read_table
+from optforge.tasks.techniques.data.data import DataConfig, Part, fingerprint, load_splits, save_splits
+from optforge.tasks.techniques.data.sources import prepare
+from optforge.tasks.techniques.data.split import split_indices
+from optforge.tasks.techniques.data.tables import read_table
 
 
 def _splits(root, cfg=None):

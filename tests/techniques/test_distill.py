@@ -9,19 +9,13 @@ import yaml
 from pydantic import ValidationError
 from torch import nn
 
-from optforge.tasks.techniques.data import DataConfig, load_splits
-from optforge.tasks.techniques.distill import (
-    DistillConfig,
-    FinetuneConfig,
-    check_student,
-    finetune,
-    kd_loss,
-    teacher_logits,
-)
-from optforge.tasks.techniques.models import ModelConfig, ModelSpec
-from optforge.tasks.techniques.rebuild import build_model
-from optforge.tasks.techniques.sources import prepare
-from optforge.tasks.techniques.training import evaluate, precision_for, train_epoch
+from optforge.tasks.techniques.compression.distill import DistillConfig, check_student, teacher_logits
+from optforge.tasks.techniques.data.data import DataConfig, load_splits
+from optforge.tasks.techniques.data.sources import prepare
+from optforge.tasks.techniques.models.models import ModelConfig, ModelSpec
+from optforge.tasks.techniques.models.rebuild import build_model
+from optforge.tasks.techniques.training.finetune import FinetuneConfig, finetune, kd_loss
+from optforge.tasks.techniques.training.training import evaluate, precision_for, train_epoch
 from tests.techniques.helpers import table_part
 
 

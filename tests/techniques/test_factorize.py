@@ -5,9 +5,15 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from optforge.tasks.techniques.factorize import FactorizeConfig, breaks_even, choose_rank, factorize, factorize_layer
-from optforge.tasks.techniques.models import LowRank, ModelConfig, count_params, save_model
-from optforge.tasks.techniques.rebuild import build_model, load_model
+from optforge.tasks.techniques.compression.factorize import (
+    FactorizeConfig,
+    breaks_even,
+    choose_rank,
+    factorize,
+    factorize_layer,
+)
+from optforge.tasks.techniques.models.models import LowRank, ModelConfig, count_params, save_model
+from optforge.tasks.techniques.models.rebuild import build_model, load_model
 from tests.techniques.helpers import hf_spec, table_spec, tiny_bert
 
 
@@ -104,8 +110,8 @@ def test_bert_attention_and_feed_forward_linears_factorize_and_rebuild(tmp_path)
     import numpy as np
 
     from optforge.tasks.techniques.contract import forward_logits, text_contract
-    from optforge.tasks.techniques.onnx_export import ExportConfig, export_onnx
-    from optforge.tasks.techniques.ort_session import tuned_session
+    from optforge.tasks.techniques.onnx.onnx_export import ExportConfig, export_onnx
+    from optforge.tasks.techniques.onnx.ort_session import tuned_session
 
     bert, contract = tiny_bert(hidden=64), text_contract(12, 3, {})
     s = hf_spec(bert, contract)

@@ -1,11 +1,11 @@
 import torch
 from torch import nn
 
+from optforge.tasks.techniques.compression.factorize import factorize_layer
 from optforge.tasks.techniques.contract import table_contract
-from optforge.tasks.techniques.factorize import factorize_layer
-from optforge.tasks.techniques.flops import count_flops, model_stats, weight_sparsity
-from optforge.tasks.techniques.models import ModelConfig, count_params
-from optforge.tasks.techniques.rebuild import build_model
+from optforge.tasks.techniques.measurement.flops import count_flops, model_stats, weight_sparsity
+from optforge.tasks.techniques.models.models import ModelConfig, count_params
+from optforge.tasks.techniques.models.rebuild import build_model
 from tests.techniques.helpers import table_spec
 
 

@@ -8,10 +8,10 @@ import torch
 from onnx import TensorProto
 
 from optforge.tasks.techniques.contract import table_contract
-from optforge.tasks.techniques.fp16 import Fp16Config, convert_fp16, fp16_initializer_share, topological_sort
-from optforge.tasks.techniques.models import MLP
-from optforge.tasks.techniques.onnx_export import ExportConfig, export_onnx
-from optforge.tasks.techniques.static_quant import logits
+from optforge.tasks.techniques.models.models import MLP
+from optforge.tasks.techniques.onnx.fp16 import Fp16Config, convert_fp16, fp16_initializer_share, topological_sort
+from optforge.tasks.techniques.onnx.onnx_export import ExportConfig, export_onnx
+from optforge.tasks.techniques.onnx.static_quant import logits
 from tests.techniques.helpers import table_part
 
 

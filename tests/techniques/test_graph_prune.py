@@ -1,4 +1,4 @@
-"""Structured pruning of real architectures with torch-pruning (tasks/techniques/graph_prune.py): tiny Hugging
+"""Structured pruning of real architectures with torch-pruning (tasks/techniques/compression/graph_prune.py): tiny Hugging
 Face BERT and ResNet configs lose heads, neurons and channels, still export to ONNX, ONNX Runtime agrees with
 PyTorch, and a fresh model with the recorded history replayed takes the pruned weights."""
 
@@ -13,11 +13,11 @@ import pytest
 import torch
 from torch import nn
 
+from optforge.tasks.techniques.compression.graph_prune import attention_modules, prune_channels, replay
 from optforge.tasks.techniques.contract import forward_logits, image_contract, table_contract, text_contract
-from optforge.tasks.techniques.graph_prune import attention_modules, prune_channels, replay
-from optforge.tasks.techniques.models import MLP
-from optforge.tasks.techniques.models import count_params as count
-from optforge.tasks.techniques.onnx_export import ExportConfig, export_onnx
+from optforge.tasks.techniques.models.models import MLP
+from optforge.tasks.techniques.models.models import count_params as count
+from optforge.tasks.techniques.onnx.onnx_export import ExportConfig, export_onnx
 from tests.techniques.helpers import tiny_bert, tiny_resnet
 
 

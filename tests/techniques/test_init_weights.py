@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from optforge.tasks.techniques.contract import image_contract
-from optforge.tasks.techniques.init_weights import apply_init, load_init_state
-from optforge.tasks.techniques.models import ModelSpec, save_model
-from optforge.tasks.techniques.rebuild import build_model
+from optforge.tasks.techniques.models.init_weights import apply_init, load_init_state
+from optforge.tasks.techniques.models.models import ModelSpec, save_model
+from optforge.tasks.techniques.models.rebuild import build_model
 from tests.techniques.helpers import table_spec
 
 MLP = {"arch": "mlp", "hidden": [16], "channels": [8], "dropout": 0.0, "kwargs": {}}

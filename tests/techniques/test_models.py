@@ -8,8 +8,8 @@ import torch
 from pydantic import ValidationError
 
 from optforge.tasks.techniques.contract import table_contract
-from optforge.tasks.techniques.models import ModelConfig, count_params, read_spec, save_model
-from optforge.tasks.techniques.rebuild import build_model, load_model
+from optforge.tasks.techniques.models.models import ModelConfig, count_params, read_spec, save_model
+from optforge.tasks.techniques.models.rebuild import build_model, load_model
 from tests.techniques.helpers import table_spec
 
 
@@ -91,8 +91,8 @@ def test_load_refuses_pickled_code(tmp_path):
 def test_transforms_replay_in_the_order_applied_and_old_specs_still_load(tmp_path):
     """A spec lists what was applied, in order; a model.json from before (one optional field per technique)
     reads as the same transforms and rebuilds the same model."""
-    from optforge.tasks.techniques.factorize import FactorizeConfig, factorize
-    from optforge.tasks.techniques.graph_prune import prune_channels
+    from optforge.tasks.techniques.compression.factorize import FactorizeConfig, factorize
+    from optforge.tasks.techniques.compression.graph_prune import prune_channels
 
     spec = table_spec(ModelConfig(hidden=(32, 16)).to_dict(), 8, 3)
     torch.manual_seed(0)

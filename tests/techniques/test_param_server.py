@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from optforge.tasks.techniques.param_server import ParameterServer, Push
-from optforge.tasks.techniques.training import TrainConfig, evaluate
+from optforge.tasks.techniques.training.param_server import ParameterServer, Push
+from optforge.tasks.techniques.training.training import TrainConfig, evaluate
 from tests.techniques.helpers import table_part
 
 

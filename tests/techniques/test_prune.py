@@ -6,11 +6,11 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from optforge.tasks.techniques.flops import weight_sparsity
-from optforge.tasks.techniques.models import ModelConfig, count_params, save_model
-from optforge.tasks.techniques.onnx_export import ExportConfig, export_onnx, max_abs_diff
-from optforge.tasks.techniques.prune import PruneConfig, measure, prune
-from optforge.tasks.techniques.rebuild import build_model, load_model
+from optforge.tasks.techniques.compression.prune import PruneConfig, measure, prune
+from optforge.tasks.techniques.measurement.flops import weight_sparsity
+from optforge.tasks.techniques.models.models import ModelConfig, count_params, save_model
+from optforge.tasks.techniques.models.rebuild import build_model, load_model
+from optforge.tasks.techniques.onnx.onnx_export import ExportConfig, export_onnx, max_abs_diff
 from tests.techniques.helpers import hf_spec, rows, table_spec, tiny_bert
 
 

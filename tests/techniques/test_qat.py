@@ -1,4 +1,4 @@
-"""Quantization-aware fine-tuning (tasks/techniques/qat.py): the QDQ export carries INT8 weights that ONNX Runtime
+"""Quantization-aware fine-tuning (tasks/techniques/compression/qat.py): the QDQ export carries INT8 weights that ONNX Runtime
 runs in its integer kernels, BatchNorm folds into the convolution, and on a toy model whose inputs have one wide
 feature QAT beats post-training INT8 of the same model given the same extra fine-tuning."""
 
@@ -14,13 +14,13 @@ import pytest
 import torch
 from torch import nn
 
-from optforge.tasks.techniques.benchmark import int8_dot_saturates
+from optforge.tasks.techniques.compression.qat import QuantLayer, calibrate, export_qdq, fold_batchnorms, prepare
 from optforge.tasks.techniques.contract import as_tensors, forward_logits, table_contract, text_contract
-from optforge.tasks.techniques.distill import FinetuneConfig, finetune
-from optforge.tasks.techniques.models import MLP, SmallCNN
-from optforge.tasks.techniques.qat import QuantLayer, calibrate, export_qdq, fold_batchnorms, prepare
-from optforge.tasks.techniques.static_quant import logits
-from optforge.tasks.techniques.training import evaluate
+from optforge.tasks.techniques.measurement.benchmark import int8_dot_saturates
+from optforge.tasks.techniques.models.models import MLP, SmallCNN
+from optforge.tasks.techniques.onnx.static_quant import logits
+from optforge.tasks.techniques.training.finetune import FinetuneConfig, finetune
+from optforge.tasks.techniques.training.training import evaluate
 from tests.techniques.helpers import table_part, tiny_bert
 
 

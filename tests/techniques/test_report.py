@@ -6,8 +6,8 @@ import re
 import matplotlib.image as mpimg
 import pytest
 
-from optforge.tasks.techniques.report import COLUMNS, ReportData, headline, variant_rows, write_report
-from optforge.tasks.techniques.selection import RegisterConfig, select_variant
+from optforge.tasks.techniques.measurement.report import COLUMNS, ReportData, headline, variant_rows, write_report
+from optforge.tasks.techniques.measurement.selection import RegisterConfig, select_variant
 
 
 def m(acc, lat, size):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from optforge.tasks.techniques.sampling import MixingSampler, epoch_order
+from optforge.tasks.techniques.data.sampling import MixingSampler, epoch_order
 
 N_OLD, N_NEW = 200, 30
 

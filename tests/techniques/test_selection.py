@@ -6,8 +6,8 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from optforge.tasks.techniques.pareto import dominates, pareto_front
-from optforge.tasks.techniques.selection import (
+from optforge.tasks.techniques.measurement.pareto import dominates, pareto_front
+from optforge.tasks.techniques.measurement.selection import (
     CHALLENGER,
     CHAMPION,
     Incumbent,

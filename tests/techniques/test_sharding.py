@@ -10,7 +10,7 @@ import torch.distributed as dist
 from pydantic import ValidationError
 from torch import nn
 
-from optforge.tasks.techniques.sharding import (
+from optforge.tasks.techniques.training.sharding import (
     full_model_state,
     held_bytes,
     is_sharded,
@@ -19,7 +19,7 @@ from optforge.tasks.techniques.sharding import (
     shard_model,
     shard_units,
 )
-from optforge.tasks.techniques.training import TrainConfig
+from optforge.tasks.techniques.training.training import TrainConfig
 
 
 def _mlp() -> nn.Sequential:

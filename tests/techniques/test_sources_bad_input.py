@@ -8,10 +8,10 @@ from torch import nn
 
 from optforge.flows.examples import write_bert, write_image_folder, write_text_csv
 from optforge.tasks.techniques.contract import image_contract, text_contract
-from optforge.tasks.techniques.data import DataConfig, load_splits
-from optforge.tasks.techniques.model_source import starting_model
-from optforge.tasks.techniques.models import ModelConfig
-from optforge.tasks.techniques.sources import prepare
+from optforge.tasks.techniques.data.data import DataConfig, load_splits
+from optforge.tasks.techniques.data.sources import prepare
+from optforge.tasks.techniques.models.model_source import starting_model
+from optforge.tasks.techniques.models.models import ModelConfig
 
 
 def _prepare(tmp_path, **data):

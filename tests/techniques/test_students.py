@@ -1,4 +1,4 @@
-"""Students derived from the teacher (tasks/techniques/students.py): a layer-dropped transformer and a narrowed
+"""Students derived from the teacher (tasks/techniques/compression/students.py): a layer-dropped transformer and a narrowed
 CNN start from the teacher's own weights, and rebuild from their spec alone."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
+from optforge.tasks.techniques.compression.students import derive_student, kept_layer_indices, student_model
 from optforge.tasks.techniques.contract import forward_logits, image_contract, text_contract
-from optforge.tasks.techniques.hf import to_dict
-from optforge.tasks.techniques.models import ModelConfig, count_params, save_model
-from optforge.tasks.techniques.rebuild import load_model
-from optforge.tasks.techniques.students import derive_student, kept_layer_indices, student_model
+from optforge.tasks.techniques.models.hf import to_dict
+from optforge.tasks.techniques.models.models import ModelConfig, count_params, save_model
+from optforge.tasks.techniques.models.rebuild import load_model
 from tests.techniques.helpers import hf_spec, tiny_bert, tiny_resnet
 
 
@@ -74,7 +74,7 @@ def test_a_hugging_face_config_alone_gives_a_fresh_student_with_the_datas_classe
 
 
 def test_hidden_state_loss_pairs_layers_evenly_and_is_zero_for_the_teacher_itself():
-    from optforge.tasks.techniques.students import LayerOutputs, hidden_state_loss, layer_pairs
+    from optforge.tasks.techniques.compression.students import LayerOutputs, hidden_state_loss, layer_pairs
 
     assert [j for _, j in layer_pairs(6, 12)] == kept_layer_indices(12, 2)  # the layers a derived student came from
     teacher, contract = tiny_bert(4), text_contract(12, 3, {})
@@ -92,7 +92,7 @@ def test_hidden_state_loss_pairs_layers_evenly_and_is_zero_for_the_teacher_itsel
 def test_hidden_state_distillation_needs_the_live_teacher():
     from pydantic import ValidationError
 
-    from optforge.tasks.techniques.distill import DistillConfig
+    from optforge.tasks.techniques.compression.distill import DistillConfig
 
     with pytest.raises(ValidationError, match="cache_teacher_logits=false"):
         DistillConfig(hidden_weight=1.0)
@@ -102,8 +102,8 @@ def test_hidden_state_distillation_needs_the_live_teacher():
 def test_cross_layer_sharing_runs_one_set_of_weights_per_group_and_rebuilds_from_the_spec(tmp_path):
     import numpy as np
 
-    from optforge.tasks.techniques.onnx_export import ExportConfig, export_onnx, max_abs_diff
-    from optforge.tasks.techniques.students import layer_stack, share_layers
+    from optforge.tasks.techniques.compression.students import layer_stack, share_layers
+    from optforge.tasks.techniques.onnx.onnx_export import ExportConfig, export_onnx, max_abs_diff
 
     contract = text_contract(16, 3, {})
     plain, shared = tiny_bert(layers=4), tiny_bert(layers=4)
@@ -134,8 +134,8 @@ def test_cross_layer_sharing_runs_one_set_of_weights_per_group_and_rebuilds_from
 def test_sharing_needs_a_transformer_and_excludes_hidden_state_pairs():
     from pydantic import ValidationError
 
-    from optforge.tasks.techniques.distill import DistillConfig
-    from optforge.tasks.techniques.students import share_layers
+    from optforge.tasks.techniques.compression.distill import DistillConfig
+    from optforge.tasks.techniques.compression.students import share_layers
 
     with pytest.raises(ValueError, match="share_layers: cross-layer sharing needs a Hugging Face transformer"):
         share_layers(nn.Sequential(nn.Linear(4, 4)), 2)

@@ -5,7 +5,7 @@ from pydantic import ValidationError
 from torch import nn
 from torch.utils.data import DataLoader
 
-from optforge.tasks.techniques.training import (
+from optforge.tasks.techniques.training.training import (
     OPTIMIZERS,
     EarlyStopping,
     TrainConfig,
