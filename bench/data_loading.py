@@ -78,7 +78,7 @@ def train_loop(config: dict) -> None:
 
     if config["mode"] == "loader":
         from optforge.tasks.techniques.data.data import Part
-        from optforge.tasks.worker_common import PartDataset
+        from optforge.tasks.workers.worker_common import PartDataset
 
         folder = Path(config["folder"])
         part = Part({"pixel_values": np.load(folder / "inputs.npy", mmap_mode="r")},

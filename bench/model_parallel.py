@@ -1,7 +1,7 @@
 """Memory and throughput of fully sharded data parallel (``train.strategy=fsdp``) against DDP (``ssgd``).
 
 Trains one wide MLP on digits (64 features, 10 classes; default 64 -> 4 x 4,096 -> 10, 50.7 M parameters,
-203 MB of fp32 weights) with 2 Ray Train workers through the real worker loop (``tasks.training_driver``),
+203 MB of fp32 weights) with 2 Ray Train workers through the real worker loop (``tasks.workers.training_driver``),
 once per strategy, and prints what the workers themselves report after the last epoch:
 
 - ``params/worker``: parameters a worker holds (a slice under fsdp);
@@ -45,8 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def run_one(strategy: str, args, data_path: Path, spec, tmp: Path) -> dict:
     from optforge.tasks.techniques.training.training import TrainConfig
-    from optforge.tasks.training_driver import run_training
-    from optforge.tasks.worker_common import WorkerConfig
+    from optforge.tasks.workers.training_driver import run_training
+    from optforge.tasks.workers.worker_common import WorkerConfig
 
     keep = strategy == "fsdp_keep"  # fsdp with fsdp_reshard_after_forward=false
     cfg = TrainConfig(strategy="fsdp" if keep else strategy, epochs=args.epochs, batch_size=args.batch_size, lr=1e-4,
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     from optforge.tasks.techniques.data.data import DataConfig, load_splits
     from optforge.tasks.techniques.data.sources import prepare
     from optforge.tasks.techniques.models.models import ModelConfig, ModelSpec
-    from optforge.tasks.worker_common import ensure_ray
+    from optforge.tasks.workers.worker_common import ensure_ray
 
     tmp = Path(tempfile.mkdtemp(prefix="optforge-model-parallel-"))
     data_path = prepare(DataConfig(), tmp / "data")

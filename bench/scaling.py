@@ -46,10 +46,10 @@ def run_one(strategy: str, workers: int, args, data, tmp: Path) -> dict:
     from mlflow import MlflowClient
 
     from optforge.flows.params import load_config
+    from optforge.tasks.runtime.tracking import tracking_uri
     from optforge.tasks.techniques.models.models import ModelSpec
-    from optforge.tasks.tracking import tracking_uri
-    from optforge.tasks.training_driver import run_training
-    from optforge.tasks.worker_common import WorkerConfig
+    from optforge.tasks.workers.training_driver import run_training
+    from optforge.tasks.workers.worker_common import WorkerConfig
 
     cfg = load_config(None, [f"train.strategy={strategy}", f"train.num_workers={workers}",
                              f"train.epochs={args.epochs}", "train.patience=0", "train.threads_per_worker=1",
@@ -62,7 +62,7 @@ def run_one(strategy: str, workers: int, args, data, tmp: Path) -> dict:
         worker = WorkerConfig(cfg.train.to_dict(), asdict(spec), data.path, tracking_uri(), run.info.run_id)
         start = time.perf_counter()
         if strategy == "asgd" and args.slow_worker and workers > 1:
-            from optforge.tasks.asgd_worker import run_asgd
+            from optforge.tasks.workers.asgd_worker import run_asgd
 
             summary = run_asgd(worker, tmp / "ray", run.info.run_id, tmp / f"out-{run.info.run_id}",
                                worker_delays_s={1: args.slow_worker})
@@ -112,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from optforge.flows.params import load_config
-    from optforge.tasks.data import prepare_data
-    from optforge.tasks.tracking import configure
+    from optforge.tasks.runtime.tracking import configure
+    from optforge.tasks.stages.data import prepare_data
 
     configure("optforge-scaling")
     tmp = Path(tempfile.mkdtemp(prefix="optforge-scaling-"))

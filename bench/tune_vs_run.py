@@ -47,7 +47,7 @@ def _latest(client, experiment: str, pipeline: str):
 
 
 def _points(client, run) -> dict[str, dict[str, float]]:
-    from optforge.tasks.report import benchmark_runs
+    from optforge.tasks.stages.report import benchmark_runs
 
     points = {}
     for r in benchmark_runs(client, run):
@@ -88,8 +88,8 @@ def main() -> None:
 
     from optforge.flows.environment import embedded_defaults
     from optforge.flows.params import load_config
+    from optforge.tasks.runtime.tracking import tracking_uri
     from optforge.tasks.techniques.measurement.pareto import pareto_front
-    from optforge.tasks.tracking import tracking_uri
 
     embedded_defaults()
     base = (["--config", args.config] if args.config else []) + [a for s in args.set for a in ("--set", s)]

@@ -40,7 +40,7 @@ def git_commit(root: Path = ROOT) -> str:
 
 def measure_variants(variants, data, cfg, harness) -> dict:
     """Load every buildable variant, time them all side by side; the report without run identifiers."""
-    from optforge.tasks.benchmark import SKIPPED, load_variant
+    from optforge.tasks.stages.benchmark import SKIPPED, load_variant
     from optforge.tasks.techniques.data.data import load_splits
     from optforge.tasks.techniques.measurement.harness import machine_info, measure_side_by_side, ratios, verdicts
 
@@ -69,7 +69,7 @@ def _metric_key(text: str) -> str:
 def _log_report(report: dict, text: str) -> None:
     import mlflow
 
-    from optforge.tasks.tracking import flatten
+    from optforge.tasks.runtime.tracking import flatten
 
     mlflow.log_params(flatten({"settings": report["settings"], "machine": report["machine"]}))
     metrics = {f"{n}.{k}": v for n, m in report["variants"].items() for k, v in m.items() if isinstance(v, float)}
@@ -101,9 +101,9 @@ def _bench_flow():
 
         from optforge.flows.optimize import StageRunner, build_variants
         from optforge.flows.params import load_config, peek_tracking
-        from optforge.tasks.caching import code_version
+        from optforge.tasks.runtime.caching import code_version
+        from optforge.tasks.runtime.tracking import configure, error_tags, process_tags
         from optforge.tasks.techniques.measurement.harness import HarnessConfig, format_report
-        from optforge.tasks.tracking import configure, error_tags, process_tags
 
         configure(peek_tracking(config_path, overrides).experiment)
         cfg = load_config(config_path, overrides)

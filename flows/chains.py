@@ -17,14 +17,14 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from optforge.flows.chain_config import CompressConfig, expand, product_name
-from optforge.tasks.compress import binarize_weights, circulant, cluster_weights, factorize, prune, qat
-from optforge.tasks.distill import distill
-from optforge.tasks.early_exit import early_exit
-from optforge.tasks.export import export
-from optforge.tasks.fuse import fuse_onnx
-from optforge.tasks.quantize import quantize
-from optforge.tasks.quantize_static import quantize_static
-from optforge.tasks.refs import DataRef, ModelRef
+from optforge.tasks.runtime.refs import DataRef, ModelRef
+from optforge.tasks.stages.compress import binarize_weights, circulant, cluster_weights, factorize, prune, qat
+from optforge.tasks.stages.distill import distill
+from optforge.tasks.stages.early_exit import early_exit
+from optforge.tasks.stages.export import export
+from optforge.tasks.stages.fuse import fuse_onnx
+from optforge.tasks.stages.quantize import quantize
+from optforge.tasks.stages.quantize_static import quantize_static
 from optforge.tasks.techniques.registry import TECHNIQUES, section
 
 __all__ = ["CompressConfig", "RUNS", "chain_variants", "expand", "product_name"]

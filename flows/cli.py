@@ -129,7 +129,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_runs(args: argparse.Namespace) -> int:
     import mlflow
 
-    from optforge.tasks.tracking import pipeline_runs, tracking_uri
+    from optforge.tasks.runtime.tracking import pipeline_runs, tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())
     experiment = mlflow.get_experiment_by_name(args.experiment)

@@ -12,7 +12,7 @@ import logging
 from pydantic import Field
 
 from optforge.flows.onnx_config import OnnxConfig
-from optforge.tasks.refs import DataRef, Format, ModelRef
+from optforge.tasks.runtime.refs import DataRef, Format, ModelRef
 from optforge.tasks.techniques.config import TechniqueConfig
 from optforge.tasks.techniques.engines.tensorrt_engine import TensorRTConfig, environment
 from optforge.tasks.techniques.engines.torch_gpu import TorchGpuConfig, cuda_unavailable_reason, gpu_variants
@@ -39,10 +39,10 @@ def engine_variants(onnx: OnnxConfig, cfg: EnginesConfig, onnx_fp32: ModelRef, b
     are left out and the reason is a tag on the pipeline run.
     """
     # The task shells import Prefect and MLflow; flows.params imports this module for EnginesConfig alone.
-    from optforge.tasks.fp16 import convert_to_fp16
-    from optforge.tasks.quantize_static import quantize_static
-    from optforge.tasks.tensorrt import build_engines
-    from optforge.tasks.tvm import compile_tvm
+    from optforge.tasks.stages.fp16 import convert_to_fp16
+    from optforge.tasks.stages.quantize_static import quantize_static
+    from optforge.tasks.stages.tensorrt import build_engines
+    from optforge.tasks.stages.tvm import compile_tvm
 
     variants: list[ModelRef] = []
     if onnx.static.enabled:

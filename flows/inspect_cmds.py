@@ -47,7 +47,7 @@ def _positive_int(text: str) -> int:
 def _client():
     import mlflow
 
-    from optforge.tasks.tracking import tracking_uri
+    from optforge.tasks.runtime.tracking import tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())
     return mlflow.MlflowClient()
@@ -55,7 +55,7 @@ def _client():
 
 def cmd_report(args: argparse.Namespace) -> int:
     client = _client()
-    from optforge.tasks.report import ReportError, load_report_data
+    from optforge.tasks.stages.report import ReportError, load_report_data
     from optforge.tasks.techniques.measurement.report import headline, write_report
 
     try:
@@ -78,7 +78,7 @@ def compare_rows(client, experiment_id: str, last: int) -> tuple[list[list[str]]
     """One row per (pipeline run, variant), newest run first (run columns on its first row); registered model names."""
     import mlflow
 
-    from optforge.tasks.report import benchmark_runs, register_run
+    from optforge.tasks.stages.report import benchmark_runs, register_run
 
     runs = client.search_runs(
         [experiment_id],
@@ -130,7 +130,7 @@ def current_aliases(client, rows_models: set[str]) -> list[str]:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     client = _client()
-    from optforge.tasks.tracking import tracking_uri
+    from optforge.tasks.runtime.tracking import tracking_uri
 
     experiment = client.get_experiment_by_name(args.experiment)
     if experiment is None:

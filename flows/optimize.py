@@ -26,17 +26,17 @@ from optforge.flows.engines import engine_variants
 from optforge.flows.params import PipelineConfig, load_config, peek_tracking
 from optforge.flows.plan import Plan, plan
 from optforge.flows.preflight import check_environment
-from optforge.tasks.benchmark import benchmark
-from optforge.tasks.data import prepare_data
-from optforge.tasks.export import export, import_onnx
-from optforge.tasks.fuse import fuse_onnx
-from optforge.tasks.init_from import resolve_init
-from optforge.tasks.quantize import quantize
-from optforge.tasks.refs import DataRef, Format, ModelRef, file_sha256
-from optforge.tasks.register import hash_config, register
-from optforge.tasks.report import report
-from optforge.tasks.tracking import close_dead_runs, configure, error_tags, flatten, process_tags
-from optforge.tasks.train import train
+from optforge.tasks.runtime.refs import DataRef, Format, ModelRef, file_sha256
+from optforge.tasks.runtime.tracking import close_dead_runs, configure, error_tags, flatten, process_tags
+from optforge.tasks.stages.benchmark import benchmark
+from optforge.tasks.stages.data import prepare_data
+from optforge.tasks.stages.export import export, import_onnx
+from optforge.tasks.stages.fuse import fuse_onnx
+from optforge.tasks.stages.init_from import resolve_init
+from optforge.tasks.stages.quantize import quantize
+from optforge.tasks.stages.register import hash_config, register
+from optforge.tasks.stages.report import report
+from optforge.tasks.stages.train import train
 
 
 class StageRunner:

@@ -6,7 +6,7 @@ Wiring only, like ``optimize``. The search:
    benchmark, which the goals compare against;
 2. Ray Tune trials (``flows/tune_trial.py``) drawn at random from ``tune.chains`` x ``tune.space``,
    ``tune.max_concurrent`` at a time, each one chain over the teacher; the floor scheduler
-   (``tasks/tune_scheduler.py``) stops those whose fine-tuning cannot reach the accuracy floor;
+   (``tasks/workers/tune_scheduler.py``) stops those whose fine-tuning cannot reach the accuracy floor;
 3. the Pareto front over (accuracy, latency, size) of the finished trials, the register stage's
    champion/challenger rule over them and the teacher, and the run report (front included).
 
@@ -40,16 +40,16 @@ from optforge.flows.tune_trial import (
     run_trial,
     trial_name,
 )
-from optforge.tasks.benchmark import TIMED, benchmark
-from optforge.tasks.idle import host_locks
-from optforge.tasks.refs import ModelRef, VariantResult
-from optforge.tasks.register import hash_config, register
-from optforge.tasks.report import report
+from optforge.tasks.runtime.idle import host_locks
+from optforge.tasks.runtime.refs import ModelRef, VariantResult
+from optforge.tasks.runtime.tracking import descendants, flatten, tracking_uri
+from optforge.tasks.stages.benchmark import TIMED, benchmark
+from optforge.tasks.stages.register import hash_config, register
+from optforge.tasks.stages.report import report
 from optforge.tasks.techniques.measurement.pareto import pareto_front
 from optforge.tasks.techniques.measurement.selection import accuracy_floor
-from optforge.tasks.tracking import descendants, flatten, tracking_uri
-from optforge.tasks.tune_scheduler import FloorScheduler
-from optforge.tasks.worker_common import ensure_ray
+from optforge.tasks.workers.tune_scheduler import FloorScheduler
+from optforge.tasks.workers.worker_common import ensure_ray
 
 # A trial's Ray resources: none of the CPUs, which its steps' own Ray Train workers need (a trial that
 # held one would starve a distillation's workers on a small machine). Ray Tune requires some resource.

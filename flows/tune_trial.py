@@ -35,11 +35,11 @@ from optforge.flows.chains import chain_variants
 from optforge.flows.optimize import StageRunner
 from optforge.flows.params import apply_overrides, validate
 from optforge.flows.tune_config import trial_overrides
-from optforge.tasks.benchmark import benchmark
-from optforge.tasks.idle import building, timing
-from optforge.tasks.progress import epoch_listener
-from optforge.tasks.refs import DataRef, ModelRef
-from optforge.tasks.tracking import TUNE_TRIAL_STAGE, child_run, configure, process_tags
+from optforge.tasks.runtime.idle import building, timing
+from optforge.tasks.runtime.progress import epoch_listener
+from optforge.tasks.runtime.refs import DataRef, ModelRef
+from optforge.tasks.runtime.tracking import TUNE_TRIAL_STAGE, child_run, configure, process_tags
+from optforge.tasks.stages.benchmark import benchmark
 
 VARIANT_FILE = "tune_variant.json"  # the trial's ModelRef, on its run: what the search registers from
 OUTCOME_TAG = "optforge.tune.outcome"  # done | stopped | failed: a settled trial, not run again on resume

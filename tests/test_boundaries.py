@@ -41,13 +41,13 @@ def test_a_users_tasks_py_and_flows_folder_cannot_shadow_the_pipeline(tmp_path):
     (tmp_path / "tasks.py").write_text("raise RuntimeError(\"the user's tasks.py was imported\")\n")
     (tmp_path / "flows").mkdir()
     (tmp_path / "flows" / "__init__.py").write_text("raise RuntimeError(\"the user's flows/ was imported\")\n")
-    code = ("import sys, optforge.flows.optimize, optforge.flows.cli, optforge.tasks.train\n"
+    code = ("import sys, optforge.flows.optimize, optforge.flows.cli, optforge.tasks.stages.train\n"
             "import importlib.util, os  # a plain 'import tasks' here would get the user's file:\n"
             "assert importlib.util.find_spec('tasks').origin == os.path.join(os.getcwd(), 'tasks.py')\n"
-            "print(optforge.tasks.train.__file__)\n")
+            "print(optforge.tasks.stages.train.__file__)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert Path(out.stdout.strip()).resolve() == ROOT / "tasks" / "train.py"
+    assert Path(out.stdout.strip()).resolve() == ROOT / "tasks" / "stages" / "train.py"
 
 
 def _import_graph() -> dict[str, set[str]]:
@@ -73,7 +73,7 @@ def test_no_import_cycle_even_inside_a_function():
     """An import inside a function hides a cycle from Python, not from this walk (STYLE.md: such imports are
     for optional heavy dependencies only)."""
     graph = _import_graph()
-    assert len(graph) > 50 and "optforge.tasks.techniques.models.rebuild" in graph["optforge.tasks.train"]
+    assert len(graph) > 50 and "optforge.tasks.techniques.models.rebuild" in graph["optforge.tasks.stages.train"]
 
     def reaches(start: str, goal: str) -> list[str] | None:
         seen, todo = set(), [[start]]

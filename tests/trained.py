@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from optforge.tasks.refs import DataRef, Format, ModelRef, file_sha256
+from optforge.tasks.runtime.refs import DataRef, Format, ModelRef, file_sha256
 from optforge.tasks.techniques.contract import as_tensors
 from optforge.tasks.techniques.data.data import Splits
 from optforge.tasks.techniques.models.models import ModelConfig, ModelSpec, save_model

@@ -1,6 +1,6 @@
 """The technique registry: one record per technique, read by everything that needs to know what one is.
 
-(Not MLflow's Model Registry, which ``tasks/register.py`` writes to.) A record says what a technique is:
+(Not MLflow's Model Registry, which ``tasks/stages/register.py`` writes to.) A record says what a technique is:
 its name, its config class and where that sits in the pipeline config, the form of model it takes and
 the form it gives, its word in variant names, its stage's name, whether its output belongs to the
 machine that built it, and the values ``optforge tune`` tries by default. The chain config, the chain

@@ -9,7 +9,7 @@
   target), or through the collective timeout on the waiting rank. The next run resumes from the checkpoint.
 
 The faults are injected by wrapping the real worker loop: the wrapper runs inside the Ray worker process
-and swaps one function of ``tasks.train_worker`` on rank 1 only.
+and swaps one function of ``tasks.workers.train_worker`` on rank 1 only.
 """
 
 import json
@@ -20,16 +20,16 @@ from pathlib import Path
 import pytest
 import ray.train
 
-from optforge.tasks.distill_worker import run_distillation
 from optforge.tasks.techniques.compression.distill import DistillConfig
 from optforge.tasks.techniques.data.data import DataConfig, load_splits
 from optforge.tasks.techniques.data.sources import prepare
 from optforge.tasks.techniques.models.models import ModelConfig, ModelSpec, save_model
 from optforge.tasks.techniques.models.rebuild import build_model
 from optforge.tasks.techniques.training.training import TrainConfig
-from optforge.tasks.training_driver import run_training
-from optforge.tasks.watchdog import TrainingStalled
-from optforge.tasks.worker_common import WorkerConfig
+from optforge.tasks.workers.distill_worker import run_distillation
+from optforge.tasks.workers.training_driver import run_training
+from optforge.tasks.workers.watchdog import TrainingStalled
+from optforge.tasks.workers.worker_common import WorkerConfig
 
 pytestmark = pytest.mark.slow
 BN_CNN = ModelConfig(arch="cnn", channels=(8,))  # Conv2d + BatchNorm2d: buffers every rank updates alone
@@ -43,8 +43,8 @@ def digits(tmp_path_factory) -> tuple[str, ModelSpec]:
 
 def recording_finishes(config: dict) -> None:
     """The real loop; each rank also writes the epoch it finished at into ``config['spy_dir']``."""
-    import optforge.tasks.train_worker as tw
-    from optforge.tasks.watchdog import Heartbeat
+    import optforge.tasks.workers.train_worker as tw
+    from optforge.tasks.workers.watchdog import Heartbeat
 
     rank, folder = ray.train.get_context().get_world_rank(), Path(config["spy_dir"])
     original = Heartbeat.finished
@@ -59,7 +59,7 @@ def recording_finishes(config: dict) -> None:
 
 def rank1_skips_the_decision(config: dict) -> None:
     """The real loop, except that rank 1 takes its own validation numbers instead of joining rank 0's broadcast."""
-    import optforge.tasks.train_worker as tw
+    import optforge.tasks.workers.train_worker as tw
 
     if ray.train.get_context().get_world_rank() == 1:
         tw.from_rank_zero = lambda values: dict(values)
@@ -120,7 +120,7 @@ def test_distillation_with_a_skipped_collective_fails_by_the_watchdog_then_resum
 
 def _distill_with(args, loop):
     """``run_distillation`` with ``loop`` as the per-worker function (it builds the same WorkerConfig)."""
-    import optforge.tasks.distill_worker as dw
+    import optforge.tasks.workers.distill_worker as dw
 
     original = dw.run_training
     dw.run_training = lambda *a, **k: original(*a, **k, loop=loop)

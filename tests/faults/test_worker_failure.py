@@ -26,8 +26,8 @@ from optforge.tasks.techniques.data.data import DataConfig, load_splits
 from optforge.tasks.techniques.data.sources import prepare
 from optforge.tasks.techniques.models.models import ModelConfig, ModelSpec
 from optforge.tasks.techniques.training.training import TrainConfig
-from optforge.tasks.training_driver import run_training
-from optforge.tasks.worker_common import WorkerConfig
+from optforge.tasks.workers.training_driver import run_training
+from optforge.tasks.workers.worker_common import WorkerConfig
 
 tmp, uri, run_id = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 data_path = prepare(DataConfig(), tmp / "data")

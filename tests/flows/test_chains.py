@@ -12,13 +12,13 @@ from mlflow import MlflowClient
 
 from optforge.flows.chains import CompressConfig, chain_variants, expand, product_name
 from optforge.flows.params import ConfigError, PipelineConfig, load_config
-from optforge.tasks.data import prepare_data
-from optforge.tasks.refs import Format, ModelRef, file_sha256
+from optforge.tasks.runtime.refs import Format, ModelRef, file_sha256
+from optforge.tasks.runtime.tracking import configure
+from optforge.tasks.stages.data import prepare_data
 from optforge.tasks.techniques.data.data import DataConfig
 from optforge.tasks.techniques.models.models import ModelConfig, ModelSpec, save_model
 from optforge.tasks.techniques.models.rebuild import build_model, load_model
 from optforge.tasks.techniques.onnx.static_quant import count_qdq_nodes
-from optforge.tasks.tracking import configure
 from tests.conftest import TINY
 
 
@@ -142,7 +142,7 @@ def test_flow_builds_chain_variants_with_lineage_and_caches_them(tmp_path, mlflo
 
 
 def test_cluster_and_binarize_chains_store_the_model_bit_packed_and_the_benchmark_reports_that_size(teacher, tmp_path):
-    from optforge.tasks.benchmark import load_variant
+    from optforge.tasks.stages.benchmark import load_variant
     from optforge.tasks.techniques.compression.packing import PACKED_FILE, load_packed
     from optforge.tasks.techniques.measurement.benchmark import BenchmarkConfig
 
@@ -203,7 +203,7 @@ def test_a_block_that_does_not_divide_the_teachers_widths_fails_before_training(
 def test_an_early_exit_chain_exports_its_routing_and_records_its_exits(teacher, tmp_path):
     import onnx
 
-    from optforge.tasks.register import _log_onnx
+    from optforge.tasks.stages.register import _log_onnx
     from optforge.tasks.techniques.compression.early_exit import EarlyExitModel
     from optforge.tasks.techniques.data.data import load_splits
 

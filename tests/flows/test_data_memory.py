@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from optforge.flows.examples import write_image_folder
 from optforge.tasks.techniques.data.data import DataConfig, load_splits
 from optforge.tasks.techniques.data.sources import prepare
-from optforge.tasks.worker_common import PartDataset
+from optforge.tasks.workers.worker_common import PartDataset
 
 root = Path(sys.argv[1])
 write_image_folder(root / "imgs", per_class=150, size=64)

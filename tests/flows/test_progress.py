@@ -1,4 +1,4 @@
-"""Live progress (tasks/progress.py) and a quiet terminal: what a user sees while `optforge run` trains."""
+"""Live progress (tasks/runtime/progress.py) and a quiet terminal: what a user sees while `optforge run` trains."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from optforge.tasks.progress import ProgressFeed, StageProgress
+from optforge.tasks.runtime.progress import ProgressFeed, StageProgress
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -17,13 +17,13 @@ from onnx import TensorProto, helper, numpy_helper
 from prefect import flow
 
 from optforge.flows.inspect_cmds import add_parsers
-from optforge.tasks.refs import DataRef, ModelRef, VariantResult
-from optforge.tasks.register import register
-from optforge.tasks.report import report
+from optforge.tasks.runtime.refs import DataRef, ModelRef, VariantResult
+from optforge.tasks.runtime.tracking import child_run, configure
+from optforge.tasks.stages.register import register
+from optforge.tasks.stages.report import report
 from optforge.tasks.techniques.contract import table_contract
 from optforge.tasks.techniques.data.data import Part, Splits, save_splits
 from optforge.tasks.techniques.measurement.selection import RegisterConfig
-from optforge.tasks.tracking import child_run, configure
 
 CFG = RegisterConfig(model_name="report-test", baseline="onnx_fp32", max_accuracy_drop=2.0)
 W = np.random.default_rng(0).normal(size=(8, 3)).astype(np.float32)

@@ -20,7 +20,7 @@ import yaml
 from mlflow import MlflowClient
 
 from optforge.flows.cli import format_tune
-from optforge.tasks.benchmark import TIMED
+from optforge.tasks.stages.benchmark import TIMED
 from optforge.tasks.techniques.measurement.pareto import dominates
 from tests.conftest import TINY
 

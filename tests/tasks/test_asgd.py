@@ -12,13 +12,13 @@ import pytest
 import ray
 from mlflow import MlflowClient
 
-from optforge.tasks.asgd_worker import actor_name, run_asgd
 from optforge.tasks.techniques.data.data import DataConfig, load_splits
 from optforge.tasks.techniques.data.sources import prepare
 from optforge.tasks.techniques.models.models import ModelSpec
 from optforge.tasks.techniques.models.rebuild import load_model
 from optforge.tasks.techniques.training.training import TrainConfig, evaluate
-from optforge.tasks.worker_common import WorkerConfig, ensure_ray
+from optforge.tasks.workers.asgd_worker import actor_name, run_asgd
+from optforge.tasks.workers.worker_common import WorkerConfig, ensure_ray
 
 pytestmark = pytest.mark.slow
 # Measured on this 2-core machine: 95-96 % best val accuracy after 5 epochs (94-95 % after 3).

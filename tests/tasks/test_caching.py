@@ -7,8 +7,8 @@ import uuid
 
 from prefect import flow
 
-from optforge.tasks import caching
-from optforge.tasks.caching import library_versions, machine_identity, stage_key, stage_task
+from optforge.tasks.runtime import caching
+from optforge.tasks.runtime.caching import library_versions, machine_identity, stage_key, stage_task
 
 
 def _upgraded(name: str) -> dict[str, str]:

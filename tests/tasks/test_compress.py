@@ -5,10 +5,11 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from optforge.tasks.compress import factorize, prune, qat
-from optforge.tasks.data import prepare_data
-from optforge.tasks.distill import teacher_logits_file
-from optforge.tasks.refs import Format, ModelRef, file_sha256
+from optforge.tasks.runtime.refs import Format, ModelRef, file_sha256
+from optforge.tasks.runtime.tracking import configure
+from optforge.tasks.stages.compress import factorize, prune, qat
+from optforge.tasks.stages.data import prepare_data
+from optforge.tasks.stages.distill import teacher_logits_file
 from optforge.tasks.techniques.compression.factorize import FactorizeConfig
 from optforge.tasks.techniques.compression.prune import PruneConfig
 from optforge.tasks.techniques.compression.qat import QatConfig
@@ -18,7 +19,6 @@ from optforge.tasks.techniques.models.rebuild import build_model, load_model
 from optforge.tasks.techniques.onnx.static_quant import count_qdq_nodes
 from optforge.tasks.techniques.training.finetune import FinetuneConfig
 from optforge.tasks.techniques.training.training import evaluate
-from optforge.tasks.tracking import configure
 
 QUICK = FinetuneConfig(epochs=2, lr=3e-3)
 
@@ -108,7 +108,7 @@ def test_distill_worker_live_teacher_loss_equals_cached_logits_loss(tmp_path):
     from optforge.tasks.techniques.models.models import ModelConfig, ModelSpec, save_model
     from optforge.tasks.techniques.models.rebuild import build_model
     from optforge.tasks.techniques.training.training import TrainConfig
-    from optforge.tasks.worker_common import KdConfig, WorkerConfig, train_dataset
+    from optforge.tasks.workers.worker_common import KdConfig, WorkerConfig, train_dataset
 
     torch.manual_seed(0)
     contract = table_contract(6, 3)

@@ -10,12 +10,15 @@ from prefect.states import State
 
 from optforge.flows.engines import EnginesConfig, engine_variants
 from optforge.flows.onnx_config import OnnxConfig
-from optforge.tasks.benchmark import benchmark
-from optforge.tasks.data import prepare_data
-from optforge.tasks.export import export
-from optforge.tasks.fp16 import convert_to_fp16
-from optforge.tasks.quantize_static import quantize_static
-from optforge.tasks.refs import Format, ModelRef, file_sha256
+from optforge.tasks.runtime.refs import Format, ModelRef, file_sha256
+from optforge.tasks.runtime.tracking import configure
+from optforge.tasks.stages.benchmark import benchmark
+from optforge.tasks.stages.data import prepare_data
+from optforge.tasks.stages.export import export
+from optforge.tasks.stages.fp16 import convert_to_fp16
+from optforge.tasks.stages.quantize_static import quantize_static
+from optforge.tasks.stages.tensorrt import _int8_for_tensorrt, build_engines
+from optforge.tasks.stages.tvm import compile_tvm
 from optforge.tasks.techniques.data.data import DataConfig, load_splits
 from optforge.tasks.techniques.engines.tensorrt_engine import TensorRTConfig, environment, unavailable_reason
 from optforge.tasks.techniques.engines.tvm_engine import TvmConfig
@@ -26,9 +29,6 @@ from optforge.tasks.techniques.models.rebuild import build_model
 from optforge.tasks.techniques.onnx.fp16 import Fp16Config
 from optforge.tasks.techniques.onnx.onnx_export import ExportConfig
 from optforge.tasks.techniques.onnx.static_quant import StaticQuantConfig
-from optforge.tasks.tensorrt import _int8_for_tensorrt, build_engines
-from optforge.tasks.tracking import configure
-from optforge.tasks.tvm import compile_tvm
 
 FAST_BENCH = BenchmarkConfig(warmup=2, iters_b1=10, iters_batch=2)
 NO_GPU = pytest.mark.skipif(unavailable_reason() is None, reason="CUDA and tensorrt present: engines get built, not skipped")
@@ -187,7 +187,7 @@ def test_tvm_variant_is_compiled_logged_and_benchmarked_beside_onnx(exported, st
 
 
 def test_tvm_without_the_package_is_a_skipped_variant_with_the_reason(exported, store, monkeypatch):
-    import optforge.tasks.tvm as stage
+    import optforge.tasks.stages.tvm as stage
 
     pid, data, _, onnx_ref, work = exported
     monkeypatch.setattr(stage, "unavailable_reason", lambda: "no tvm here")

@@ -16,8 +16,8 @@ from optforge.tasks.techniques.models.models import MLP, ModelConfig, ModelSpec,
 from optforge.tasks.techniques.models.rebuild import build_model, load_model
 from optforge.tasks.techniques.training.sharding import is_sharded
 from optforge.tasks.techniques.training.training import TrainConfig, evaluate
-from optforge.tasks.training_driver import run_training
-from optforge.tasks.worker_common import WorkerConfig
+from optforge.tasks.workers.training_driver import run_training
+from optforge.tasks.workers.worker_common import WorkerConfig
 
 pytestmark = pytest.mark.slow
 

@@ -14,12 +14,12 @@ import pytest
 from mlflow import MlflowClient
 from onnx import TensorProto, helper, numpy_helper
 
-from optforge.tasks.refs import DataRef, Format, ModelRef, VariantResult
-from optforge.tasks.register import RegistryOutcome, register
+from optforge.tasks.runtime.refs import DataRef, Format, ModelRef, VariantResult
+from optforge.tasks.runtime.tracking import configure
+from optforge.tasks.stages.register import RegistryOutcome, register
 from optforge.tasks.techniques.contract import table_contract
 from optforge.tasks.techniques.data.data import Part, Splits, load_splits, save_splits
 from optforge.tasks.techniques.measurement.selection import RegisterConfig
-from optforge.tasks.tracking import configure
 
 NAME = "registry-test"
 CFG = RegisterConfig(model_name=NAME, baseline="onnx_fp32")

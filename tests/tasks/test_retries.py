@@ -5,8 +5,8 @@ import uuid
 import pytest
 from prefect import flow
 
-from optforge.tasks.caching import stage_task
-from optforge.tasks.retrying import is_transient
+from optforge.tasks.runtime.caching import stage_task
+from optforge.tasks.runtime.retrying import is_transient
 
 CALLS: dict[str, int] = {}
 

@@ -7,11 +7,12 @@ import pytest
 from mlflow import MlflowClient
 from onnx import numpy_helper
 
-from optforge.tasks.benchmark import benchmark
-from optforge.tasks.data import prepare_data
-from optforge.tasks.export import export
-from optforge.tasks.quantize import quantize
-from optforge.tasks.register import register
+from optforge.tasks.runtime.tracking import configure
+from optforge.tasks.stages.benchmark import benchmark
+from optforge.tasks.stages.data import prepare_data
+from optforge.tasks.stages.export import export
+from optforge.tasks.stages.quantize import quantize
+from optforge.tasks.stages.register import register
 from optforge.tasks.techniques.data.data import DataConfig, load_splits
 from optforge.tasks.techniques.measurement.benchmark import BenchmarkConfig
 from optforge.tasks.techniques.measurement.selection import RegisterConfig
@@ -19,7 +20,6 @@ from optforge.tasks.techniques.models.models import ModelConfig
 from optforge.tasks.techniques.onnx.onnx_export import ExportConfig, export_onnx
 from optforge.tasks.techniques.onnx.quantization import DynamicQuantConfig
 from optforge.tasks.techniques.training.training import evaluate
-from optforge.tasks.tracking import configure
 from tests.trained import train_in_process
 
 FAST_BENCH = BenchmarkConfig(warmup=2, iters_b1=20, iters_batch=2)
@@ -92,7 +92,7 @@ def test_failed_parity_marks_the_stage_failed(pipeline, mlflow_store, monkeypatc
         onnx.save(proto, str(path))
         return path
 
-    monkeypatch.setattr("optforge.tasks.export.export_onnx", export_a_different_model)
+    monkeypatch.setattr("optforge.tasks.stages.export.export_onnx", export_a_different_model)
     with pytest.raises(ValueError, match="onnx.export.parity_atol"):
         export.fn(ExportConfig(), torch_ref, data, str(work), parent_id)
     (run,) = _child(MlflowClient(mlflow_store), parent_id, "export_onnx")

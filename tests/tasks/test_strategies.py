@@ -7,18 +7,18 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from optforge.tasks.data import prepare_data
-from optforge.tasks.init_from import fetch_init_model
-from optforge.tasks.refs import Format, ModelRef, file_sha256
-from optforge.tasks.register import _log_onnx, _log_torch
+from optforge.tasks.runtime.refs import Format, ModelRef, file_sha256
+from optforge.tasks.runtime.tracking import configure
+from optforge.tasks.stages.data import prepare_data
+from optforge.tasks.stages.init_from import fetch_init_model
+from optforge.tasks.stages.register import _log_onnx, _log_torch
+from optforge.tasks.stages.train import train
 from optforge.tasks.techniques.data.data import DataConfig, load_splits
 from optforge.tasks.techniques.models.models import ModelConfig, ModelSpec
 from optforge.tasks.techniques.models.rebuild import build_model, load_model
 from optforge.tasks.techniques.training.training import TrainConfig, evaluate
-from optforge.tasks.tracking import configure
-from optforge.tasks.train import train
-from optforge.tasks.training_driver import run_training
-from optforge.tasks.worker_common import WorkerConfig
+from optforge.tasks.workers.training_driver import run_training
+from optforge.tasks.workers.worker_common import WorkerConfig
 from tests.trained import train_in_process
 
 pytestmark = pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Portable liveness and locking (tasks/tracking.py): psutil tells a live concurrent run from a dead one on
+"""Portable liveness and locking (tasks/runtime/tracking.py): psutil tells a live concurrent run from a dead one on
 any OS, and filelock serialises sections with a timeout that names the lock."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import time
 import pytest
 from mlflow import MlflowClient
 
-from optforge.tasks.tracking import close_dead_runs, configure, file_lock, process_tags
+from optforge.tasks.runtime.tracking import close_dead_runs, configure, file_lock, process_tags
 
 
 def _pipeline_run(client, experiment_id, pid: int, pid_start: str) -> str:
@@ -41,7 +41,7 @@ def test_a_live_concurrent_run_is_left_and_dead_ones_are_closed(mlflow_store):
 
 
 def _start_of(pid: int) -> str:
-    from optforge.tasks.tracking import _process_start
+    from optforge.tasks.runtime.tracking import _process_start
 
     start = _process_start(pid)
     assert start is not None

@@ -7,8 +7,8 @@ import time
 
 from ray.tune.schedulers import TrialScheduler
 
-from optforge.tasks.idle import building, timing
-from optforge.tasks.tune_scheduler import FloorScheduler, advance, hopeless
+from optforge.tasks.runtime.idle import building, timing
+from optforge.tasks.workers.tune_scheduler import FloorScheduler, advance, hopeless
 
 
 def _phase(*accuracies, label="prune fine-tune"):

@@ -1,6 +1,6 @@
 """The watchdog's judgement, on a fake clock: which ranks are silent, and what the message names."""
 
-from optforge.tasks.watchdog import Heartbeat, RankWatch
+from optforge.tasks.workers.watchdog import Heartbeat, RankWatch
 
 
 class Clock:

@@ -1,6 +1,6 @@
 """Starting weights for fine-tuning (``train.init_from``), checked against the model and the data.
 
-The task shell (``tasks/init_from.py``) turns ``runs:/``, ``models:/`` and local paths into one
+The task shell (``tasks/stages/init_from.py``) turns ``runs:/``, ``models:/`` and local paths into one
 model folder (``model.pt`` + ``model.json``); this module only reads such a folder, so training code
 never talks to MLflow. Every mismatch is a ``ValueError`` that names ``train.init_from`` and says
 which shape differs, before any worker starts.

@@ -1,6 +1,6 @@
 """Asynchronous SGD's parameter server: the weights, the optimizer, the staleness bound and the work handout.
 
-Plain PyTorch, no Ray: ``tasks/asgd_worker.py`` wraps one ``ParameterServer`` in a Ray actor and runs
+Plain PyTorch, no Ray: ``tasks/workers/asgd_worker.py`` wraps one ``ParameterServer`` in a Ray actor and runs
 workers that call ``next(worker, push)`` in a loop; the tests drive it directly with a toy model.
 
 One call does everything a worker needs, so a worker never waits for another worker, only for its

@@ -1,6 +1,6 @@
 """Training primitives: optimizers, LR schedule, mixed precision, gradient accumulation, early stopping.
 
-Plain PyTorch, no Ray: the Ray Train worker loop (``tasks/train_worker.py``) wires these together
+Plain PyTorch, no Ray: the Ray Train worker loop (``tasks/workers/train_worker.py``) wires these together
 per worker, and tests drive them directly on a toy model.
 """
 

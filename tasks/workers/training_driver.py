@@ -18,13 +18,13 @@ import ray
 import ray.train
 import torch
 
-from optforge.tasks.asgd_worker import run_asgd
-from optforge.tasks.progress import StageProgress
+from optforge.tasks.runtime.progress import StageProgress
 from optforge.tasks.techniques.data.augment import build_cache, cache_path
 from optforge.tasks.techniques.data.data import load_splits
-from optforge.tasks.train_worker import train_loop_per_worker
-from optforge.tasks.watchdog import RankWatch, TrainingStalled, Watchdog
-from optforge.tasks.worker_common import (
+from optforge.tasks.workers.asgd_worker import run_asgd
+from optforge.tasks.workers.train_worker import train_loop_per_worker
+from optforge.tasks.workers.watchdog import RankWatch, TrainingStalled, Watchdog
+from optforge.tasks.workers.worker_common import (
     CKPT_FILE,
     ERROR_FILE,
     WorkerConfig,
@@ -58,7 +58,7 @@ def run_training(worker: WorkerConfig, storage: Path, name: str, out_dir: Path,
         path = cache_path(worker.data_path, cfg.loader, cfg.seed)
         built = build_cache(splits.fit.inputs[name_in], cfg.loader, splits.contract.image_shape, cfg.seed, path)
         worker = replace(worker, augment_path=str(built))
-    # Live progress in the terminal and on the Prefect flow run while the workers train (tasks/progress.py).
+    # Live progress in the terminal and on the Prefect flow run while the workers train (tasks/runtime/progress.py).
     with StageProgress("distill" if worker.kd else "train", cfg.epochs) as progress:
         if cfg.strategy == "asgd":  # no collective at all: a parameter server on plain Ray actors
             return run_asgd(worker, storage, name, out_dir, progress=progress.feed())
@@ -72,7 +72,7 @@ def _fit(worker: WorkerConfig, storage: Path, name: str, out_dir: Path, progress
 
     Every collective carries ``train.collective_timeout_s`` (torch's process group, and Ray Train's report
     barrier through its environment variable, which Ray hands on to the controller and workers), and the
-    watchdog fails the stage when a rank goes silent for ``train.stall_timeout_s`` (``tasks.watchdog``).
+    watchdog fails the stage when a rank goes silent for ``train.stall_timeout_s`` (``tasks.workers.watchdog``).
 
     Raises:
         TrainingStalled: the ranks stopped reporting; the run was aborted, its checkpoints kept.

@@ -8,13 +8,13 @@ import shutil
 import mlflow
 import numpy as np
 
-from optforge.tasks.caching import stage_dir, stage_task
-from optforge.tasks.refs import DataRef, Format, ModelRef, file_sha256
+from optforge.tasks.runtime.caching import stage_dir, stage_task
+from optforge.tasks.runtime.refs import DataRef, Format, ModelRef, file_sha256
+from optforge.tasks.runtime.tracking import child_run
 from optforge.tasks.techniques.data.data import load_splits
 from optforge.tasks.techniques.models.rebuild import load_model
 from optforge.tasks.techniques.onnx.onnx_export import ExportConfig, export_onnx, load_onnx, max_abs_diff
 from optforge.tasks.techniques.onnx.ort_session import onnx_predictor, tuned_session
-from optforge.tasks.tracking import child_run
 
 
 @stage_task("export_onnx")

@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from prefect import task
 
-from optforge.tasks.refs import Format, ModelRef, file_sha256
+from optforge.tasks.runtime.refs import Format, ModelRef, file_sha256
 from optforge.tasks.techniques.models.init_weights import FIELD
 from optforge.tasks.techniques.models.models import MODEL_FILES, missing_model_file
 

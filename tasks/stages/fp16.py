@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import mlflow
 
-from optforge.tasks.caching import stage_dir, stage_task
-from optforge.tasks.refs import Format, ModelRef, file_sha256
+from optforge.tasks.runtime.caching import stage_dir, stage_task
+from optforge.tasks.runtime.refs import Format, ModelRef, file_sha256
+from optforge.tasks.runtime.tracking import child_run
 from optforge.tasks.techniques.onnx.fp16 import Fp16Config, convert_fp16, fp16_initializer_share
-from optforge.tasks.tracking import child_run
 
 VARIANT = "onnx_fp16"
 

@@ -7,11 +7,11 @@ from pathlib import Path
 import mlflow
 import numpy as np
 
-from optforge.tasks.caching import stage_task
-from optforge.tasks.refs import DataRef
+from optforge.tasks.runtime.caching import stage_task
+from optforge.tasks.runtime.refs import DataRef
+from optforge.tasks.runtime.tracking import child_run
 from optforge.tasks.techniques.data.data import DataConfig, data_name, load_splits
 from optforge.tasks.techniques.data.sources import prepare
-from optforge.tasks.tracking import child_run
 
 # Rows of each split handed to mlflow.data as a schema sample: the fingerprint covers the whole split.
 SCHEMA_ROWS = 8

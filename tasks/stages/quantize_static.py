@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import mlflow
 
-from optforge.tasks.caching import stage_dir, stage_task
-from optforge.tasks.refs import DataRef, Format, ModelRef, file_sha256
+from optforge.tasks.runtime.caching import stage_dir, stage_task
+from optforge.tasks.runtime.refs import DataRef, Format, ModelRef, file_sha256
+from optforge.tasks.runtime.tracking import child_run
 from optforge.tasks.techniques.data.data import load_splits
 from optforge.tasks.techniques.onnx.static_quant import (
     StaticQuantConfig,
@@ -17,7 +18,6 @@ from optforge.tasks.techniques.onnx.static_quant import (
     quantize_static_int8,
     scaled_calibration,
 )
-from optforge.tasks.tracking import child_run
 
 VARIANT = "onnx_int8_static"
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import mlflow
 import numpy as np
 
-from optforge.tasks.caching import stage_dir, stage_task
-from optforge.tasks.distill_worker import run_distillation
-from optforge.tasks.refs import DataRef, Format, ModelRef, file_sha256
+from optforge.tasks.runtime.caching import stage_dir, stage_task
+from optforge.tasks.runtime.refs import DataRef, Format, ModelRef, file_sha256
+from optforge.tasks.runtime.tracking import child_run, tracking_uri
 from optforge.tasks.techniques.compression.distill import DistillConfig, check_student, teacher_logits
 from optforge.tasks.techniques.compression.students import share_layers, student_model
 from optforge.tasks.techniques.data.data import load_splits
@@ -19,7 +19,7 @@ from optforge.tasks.techniques.measurement.flops import model_stats
 from optforge.tasks.techniques.models.models import ModelSpec, save_model
 from optforge.tasks.techniques.models.rebuild import load_model
 from optforge.tasks.techniques.training.training import evaluate
-from optforge.tasks.tracking import child_run, tracking_uri
+from optforge.tasks.workers.distill_worker import run_distillation
 
 
 def teacher_logits_file(teacher: ModelRef, data: DataRef, workdir: str) -> Path:

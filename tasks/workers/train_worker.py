@@ -3,7 +3,7 @@
 The loop reads the data split by path (not through Ray's object store) so that workers on other
 nodes only need shared storage, checkpoints every epoch through ``ray.train.report`` so that a
 worker failure or a crashed driver resumes from the last epoch, and logs per-epoch metrics to MLflow
-from rank 0 only. ``tasks.training_driver`` launches it.
+from rank 0 only. ``tasks.workers.training_driver`` launches it.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import ray.train
 import ray.train.torch
 import torch
 
-from optforge.tasks.progress import ProgressFeed
+from optforge.tasks.runtime.progress import ProgressFeed
 from optforge.tasks.techniques.data.data import load_splits
 from optforge.tasks.techniques.data.sampling import MixingSampler
 from optforge.tasks.techniques.models.init_weights import apply_init, load_init_state
@@ -44,15 +44,22 @@ from optforge.tasks.techniques.training.training import (
     precision_for,
     train_epoch,
 )
-from optforge.tasks.watchdog import Heartbeat
-from optforge.tasks.worker_common import CKPT_FILE, ERROR_FILE, WorkerConfig, make_loader, mlflow_logger, train_dataset
+from optforge.tasks.workers.watchdog import Heartbeat
+from optforge.tasks.workers.worker_common import (
+    CKPT_FILE,
+    ERROR_FILE,
+    WorkerConfig,
+    make_loader,
+    mlflow_logger,
+    train_dataset,
+)
 
 OPT_SHARDS = "optimizer_shards"  # fsdp: every rank's slice of the optimizer state, beside rank 0's CKPT_FILE
 
 
 def train_loop_per_worker(config: dict) -> None:
     """Runs in every Ray Train worker. ``config["worker"]`` is a ``WorkerConfig`` as a dict; ``config["progress"]``
-    the driver's progress queue (``tasks.progress``), fed by rank 0."""
+    the driver's progress queue (``tasks.runtime.progress``), fed by rank 0."""
     worker = WorkerConfig.from_dict(config["worker"])
     cfg = worker.train_cfg
     torch.set_num_threads(cfg.threads_per_worker)
@@ -61,7 +68,7 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     queue = config.get("progress")  # an empty Ray queue is falsy: compare with None
-    # Every rank tells the driver's watchdog where it is (tasks/watchdog.py); rank 0 also shows progress.
+    # Every rank tells the driver's watchdog where it is (tasks/workers/watchdog.py); rank 0 also shows progress.
     beat = (Heartbeat.to_queue(queue, rank, cfg.stall_timeout_s) if queue is not None
             else Heartbeat(lambda event: None, rank))
     beat.hello(_controller() if rank == 0 else None)

@@ -1,7 +1,7 @@
 """MLflow "model from code": the pyfunc every registered ONNX variant, and every PyTorch variant of image
 or text data, loads through. It takes what a user has and returns the logits array.
 
-``tasks.register`` passes this file's *path* to ``mlflow.pyfunc.log_model(python_model=...)``; MLflow
+``tasks.stages.register`` passes this file's *path* to ``mlflow.pyfunc.log_model(python_model=...)``; MLflow
 copies it next to the model and runs it on load, so a consumer of the registry needs mlflow, numpy and
 the runtime (onnxruntime, or torch for an exported PyTorch program; transformers for text), not
 optforge and not the training config. Do not import this module: running it is its only use (it

@@ -1,7 +1,7 @@
 """What every training worker shares, whatever the strategy: its typed config, its dataset, its MLflow logger.
 
-The Ray Train loop (``tasks.train_worker``), the asynchronous-SGD actors (``tasks.asgd_worker``) and the
-driver that launches either (``tasks.training_driver``) all import this module and none imports another
+The Ray Train loop (``tasks.workers.train_worker``), the asynchronous-SGD actors (``tasks.workers.asgd_worker``) and the
+driver that launches either (``tasks.workers.training_driver``) all import this module and none imports another
 worker module, so there is no import circle. A worker gets one ``WorkerConfig``: its fields say what
 it can rely on, instead of dictionary keys documented in a docstring.
 """
@@ -195,7 +195,7 @@ def ensure_ray() -> None:
     address = os.environ.get("RAY_ADDRESS") or None
     local = {} if address and address != "local" else {"_node_ip_address": "127.0.0.1"}
     # The workers' own output (library warnings, Ray Train's notes) reaches the terminal only with --verbose;
-    # their progress comes through tasks/progress.py either way.
+    # their progress comes through tasks/runtime/progress.py either way.
     verbose = os.environ.get("OPTFORGE_VERBOSE") == "1"
     ray.init(address=address, include_dashboard=False, log_to_driver=verbose, configure_logging=False, **local)
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import mlflow
 
-from optforge.tasks.caching import stage_dir, stage_task
-from optforge.tasks.refs import DataRef, Format, ModelRef, file_sha256
+from optforge.tasks.runtime.caching import stage_dir, stage_task
+from optforge.tasks.runtime.refs import DataRef, Format, ModelRef, file_sha256
+from optforge.tasks.runtime.tracking import child_run
 from optforge.tasks.techniques.data.data import load_splits
 from optforge.tasks.techniques.models.rebuild import load_model
 from optforge.tasks.techniques.onnx.fusion import FuseConfig, attention_shape, export_for_fusion, fuse
 from optforge.tasks.techniques.onnx.onnx_export import max_abs_diff
-from optforge.tasks.tracking import child_run
 
 PARITY_ROWS = 64  # held-out rows the fused graph is compared on
 

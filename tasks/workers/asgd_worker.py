@@ -8,7 +8,7 @@ A slow worker just takes fewer units; a worker that dies is counted and its unit
 the run fails only when no worker is left.
 
 The server checkpoints itself at every epoch end into ``storage / name / checkpoint_NNNNNN`` (the
-layout ``tasks.train_worker.latest_checkpoint`` reads), so a re-run of the same stage resumes. The
+layout ``tasks.workers.train_worker.latest_checkpoint`` reads), so a re-run of the same stage resumes. The
 driver polls the server for finished epochs and logs them to MLflow itself: a slow tracking server
 then delays only the log lines, never the server's replies to workers.
 """
@@ -34,7 +34,7 @@ from optforge.tasks.techniques.models.models import save_model
 from optforge.tasks.techniques.models.rebuild import build_model
 from optforge.tasks.techniques.training.param_server import ParameterServer, Push, Reply, Work
 from optforge.tasks.techniques.training.training import Precision, evaluate, precision_for
-from optforge.tasks.worker_common import (
+from optforge.tasks.workers.worker_common import (
     CKPT_FILE,
     PartDataset,
     WorkerConfig,
@@ -196,7 +196,7 @@ def run_asgd(worker: WorkerConfig, storage: Path, name: str, out_dir: Path,
         out_dir: where the best model is saved (``save_model``).
         worker_delays_s: {worker index: seconds slept per micro-batch}: only for tests and benchmarks that
             need an artificially slow worker.
-        progress: a ``tasks.progress.ProgressFeed``, told about each finished epoch (None: silent).
+        progress: a ``tasks.runtime.progress.ProgressFeed``, told about each finished epoch (None: silent).
 
     Returns:
         The shape of ``run_training``'s summary; ``metrics`` holds the last epoch's metrics overlaid with

@@ -34,7 +34,7 @@ KEYED_LIBRARIES = ("torch", "numpy", "onnx", "onnxruntime", "onnxscript", "trans
 @lru_cache(maxsize=1)
 def code_version() -> str:
     """Hash of optforge's ``tasks`` package sources: editing a technique invalidates cached stages."""
-    root = Path(__file__).resolve().parent
+    root = Path(__file__).resolve().parents[1]  # the whole tasks package, shells and core
     h = hashlib.sha256()
     for f in sorted(root.rglob("*.py")):
         h.update(f.relative_to(root).as_posix().encode())
@@ -110,10 +110,10 @@ RETRY_DELAYS_S = [2, 10]
 
 def stage_task(name: str, **options):
     """``@task`` with optforge's caching (key by ``cache_key_fn``, results persisted to disk) and
-    retries for transient failures only (``tasks.retrying.retry_transient``)."""
+    retries for transient failures only (``tasks.runtime.retrying.retry_transient``)."""
     from prefect import task
 
-    from optforge.tasks.retrying import retry_transient
+    from optforge.tasks.runtime.retrying import retry_transient
 
     defaults = {"retries": len(RETRY_DELAYS_S), "retry_delay_seconds": RETRY_DELAYS_S, "retry_condition_fn": retry_transient}
     return task(name=name, cache_key_fn=cache_key_fn, persist_result=True, **(defaults | options))

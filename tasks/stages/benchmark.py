@@ -17,8 +17,9 @@ from pathlib import Path
 import mlflow
 import torch
 
-from optforge.tasks.caching import stage_task
-from optforge.tasks.refs import DataRef, Format, ModelRef, VariantResult
+from optforge.tasks.runtime.caching import stage_task
+from optforge.tasks.runtime.refs import DataRef, Format, ModelRef, VariantResult
+from optforge.tasks.runtime.tracking import child_run
 from optforge.tasks.techniques.compression.packing import PACKED_FILE
 from optforge.tasks.techniques.data.data import load_splits
 from optforge.tasks.techniques.measurement.benchmark import (
@@ -33,9 +34,8 @@ from optforge.tasks.techniques.measurement.benchmark import (
 from optforge.tasks.techniques.measurement.metrics import Predictor
 from optforge.tasks.techniques.models.rebuild import load_model
 from optforge.tasks.techniques.onnx.ort_session import session_predictor, session_settings, tuned_session
-from optforge.tasks.tracking import child_run
 
-SKIPPED = Format.SKIPPED  # a variant that could not be built on this machine (see tasks/tensorrt.py)
+SKIPPED = Format.SKIPPED  # a variant that could not be built on this machine (see tasks/stages/tensorrt.py)
 TIMED = ("accuracy", "latency_ms_p50_b1", "latency_ms_p95_b1", "latency_ms_mean_b1", "throughput_sps_b64", "size_mb")
 
 

@@ -89,7 +89,7 @@ class StageProgress:
         self.lines: list[str] = []  # what was shown, in order (the tests read it)
         self._artifact = None
         self._queue = None
-        # Where the ranks' own events (hello, beat, finished: ``tasks.watchdog``) go; they are not shown.
+        # Where the ranks' own events (hello, beat, finished: ``tasks.workers.watchdog``) go; they are not shown.
         self.on_rank_event: Callable[[dict], None] | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -107,7 +107,7 @@ class StageProgress:
 
     def remote_queue(self):
         """A Ray queue for Ray workers, drained here in a thread: rank 0's ``ProgressFeed.to_queue`` events are
-        shown, every rank's ``tasks.watchdog.Heartbeat`` events go to ``on_rank_event``."""
+        shown, every rank's ``tasks.workers.watchdog.Heartbeat`` events go to ``on_rank_event``."""
         from ray.util.queue import Queue
 
         self._queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0})

@@ -26,8 +26,9 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
-from optforge.tasks.caching import stage_task
-from optforge.tasks.refs import DataRef, Format, ModelRef, Registration, VariantResult
+from optforge.tasks.runtime.caching import stage_task
+from optforge.tasks.runtime.refs import DataRef, Format, ModelRef, Registration, VariantResult
+from optforge.tasks.runtime.tracking import child_run, registry_lock
 from optforge.tasks.techniques.data.data import Splits, load_splits
 from optforge.tasks.techniques.data.texts import raw_texts
 from optforge.tasks.techniques.measurement.benchmark import cpu_model, torch_predictor
@@ -42,7 +43,6 @@ from optforge.tasks.techniques.measurement.selection import (
 )
 from optforge.tasks.techniques.models.rebuild import load_model
 from optforge.tasks.techniques.onnx.onnx_export import save_program
-from optforge.tasks.tracking import child_run, registry_lock
 
 # Run by MLflow on load (a "model from code"); see that file for why ONNX is not logged with mlflow.onnx.
 SERVING_PYFUNC = Path(__file__).with_name("serving_pyfunc.py")
@@ -110,7 +110,7 @@ def _log_onnx(ref: ModelRef, data: DataRef, splits: Splits, registered_name: str
 
 
 def _log_pyfunc(model_artifacts: dict, data: DataRef, splits: Splits, registered_name: str, runtimes: list[str]):
-    """Log ``tasks/serving_pyfunc.py`` with the model file, the contract and (text) the tokenizer."""
+    """Log ``tasks/stages/serving_pyfunc.py`` with the model file, the contract and (text) the tokenizer."""
     import importlib.metadata as md
 
     artifacts = {**model_artifacts, "contract": str(Path(data.path) / "contract.json")}

@@ -13,7 +13,7 @@ from pathlib import Path
 import mlflow
 from prefect.states import Completed
 
-from optforge.tasks.refs import Format, ModelRef, file_sha256
+from optforge.tasks.runtime.refs import Format, ModelRef, file_sha256
 
 
 def skipped_variants(reason: str, names: list[str], out: Path, onnx_model: ModelRef, run_id: str,

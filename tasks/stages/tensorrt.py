@@ -1,7 +1,7 @@
 """Prefect task: TensorRT engines (trt_fp16, trt_int8) with parity against ONNX Runtime, or a recorded skip.
 
 Without CUDA or the ``tensorrt`` package the stage completes with a "skipped" variant per engine
-(``tasks.skipping``): it never fails the pipeline for a missing GPU.
+(``tasks.stages.skipping``): it never fails the pipeline for a missing GPU.
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from pathlib import Path
 import mlflow
 from prefect.states import Completed
 
-from optforge.tasks.caching import stage_dir, stage_task
-from optforge.tasks.refs import DataRef, Format, ModelRef, file_sha256
-from optforge.tasks.skipping import skipped_variants
+from optforge.tasks.runtime.caching import stage_dir, stage_task
+from optforge.tasks.runtime.refs import DataRef, Format, ModelRef, file_sha256
+from optforge.tasks.runtime.tracking import child_run
+from optforge.tasks.stages.skipping import skipped_variants
 from optforge.tasks.techniques.data.data import load_splits
 from optforge.tasks.techniques.engines.tensorrt_engine import (
     EngineRunner,
@@ -25,7 +26,6 @@ from optforge.tasks.techniques.engines.tensorrt_engine import (
 )
 from optforge.tasks.techniques.onnx.fp16 import Fp16Config, convert_fp16
 from optforge.tasks.techniques.onnx.static_quant import StaticQuantConfig, quantize_static_int8, scaled_calibration
-from optforge.tasks.tracking import child_run
 
 
 def _int8_for_tensorrt(cfg: StaticQuantConfig) -> StaticQuantConfig:

@@ -14,8 +14,9 @@ from pathlib import Path
 import mlflow
 import numpy as np
 
-from optforge.tasks.caching import stage_dir, stage_task
-from optforge.tasks.refs import DataRef, Format, ModelRef, file_sha256
+from optforge.tasks.runtime.caching import stage_dir, stage_task
+from optforge.tasks.runtime.refs import DataRef, Format, ModelRef, file_sha256
+from optforge.tasks.runtime.tracking import child_run, tracking_uri
 from optforge.tasks.techniques.compression.distill import DistillConfig, teacher_logits
 from optforge.tasks.techniques.data.data import load_splits
 from optforge.tasks.techniques.files import atomic_write
@@ -25,9 +26,8 @@ from optforge.tasks.techniques.models.model_source import starting_model
 from optforge.tasks.techniques.models.models import ModelConfig, count_params, save_model
 from optforge.tasks.techniques.models.rebuild import load_model
 from optforge.tasks.techniques.training.training import TrainConfig, evaluate
-from optforge.tasks.tracking import child_run, tracking_uri
-from optforge.tasks.training_driver import run_training
-from optforge.tasks.worker_common import KdConfig, WorkerConfig
+from optforge.tasks.workers.training_driver import run_training
+from optforge.tasks.workers.worker_common import KdConfig, WorkerConfig
 
 # Whole-run figures the strategies report beside the per-epoch curves.
 STRATEGY_METRICS = ("staleness_mean", "staleness_max", "stale_dropped", "workers_lost", "updates",

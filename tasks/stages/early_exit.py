@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import mlflow
 
-from optforge.tasks.caching import stage_task
-from optforge.tasks.compress import log_result, open_input, output_and_tags, torch_ref
-from optforge.tasks.progress import StageProgress
-from optforge.tasks.refs import DataRef, ModelRef
+from optforge.tasks.runtime.caching import stage_task
+from optforge.tasks.runtime.progress import StageProgress
+from optforge.tasks.runtime.refs import DataRef, ModelRef
+from optforge.tasks.runtime.tracking import child_run
+from optforge.tasks.stages.compress import log_result, open_input, output_and_tags, torch_ref
 from optforge.tasks.techniques.compression.early_exit import NEVER, EarlyExitConfig, EarlyExitModel
 from optforge.tasks.techniques.compression.exit_policy import (
     choose_threshold,
@@ -24,7 +25,6 @@ from optforge.tasks.techniques.compression.exit_policy import (
     train_heads,
 )
 from optforge.tasks.techniques.models.models import save_model
-from optforge.tasks.tracking import child_run
 
 
 @stage_task("early_exit")

@@ -20,7 +20,8 @@ from mlflow.exceptions import MlflowException
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from optforge.tasks.refs import ModelRef, Registration, VariantResult
+from optforge.tasks.runtime.refs import ModelRef, Registration, VariantResult
+from optforge.tasks.runtime.tracking import PIPELINES, STAGE_TAG, TUNE_TRIAL_STAGE
 from optforge.tasks.techniques.measurement.report import (
     COLUMNS,
     ReportData,
@@ -30,10 +31,9 @@ from optforge.tasks.techniques.measurement.report import (
     write_report,
 )
 from optforge.tasks.techniques.measurement.selection import RegisterConfig, Selection, select_variant
-from optforge.tasks.tracking import PIPELINES, STAGE_TAG, TUNE_TRIAL_STAGE
 
 ARTIFACT_DIR = "report"
-SELECTION_FILE = "selection.json"  # written by tasks.register
+SELECTION_FILE = "selection.json"  # written by tasks.stages.register
 
 
 class ReportError(ValueError):

@@ -11,10 +11,11 @@ from __future__ import annotations
 import mlflow
 import numpy as np
 
-from optforge.tasks.caching import stage_dir, stage_task
-from optforge.tasks.distill import teacher_logits_file
-from optforge.tasks.progress import StageProgress
-from optforge.tasks.refs import DataRef, Format, ModelRef, file_sha256
+from optforge.tasks.runtime.caching import stage_dir, stage_task
+from optforge.tasks.runtime.progress import StageProgress
+from optforge.tasks.runtime.refs import DataRef, Format, ModelRef, file_sha256
+from optforge.tasks.runtime.tracking import child_run
+from optforge.tasks.stages.distill import teacher_logits_file
 from optforge.tasks.techniques.compression import binarize, clustering
 from optforge.tasks.techniques.compression.binarize import BinarizeConfig
 from optforge.tasks.techniques.compression.circulant import CirculantConfig, to_circulant
@@ -36,7 +37,6 @@ from optforge.tasks.techniques.onnx.static_quant import accuracy as onnx_accurac
 from optforge.tasks.techniques.onnx.static_quant import count_qdq_nodes
 from optforge.tasks.techniques.training.finetune import FinetuneConfig, finetune
 from optforge.tasks.techniques.training.training import evaluate
-from optforge.tasks.tracking import child_run
 
 CALIBRATION_ROWS = 512  # training rows whose activations set QAT's starting ranges
 UNSTRUCTURED_NOTE = ("unstructured sparsity {:.1%}: the tensors stay dense, so dense kernels (PyTorch, ONNX Runtime) "

@@ -1,6 +1,6 @@
 """Distillation on Ray Train: the train stage's launcher with a soft-target loss plugged in.
 
-``run_distillation`` launches ``tasks.training_driver.run_training`` with a ``KdConfig`` in the worker
+``run_distillation`` launches ``tasks.workers.training_driver.run_training`` with a ``KdConfig`` in the worker
 config, so the student gets the teacher's data-parallel setup unchanged (DDP, AMP, accumulation, a
 checkpoint per epoch, NaN handling, rank-0 MLflow metrics). The teacher's logits are read from a file
 computed once per (teacher, dataset), or, with ``cache_teacher_logits=false``, each worker loads the
@@ -14,8 +14,8 @@ from pathlib import Path
 
 from optforge.tasks.techniques.compression.distill import DistillConfig
 from optforge.tasks.techniques.models.models import ModelSpec
-from optforge.tasks.training_driver import run_training
-from optforge.tasks.worker_common import KdConfig, WorkerConfig
+from optforge.tasks.workers.training_driver import run_training
+from optforge.tasks.workers.worker_common import KdConfig, WorkerConfig
 
 
 def run_distillation(

@@ -1,6 +1,6 @@
 """The training stages' watchdog: a stage whose ranks stop reporting fails, naming them, instead of hanging.
 
-Every Ray Train rank sends small events through the stage's progress queue (``tasks.progress``): a
+Every Ray Train rank sends small events through the stage's progress queue (``tasks.runtime.progress``): a
 ``hello`` when its loop starts (rank 0's carries the handle of Ray Train's controller), a ``beat`` at each
 phase (training, evaluating, checkpointing) and at most every ``every_s`` within one, and ``finished``
 when its loop ends. ``RankWatch`` keeps the last event of each rank, as the driver received it.
@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from optforge.tasks.progress import queue_sender
+from optforge.tasks.runtime.progress import queue_sender
 
 BEAT_EVERY_S = 5.0  # within a phase, at most one beat this often per rank (a Ray queue put, ~1 ms)
 log = logging.getLogger("optforge")

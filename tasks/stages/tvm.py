@@ -1,7 +1,7 @@
 """Prefect task: the FP32 ONNX model compiled by Apache TVM (variant tvm_llvm), with parity against ONNX
 Runtime, or a recorded skip.
 
-Skipped (``tasks.skipping``) where the ``tvm`` package is missing or its Relax ONNX frontend cannot
+Skipped (``tasks.stages.skipping``) where the ``tvm`` package is missing or its Relax ONNX frontend cannot
 take the graph; a compiled engine whose logits differ from ONNX Runtime's by more than
 ``engines.tvm.parity_atol`` fails the stage. The libraries are built (and tuned) for this host's CPU,
 so the stage is machine-bound in the cache key and the variant is never registered (not portable).
@@ -12,9 +12,10 @@ from __future__ import annotations
 import mlflow
 from prefect.states import Completed
 
-from optforge.tasks.caching import stage_dir, stage_task
-from optforge.tasks.refs import DataRef, Format, ModelRef, file_sha256
-from optforge.tasks.skipping import skipped_variants
+from optforge.tasks.runtime.caching import stage_dir, stage_task
+from optforge.tasks.runtime.refs import DataRef, Format, ModelRef, file_sha256
+from optforge.tasks.runtime.tracking import child_run
+from optforge.tasks.stages.skipping import skipped_variants
 from optforge.tasks.techniques.data.data import load_splits
 from optforge.tasks.techniques.engines.tensorrt_engine import parity
 from optforge.tasks.techniques.engines.tvm_engine import (
@@ -26,7 +27,6 @@ from optforge.tasks.techniques.engines.tvm_engine import (
     library_mb,
     unavailable_reason,
 )
-from optforge.tasks.tracking import child_run
 
 VARIANT = "tvm_llvm"
 
