@@ -1,4 +1,5 @@
-"""``optforge`` command line: ``run`` the optimize flow, list recent ``runs``.
+"""``optforge`` command line: ``run`` the optimize flow, ``tune`` (the search), list recent ``runs``; ``report``
+and ``compare`` (inspect_cmds.py), ``bench`` (bench.py), ``serve`` (serve_cmd.py), ``examples`` (examples.py).
 
 Imports of Prefect, MLflow and torch happen inside the commands, after the embedded defaults are
 put in the environment, so ``optforge --help`` is instant and nothing is configured at import.

@@ -1,4 +1,5 @@
-"""The optimize flow: prepare data -> train -> export ONNX -> quantize -> benchmark -> register.
+"""The optimize flow: prepare data -> plan -> train -> the ONNX forms (export, dynamic and static INT8, fusion,
+FP16) -> engines -> compression chains -> benchmark -> register -> report.
 
 Wiring only. The flow's MLflow run is the parent; each stage logs a nested child run. Stages are
 cached on (config, input content, code version), so a re-run after a completed or crashed run

@@ -28,7 +28,7 @@ def export(cfg: ExportConfig, model: ModelRef, data: DataRef, workdir: str, pare
         path = export_onnx(torch_model, splits.contract, out / "model.onnx", cfg, example=held_out)
         diff = max_abs_diff(torch_model, path, held_out)
         mlflow.log_metric("parity_max_abs_diff", diff)
-        if diff > cfg.parity_atol:
+        if not diff <= cfg.parity_atol:  # NaN fails too
             raise ValueError(f"onnx.export.parity_atol: ONNX Runtime and PyTorch logits differ by {diff:.3g} > {cfg.parity_atol}")
         mlflow.log_artifact(str(path), "onnx")
     return ModelRef("onnx_fp32", Format.ONNX, str(path), file_sha256(path), run.info.run_id,

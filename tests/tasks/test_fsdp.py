@@ -14,10 +14,10 @@ from optforge.tasks.techniques.data.data import DataConfig, load_splits
 from optforge.tasks.techniques.data.sources import prepare
 from optforge.tasks.techniques.models.models import MLP, ModelConfig, ModelSpec, count_params
 from optforge.tasks.techniques.models.rebuild import build_model, load_model
-from optforge.tasks.techniques.training.sharding import is_sharded
 from optforge.tasks.techniques.training.training import TrainConfig, evaluate
 from optforge.tasks.workers.training_driver import run_training
 from optforge.tasks.workers.worker_common import WorkerConfig
+from tests.techniques.helpers import is_sharded
 
 pytestmark = pytest.mark.slow
 

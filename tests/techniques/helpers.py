@@ -76,3 +76,8 @@ def hf_spec(model, contract) -> ModelSpec:
 
     return ModelSpec(ModelConfig(arch="huggingface", path="unused").to_dict(), contract.to_dict(),
                      hf_config=model.config.to_dict())
+
+
+def is_sharded(model) -> bool:
+    """Whether ``model``'s parameters are FSDP2 shards (DTensors) rather than plain tensors."""
+    return any(hasattr(p, "to_local") for p in model.parameters())

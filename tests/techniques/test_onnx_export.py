@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from optforge.tasks.techniques.contract import table_contract
-from optforge.tasks.techniques.onnx.onnx_export import ExportConfig, check_parity, export_onnx, load_onnx, max_abs_diff
+from optforge.tasks.techniques.onnx.onnx_export import ExportConfig, export_onnx, load_onnx, max_abs_diff
 from tests.techniques.helpers import rows
 
 F, C = 16, 4
@@ -77,12 +77,9 @@ def test_exported_model_quantizes_without_preprocessing(exported, tmp_path):
 def test_parity_is_tight_and_fails_for_another_model(exported):
     model, path = exported
     X, _ = toy_data(64, seed=1)
-    diff = check_parity(model, path, rows(X), atol=1e-4)
-    assert 0 <= diff < 1e-4
-    assert max_abs_diff(model, path, rows(X)) == pytest.approx(diff)
+    assert 0 <= max_abs_diff(model, path, rows(X)) < 1e-4
     other = nn.Sequential(nn.Linear(F, 64), nn.ReLU(), nn.Linear(64, C))
-    with pytest.raises(ValueError, match=r"ONNX parity check failed: max abs diff .* > parity_atol 0.0001"):
-        check_parity(other, path, rows(X), atol=1e-4)
+    assert max_abs_diff(other, path, rows(X)) > 1e-2  # the export stage fails above onnx.export.parity_atol
 
 
 def test_export_uses_eval_mode_and_restores_training(tmp_path):

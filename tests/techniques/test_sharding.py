@@ -13,13 +13,13 @@ from torch import nn
 from optforge.tasks.techniques.training.sharding import (
     full_model_state,
     held_bytes,
-    is_sharded,
     load_optimizer_shards,
     save_optimizer_shards,
     shard_model,
     shard_units,
 )
 from optforge.tasks.techniques.training.training import TrainConfig
+from tests.techniques.helpers import is_sharded
 
 
 def _mlp() -> nn.Sequential:

@@ -183,18 +183,6 @@ def max_abs_diff(model: nn.Module, onnx_path: str | Path, batch: dict[str, np.nd
     return float(np.abs(ours - ref).max())
 
 
-def check_parity(model: nn.Module, onnx_path: str | Path, batch: dict[str, np.ndarray], atol: float) -> float:
-    """``max_abs_diff``, raising ``ValueError`` beyond ``atol`` so a broken export never ships.
-
-    Returns:
-        The max abs difference (for logging).
-    """
-    diff = max_abs_diff(model, onnx_path, batch)
-    if not diff <= atol:  # also catches NaN
-        raise ValueError(f"ONNX parity check failed: max abs diff {diff:.3g} > parity_atol {atol}")
-    return diff
-
-
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Eval mode (dropout off, batch-norm frozen) for the duration; the caller's mode is restored."""

@@ -152,11 +152,6 @@ def reshard(model: nn.Module) -> nn.Module:
     return model
 
 
-def is_sharded(model: nn.Module) -> bool:
-    """Whether ``model``'s parameters are FSDP2 shards (DTensors) rather than plain tensors."""
-    return any(hasattr(p, "to_local") for p in model.parameters())
-
-
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The whole model's state dict, gathered onto rank 0's CPU (a collective: every rank calls it).
 
