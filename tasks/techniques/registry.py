@@ -3,8 +3,10 @@
 (Not MLflow's Model Registry, which ``tasks/stages/register.py`` writes to.) A record says what a technique is:
 its name, its config class and where that sits in the pipeline config, the form of model it takes and
 the form it gives, its word in variant names, its stage's name, whether its output belongs to the
-machine that built it, and the values ``optforge tune`` tries by default. The chain config, the chain
-runner, the tune search and the cache key read these records instead of keeping their own tables.
+machine that built it, the values ``optforge tune`` tries by default, how to replay its change on a fresh
+model (``models/rebuild.py``), and why it cannot apply to a model (the plan asks before anything trains).
+The chain config, the chain runner, the plan, the tune search, the cache key and the model rebuild read
+these records instead of keeping their own tables.
 
 A chain is valid when each step takes the form the step before gives, as Olive matches its passes'
 model handlers: ``distill`` takes only the trained teacher (so it comes first), nothing takes an INT8
@@ -50,7 +52,7 @@ class Form(str, Enum):
 
     TEACHER = "teacher"  # the trained FP32 PyTorch model every chain starts from
     TORCH = "pytorch"  # a PyTorch model derived from it
-    CIRCULANT = "pytorch_circulant"  # with FFT layers: only exit heads or an export may follow
+    CIRCULANT = "pytorch_circulant"  # FFT layers: exit heads or an ONNX step may follow, not weight pruning
     EXITS = "pytorch_early_exit"  # with exit heads: only the export that keeps their routing may follow
     ONNX = "onnx"  # FP32 ONNX
     FUSED = "onnx_fused"  # ONNX Runtime's transformer fusion, exported from PyTorch in one step
