@@ -62,3 +62,27 @@ def test_a_record_says_why_it_cannot_apply_to_a_model():
     factory = Subject("pkg.models:net", None, contract, mlp.build)
     assert "factory model" in TECHNIQUES["early_exit"].applies(factory)
     assert all(TECHNIQUES[name].applies is None for name in ("prune", "quantize"))  # they apply to any model
+
+
+def test_each_record_names_the_stage_its_task_shell_runs_as():
+    from optforge.tasks.stages import (
+        compress,
+        distill,
+        early_exit,
+        export,
+        fp16,
+        fuse,
+        quantize,
+        quantize_static,
+        tensorrt,
+        tvm,
+    )
+
+    shells = {"distill": distill.distill, "prune": compress.prune, "factorize": compress.factorize,
+              "cluster": compress.cluster_weights, "binarize": compress.binarize_weights,
+              "circulant": compress.circulant, "early_exit": early_exit.early_exit, "qat": compress.qat,
+              "export": export.export, "fuse": fuse.fuse_onnx, "quantize": quantize.quantize,
+              "static": quantize_static.quantize_static, "fp16": fp16.convert_to_fp16,
+              "tensorrt": tensorrt.build_engines, "tvm": tvm.compile_tvm}
+    assert set(shells) == set(TECHNIQUES)
+    assert {name: task.name for name, task in shells.items()} == {name: t.stage for name, t in TECHNIQUES.items()}
