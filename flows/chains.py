@@ -25,6 +25,7 @@ from optforge.tasks.stages.export import export
 from optforge.tasks.stages.fuse import fuse_onnx
 from optforge.tasks.stages.quantize import quantize
 from optforge.tasks.stages.quantize_static import quantize_static
+from optforge.tasks.techniques.measurement.benchmark import int8_dot_saturates
 from optforge.tasks.techniques.registry import TECHNIQUES, section
 
 __all__ = ["CompressConfig", "RUNS", "chain_variants", "expand", "product_name"]
@@ -57,6 +58,15 @@ def _keeps_counts(run: Callable[[Step], ModelRef]) -> Callable[[Step], ModelRef]
     return step
 
 
+def _qat(s: Step) -> ModelRef:
+    """QAT with its weight range settled before the task runs: unset, it follows this machine's CPU, and the
+    settled value goes into the cache key and the MLflow params (a workdir shared by a VNNI machine and one
+    without must not hand the second an 8-bit model its kernels saturate on)."""
+    if s.cfg.reduce_range is None:
+        s = replace(s, cfg=s.cfg.model_copy(update={"reduce_range": int8_dot_saturates()}))
+    return _finetuned(qat)(s)
+
+
 # Explicit dispatch: each chain step of the registry to its task shell (tests/flows/test_technique_registry.py checks
 # that the two name the same steps).
 RUNS: dict[str, Callable[[Step], ModelRef]] = {
@@ -68,7 +78,7 @@ RUNS: dict[str, Callable[[Step], ModelRef]] = {
     "binarize": _finetuned(binarize_weights),
     "circulant": _finetuned(circulant),
     "early_exit": _finetuned(early_exit),
-    "qat": _finetuned(qat),
+    "qat": _qat,
     "export": _keeps_counts(lambda s: s.stage(export.with_options(name=s.name), cfg=s.cfg, model=s.source,
                                               data=s.data, workdir=s.workdir)),
     "fuse": _keeps_counts(lambda s: s.stage(fuse_onnx.with_options(name=s.name), cfg=s.cfg, model=s.source,

@@ -86,3 +86,22 @@ def test_each_record_names_the_stage_its_task_shell_runs_as():
               "tensorrt": tensorrt.build_engines, "tvm": tvm.compile_tvm}
     assert set(shells) == set(TECHNIQUES)
     assert {name: task.name for name, task in shells.items()} == {name: t.stage for name, t in TECHNIQUES.items()}
+
+
+def test_a_qat_step_settles_its_weight_range_before_the_cache_key_is_taken():
+    from optforge.flows.chains import Step
+    from optforge.tasks.runtime.refs import Format, ModelRef
+    from optforge.tasks.techniques.compression.qat import QatConfig
+    from optforge.tasks.techniques.measurement.benchmark import int8_dot_saturates
+
+    seen = {}
+
+    def stage(task, **kwargs):  # the flow's StageRunner, recording what the task would be keyed on
+        seen.update(kwargs)
+        return ModelRef("qat", Format.ONNX, "unused.onnx", "0")
+
+    ref = ModelRef("teacher", Format.TORCH, "unused", "0")
+    RUNS["qat"](Step(stage, "qat_int8", QatConfig(), ref, ref, None, "work"))
+    assert seen["cfg"].reduce_range is int8_dot_saturates()  # this CPU's answer, in the task's parameters
+    RUNS["qat"](Step(stage, "qat_int8", QatConfig(reduce_range=True), ref, ref, None, "work"))
+    assert seen["cfg"].reduce_range is True  # a value the config sets wins
