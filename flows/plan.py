@@ -17,8 +17,10 @@ import torch
 
 from optforge.flows.chain_config import expand, product_name
 from optforge.flows.params import ConfigError, PipelineConfig
+from optforge.tasks.techniques.compression.early_exit import check_exits
 from optforge.tasks.techniques.contract import InputContract
 from optforge.tasks.techniques.engines.tvm_engine import unavailable_reason as tvm_unavailable
+from optforge.tasks.techniques.models.exit_blocks import blocks_of
 from optforge.tasks.techniques.models.model_source import check_runs
 from optforge.tasks.techniques.models.models import HUGGINGFACE, ONNX, ModelSpec, count_params
 from optforge.tasks.techniques.models.rebuild import build_model
@@ -140,9 +142,6 @@ def _subject(cfg: PipelineConfig, contract: InputContract, chain) -> Subject:
 
 def _check_exits(cfg: PipelineConfig, subject: Subject, chain) -> None:
     """Raise ``ConfigError`` when compress.early_exit.exits does not fit the blocks of the model it goes on."""
-    from optforge.tasks.techniques.compression.early_exit import check_exits
-    from optforge.tasks.techniques.models.exit_blocks import blocks_of
-
     if "distill" in chain and cfg.compress.distill.derive != "width":
         return  # a new student's blocks are not the teacher's (a derived-by-width student keeps them)
     try:
