@@ -21,10 +21,9 @@ from optforge.tasks.techniques.compression.early_exit import check_exits
 from optforge.tasks.techniques.contract import InputContract
 from optforge.tasks.techniques.engines.tvm_engine import unavailable_reason as tvm_unavailable
 from optforge.tasks.techniques.models.exit_blocks import blocks_of
-from optforge.tasks.techniques.models.model_source import check_runs
-from optforge.tasks.techniques.models.models import HUGGINGFACE, ONNX, ModelSpec, count_params
+from optforge.tasks.techniques.models.models import HUGGINGFACE, ONNX, ModelSpec
 from optforge.tasks.techniques.models.rebuild import build_model
-from optforge.tasks.techniques.registry import TECHNIQUES, Subject
+from optforge.tasks.techniques.registry import TECHNIQUES, Subject, section
 
 
 @dataclass(frozen=True)
@@ -45,16 +44,6 @@ def registry_name(cfg: PipelineConfig, data_name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", raw)[:128]
 
 
-def _param_count(build) -> int | None:
-    """Parameters of the model ``build()`` makes on the meta device (no memory, no weights read), or None
-    when it cannot be built so (a factory that loads files itself, say): then nothing is decided here."""
-    try:
-        with torch.device("meta"):
-            return count_params(build())
-    except Exception:
-        return None
-
-
 def _teacher_builder(cfg: PipelineConfig, contract: InputContract):
     m = cfg.model
     if m.arch == HUGGINGFACE:
@@ -67,51 +56,6 @@ def _teacher_builder(cfg: PipelineConfig, contract: InputContract):
 def _hf_config(folder: str) -> dict | None:
     path = Path(folder) / "config.json"
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _student_problem(cfg: PipelineConfig, contract: InputContract) -> str | None:
-    """Why the configured student cannot take this data or would not be smaller than the model, or None."""
-    distill, m = cfg.compress.distill, cfg.model
-    if distill.hidden_weight:
-        teacher = _hf_config(m.path) if m.arch == HUGGINGFACE and m.path else None
-        student = _fused_config(cfg, ("distill",))  # the student's Hugging Face config, derived or given
-        if not all("num_hidden_layers" in (c or {}) for c in (teacher, student)):
-            return ("distill: compress.distill.hidden_weight pairs the layers of two transformers (Hugging Face "
-                    "configs with num_hidden_layers); this teacher or student has none: set it to 0")
-    if distill.share_layers > 1 and "num_hidden_layers" not in (_fused_config(cfg, ("distill",)) or {}):
-        return ("distill: compress.distill.share_layers shares the layers of a transformer student (a Hugging Face "
-                "config with num_hidden_layers); this student has none: set it to 1")
-    if distill.derive == "width":
-        return None  # the teacher, narrowed: always smaller, always takes the data
-    if distill.derive == "layers":
-        layers = (_hf_config(m.path) or {}).get("num_hidden_layers") if m.arch == HUGGINGFACE else None
-        if not isinstance(layers, int) or layers < 2:
-            return ("distill: compress.distill.derive=layers keeps every other layer of a transformer; model.arch="
-                    f"{m.arch} has no num_hidden_layers >= 2 in a Hugging Face config; use derive=width")
-        return None
-    student_cfg = distill.student
-    what = f"the student (compress.distill.student.arch={student_cfg.arch})"
-    if student_cfg.arch == HUGGINGFACE:  # weights load in the stage; here only its config counts
-        from optforge.tasks.techniques.models.hf import from_config
-
-        raw = _hf_config(student_cfg.path)
-        if raw is None:
-            return f"distill: {what} has no config.json in compress.distill.student.path={student_cfg.path}"
-        raw = {k: v for k, v in raw.items() if k not in ("id2label", "label2id")} | {"num_labels": contract.num_classes}
-        build = lambda: from_config(raw, contract)
-    else:
-        spec = ModelSpec(student_cfg.to_dict(), contract.to_dict())
-        try:
-            check_runs(build_model(spec).eval(), contract)
-        except (ValueError, TypeError) as exc:
-            return f"distill: {what} cannot take this data: {str(exc)[:200]}"
-        build = lambda: build_model(spec)
-    n_student = _param_count(build)
-    n_teacher = _param_count(_teacher_builder(cfg, contract))
-    if n_student is not None and n_teacher is not None and n_student >= n_teacher:
-        return (f"distill: {what} has {n_student:,} parameters, not fewer than the model's {n_teacher:,}; "
-                "set compress.distill.student to a smaller model to distill")
-    return None
 
 
 def _check_circulant(cfg: PipelineConfig, contract: InputContract) -> None:
@@ -169,9 +113,9 @@ def plan(cfg: PipelineConfig, contract: InputContract, data_name: str) -> Plan:
     skipped: dict[str, str] = {}
     m = cfg.model
     keep = []
-    student_problem = None
     updates: dict = {}
-    if cfg.onnx.fuse.enabled and (reason := TECHNIQUES["fuse"].applies(_subject(cfg, contract, ()))):
+    teacher = _subject(cfg, contract, ())
+    if cfg.onnx.fuse.enabled and (reason := TECHNIQUES["fuse"].applies(teacher, cfg.onnx.fuse)):
         skipped["fuse"] = reason
         updates["onnx"] = cfg.onnx.model_copy(update={"fuse": cfg.onnx.fuse.model_copy(update={"enabled": False})})
     for chain in cfg.compress.chains:
@@ -180,19 +124,16 @@ def plan(cfg: PipelineConfig, contract: InputContract, data_name: str) -> Plan:
             skipped[name] = "model.arch=onnx: no PyTorch model to compress (distill, prune, factorize, cluster and binarize need one)"
             continue
         subject = _subject(cfg, contract, chain)
-        reasons = (TECHNIQUES[step].applies(subject) for step in chain if TECHNIQUES[step].applies)
-        if reason := next((r for r in reasons if r), None):  # the step's record says why it cannot apply
+        # Each step's record says why it cannot apply to the model it would get (distill: the teacher).
+        reasons = (TECHNIQUES[step].applies(teacher if step == "distill" else subject, section(cfg, TECHNIQUES[step]))
+                   for step in chain if TECHNIQUES[step].applies)
+        if reason := next((r for r in reasons if r), None):
             skipped[name] = reason
             continue
         if chain[0] == "circulant":  # a block that does not divide the teacher's widths is the user's error
             _check_circulant(cfg, contract)
         if "early_exit" in chain:
             _check_exits(cfg, subject, chain)
-        if "distill" in chain:
-            student_problem = student_problem or _student_problem(cfg, contract)
-            if student_problem:
-                skipped[name] = student_problem
-                continue
         keep.append(chain)
     updates["compress"] = cfg.compress.model_copy(update={"chains": tuple(keep)})
     loader = cfg.train.loader

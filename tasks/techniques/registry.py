@@ -33,13 +33,13 @@ from optforge.tasks.techniques.compression.early_exit import EarlyExitConfig, Ea
 from optforge.tasks.techniques.compression.factorize import FactorizeConfig
 from optforge.tasks.techniques.compression.prune import PruneConfig
 from optforge.tasks.techniques.compression.qat import QatConfig
-from optforge.tasks.techniques.compression.students import share_layers
+from optforge.tasks.techniques.compression.students import share_layers, student_problem
 from optforge.tasks.techniques.config import TechniqueConfig
 from optforge.tasks.techniques.contract import InputContract
 from optforge.tasks.techniques.engines.tensorrt_engine import TensorRTConfig
 from optforge.tasks.techniques.engines.tvm_engine import TvmConfig
 from optforge.tasks.techniques.models.exit_blocks import blocks_of
-from optforge.tasks.techniques.models.models import apply_ranks
+from optforge.tasks.techniques.models.models import Subject, apply_ranks
 from optforge.tasks.techniques.onnx.fp16 import Fp16Config
 from optforge.tasks.techniques.onnx.fusion import FuseConfig, unsupported_reason
 from optforge.tasks.techniques.onnx.onnx_export import ExportConfig
@@ -68,16 +68,6 @@ _PYTORCH = (Form.TEACHER, Form.TORCH)  # what the weight-level PyTorch steps tak
 
 
 @dataclass(frozen=True)
-class Subject:
-    """The model a step would be given, as the plan sees it before anything trains."""
-
-    family: str  # model.arch of its source: a zoo name, huggingface, or a factory's import path
-    hf_config: dict[str, Any] | None  # its Hugging Face config (None: not a Hugging Face model)
-    contract: InputContract
-    build: Callable[[], nn.Module]  # builds it (the plan calls it on the meta device); may raise
-
-
-@dataclass(frozen=True)
 class Technique:
     """One technique. ``io`` maps each form it takes to the form it gives."""
 
@@ -95,8 +85,9 @@ class Technique:
     # Rebuilds its change on a freshly built model from the params it recorded in ModelSpec.transforms (the
     # weights load afterwards); None: it changes weights only, or gives no PyTorch model.
     replay: Callable[[nn.Module, dict[str, Any], InputContract], nn.Module] | None = None
-    # Why it cannot apply to the model a chain would give it (a reason to skip the chain), or None.
-    applies: Callable[[Subject], str | None] | None = None
+    # Why it cannot apply, with these settings, to the model a chain would give it (a reason to skip the
+    # chain), or None.
+    applies: Callable[[Subject, Any], str | None] | None = None
 
     def takes(self, form: Form) -> bool:
         return form in self.io
@@ -119,7 +110,7 @@ def _replay_early_exit(model: nn.Module, params: dict[str, Any], contract: Input
     return EarlyExitModel(model, params["exits"], contract.num_classes, contract.example(batch=1), params["threshold"])
 
 
-def _early_exit_applies(subject: Subject) -> str | None:
+def _early_exit_applies(subject: Subject, cfg: EarlyExitConfig) -> str | None:
     if ":" in subject.family:
         return (f"early_exit: the step cannot see blocks in a factory model ({subject.family}); exit heads go on the "
                 "zoo MLP, CNN and DSCNN and on BERT-style Hugging Face classifiers")
@@ -137,7 +128,8 @@ def _early_exit_applies(subject: Subject) -> str | None:
 
 TECHNIQUES: dict[str, Technique] = {t.name: t for t in (
     Technique("distill", DistillConfig, "compress.distill", {Form.TEACHER: Form.TORCH}, "distill", "always",
-              "distill", "train a smaller student from the teacher's soft labels (Ray Train)", replay=_replay_distill),
+              "distill", "train a smaller student from the teacher's soft labels (Ray Train)", replay=_replay_distill,
+              applies=student_problem),
     Technique("prune", PruneConfig, "compress.prune", dict.fromkeys(_PYTORCH, Form.TORCH), "prune", "always",
               "prune", "remove channels, heads or weights by importance, then fine-tune",
               search={"sparsity": (0.3, 0.5, 0.7), "rounds": (1, 2)}, replay=_replay_prune),
@@ -160,7 +152,7 @@ TECHNIQUES: dict[str, Technique] = {t.name: t for t in (
               "export_onnx", "ONNX export from the input contract, checked against PyTorch"),
     Technique("fuse", FuseConfig, "onnx.fuse", dict.fromkeys((*_PYTORCH, Form.CIRCULANT), Form.FUSED), "fused", "always",
               "fuse", "ONNX Runtime's transformer fusion (attention, LayerNorm, GELU)",
-              applies=lambda subject: unsupported_reason(subject.hf_config)),
+              applies=lambda subject, _: unsupported_reason(subject.hf_config)),
     Technique("quantize", DynamicQuantConfig, "onnx.quantize", dict.fromkeys((Form.ONNX, Form.FUSED, Form.ROUTED), Form.INT8),
               "int8", "last", "quantize", "dynamic INT8: weights INT8, activations quantized per call"),
     Technique("static", StaticQuantConfig, "onnx.static", {Form.ONNX: Form.INT8}, "static_int8", "last",

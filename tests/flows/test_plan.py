@@ -52,7 +52,8 @@ def test_a_bert_keeps_fusion_and_a_fused_chain_of_its_derived_student(tmp_path):
     assert not derived.skipped and derived.cfg.onnx.fuse.enabled
     assert [list(c) for c in derived.cfg.compress.chains] == [["distill", "fuse", "quantize"], ["prune"]]
     zoo_student = plan(load_config(None, base), text_contract(16, 3, {}), "t")  # the default MLP student
-    assert "not one" in zoo_student.skipped["distill_fused_int8"] and "fuse" not in zoo_student.skipped
+    # the first step that cannot apply gives the reason: the MLP student cannot take text (nor could it fuse)
+    assert "cannot take this data" in zoo_student.skipped["distill_fused_int8"] and "fuse" not in zoo_student.skipped
 
 
 

@@ -50,17 +50,22 @@ def test_an_int8_step_after_a_pytorch_model_gets_its_export_and_names_follow_the
 
 
 def test_a_record_says_why_it_cannot_apply_to_a_model():
+    from optforge.tasks.techniques.compression.distill import DistillConfig
     from optforge.tasks.techniques.contract import table_contract
     from optforge.tasks.techniques.models.models import MLP
     from optforge.tasks.techniques.registry import Subject
 
     contract = table_contract(8, 3)
     mlp = Subject("mlp", None, contract, lambda: MLP(8, 3, (16, 16)))
-    assert "not one" in TECHNIQUES["fuse"].applies(mlp)  # ORT's transformer fusion needs a transformer
-    assert TECHNIQUES["fuse"].applies(Subject("huggingface", {"model_type": "bert"}, contract, mlp.build)) is None
-    assert TECHNIQUES["early_exit"].applies(mlp) is None  # the MLP's hidden layers are its blocks
-    factory = Subject("pkg.models:net", None, contract, mlp.build)
-    assert "factory model" in TECHNIQUES["early_exit"].applies(factory)
+    fuse, exits, distill = (TECHNIQUES[n] for n in ("fuse", "early_exit", "distill"))
+    assert "not one" in fuse.applies(mlp, None)  # ORT's transformer fusion needs a transformer
+    assert fuse.applies(Subject("huggingface", {"model_type": "bert"}, contract, mlp.build), None) is None
+    assert exits.applies(mlp, None) is None  # the MLP's hidden layers are its blocks
+    assert "factory model" in exits.applies(Subject("pkg.models:net", None, contract, mlp.build), None)
+    # distill asks about the teacher: the default student (64 k weights) is not smaller than this tiny MLP
+    assert "not fewer than the model's" in distill.applies(mlp, DistillConfig())
+    assert distill.applies(mlp, DistillConfig(derive="width")) is None  # a narrowed teacher always is
+    assert "num_hidden_layers" in distill.applies(mlp, DistillConfig(derive="layers"))
     assert all(TECHNIQUES[name].applies is None for name in ("prune", "quantize"))  # they apply to any model
 
 

@@ -28,10 +28,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from optforge.tasks.techniques.compression.distill import DistillConfig
 from optforge.tasks.techniques.compression.graph_prune import prune_channels
 from optforge.tasks.techniques.contract import InputContract
 from optforge.tasks.techniques.models.model_source import check_runs, starting_model
-from optforge.tasks.techniques.models.models import ModelConfig, ModelSpec
+from optforge.tasks.techniques.models.models import (
+    HUGGINGFACE,
+    ModelConfig,
+    ModelSpec,
+    Subject,
+    base_model,
+    count_params,
+)
 
 Derive = Literal["none", "layers", "width"]
 
@@ -174,3 +182,65 @@ def hidden_state_loss(student: LayerOutputs, teacher: LayerOutputs) -> torch.Ten
     if not losses:
         return torch.zeros(())
     return torch.stack(losses).mean()
+
+
+def _hf_config(folder: str | None) -> dict | None:
+    path = Path(folder or "") / "config.json"
+    return json.loads(path.read_text()) if folder and path.is_file() else None
+
+
+def _params_on_meta(build) -> int | None:
+    """Parameters of the model ``build()`` makes on the meta device (no memory, no weights read), or None when
+    it cannot be built so (a factory that loads files itself, say): then nothing is decided here."""
+    try:
+        with torch.device("meta"):
+            return count_params(build())
+    except Exception:
+        return None
+
+
+def student_problem(teacher: Subject, cfg: DistillConfig) -> str | None:
+    """Why ``cfg``'s student cannot be distilled from ``teacher``: it cannot take the data, it would not be
+    smaller, or a setting needs transformers it does not have. None: it applies."""
+    contract = teacher.contract
+    own = cfg.derive == "none"
+    student_hf = (_hf_config(cfg.student.path) if cfg.student.arch == HUGGINGFACE else None) if own else teacher.hf_config
+    if cfg.hidden_weight and not all("num_hidden_layers" in (c or {}) for c in (teacher.hf_config, student_hf)):
+        return ("distill: compress.distill.hidden_weight pairs the layers of two transformers (Hugging Face "
+                "configs with num_hidden_layers); this teacher or student has none: set it to 0")
+    if cfg.share_layers > 1 and "num_hidden_layers" not in (student_hf or {}):
+        return ("distill: compress.distill.share_layers shares the layers of a transformer student (a Hugging Face "
+                "config with num_hidden_layers); this student has none: set it to 1")
+    if cfg.derive == "width":
+        return None  # the teacher, narrowed: always smaller, always takes the data
+    if cfg.derive == "layers":
+        layers = (teacher.hf_config or {}).get("num_hidden_layers") if teacher.family == HUGGINGFACE else None
+        if not isinstance(layers, int) or layers < 2:
+            return ("distill: compress.distill.derive=layers keeps every other layer of a transformer; model.arch="
+                    f"{teacher.family} has no num_hidden_layers >= 2 in a Hugging Face config; use derive=width")
+        return None
+    what = f"the student (compress.distill.student.arch={cfg.student.arch})"
+    if cfg.student.arch == HUGGINGFACE:  # weights load in the stage; here only its config counts
+        from optforge.tasks.techniques.models.hf import from_config
+
+        if student_hf is None:
+            return f"distill: {what} has no config.json in compress.distill.student.path={cfg.student.path}"
+        raw = {k: v for k, v in student_hf.items() if k not in ("id2label", "label2id")}
+        raw["num_labels"] = contract.num_classes
+
+        def build():
+            return from_config(raw, contract)
+    else:
+        spec = ModelSpec(cfg.student.to_dict(), contract.to_dict())
+        try:
+            check_runs(base_model(spec).eval(), contract)
+        except (ValueError, TypeError) as exc:
+            return f"distill: {what} cannot take this data: {str(exc)[:200]}"
+
+        def build():
+            return base_model(spec)
+    n_student, n_teacher = _params_on_meta(build), _params_on_meta(teacher.build)
+    if n_student is not None and n_teacher is not None and n_student >= n_teacher:
+        return (f"distill: {what} has {n_student:,} parameters, not fewer than the model's {n_teacher:,}; "
+                "set compress.distill.student to a smaller model to distill")
+    return None

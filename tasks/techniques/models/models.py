@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,16 @@ class ModelSpec:
         history = [step for name, p in self.transforms for step in (p.get("history") or [])
                    if name in ("prune", "distill")]
         return history or None
+
+
+@dataclass(frozen=True)
+class Subject:
+    """A model as the plan sees it before anything trains: what a technique's applicability check reads."""
+
+    family: str  # model.arch of its source: a zoo name, huggingface, or a factory's import path
+    hf_config: dict[str, Any] | None  # its Hugging Face config (None: not a Hugging Face model)
+    contract: InputContract
+    build: Callable[[], nn.Module]  # builds it (checks call it on the meta device); may raise
 
 
 class MLP(nn.Module):
