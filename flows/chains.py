@@ -1,6 +1,6 @@
-"""Compression chains: distill / prune / factorize, then export and quantize each chain's product.
+"""Compression chains: each chain's steps run in order on the trained teacher, each through its task shell.
 
-A chain is a list of stage names applied in order, starting from the trained FP32 teacher, e.g.
+A chain is a list of the registry's chain steps applied in order, starting from the trained FP32 teacher, e.g.
 ``[distill, prune, quantize]``: distill a student, prune it, export it to ONNX and quantize it to
 INT8. Each chain's end product becomes a benchmarked variant (and a registration candidate) named
 after the chain (``distill_prune_int8``), tagged with its lineage. Chains that share a prefix share
@@ -67,8 +67,8 @@ def _qat(s: Step) -> ModelRef:
     return _finetuned(qat)(s)
 
 
-# Explicit dispatch: each chain step of the registry to its task shell (tests/flows/test_technique_registry.py checks
-# that the two name the same steps).
+# Explicit dispatch: each chain step of the registry to its task shell
+# (tests/flows/test_technique_registry.py checks that the two name the same steps).
 RUNS: dict[str, Callable[[Step], ModelRef]] = {
     "distill": lambda s: s.stage(distill.with_options(name=s.name), cfg=s.cfg, teacher=s.teacher, data=s.data,
                                  workdir=s.workdir, run_name=s.name),
