@@ -25,7 +25,7 @@ from optforge.tasks.stages.export import export
 from optforge.tasks.stages.fuse import fuse_onnx
 from optforge.tasks.stages.quantize import quantize
 from optforge.tasks.stages.quantize_static import quantize_static
-from optforge.tasks.techniques.measurement.benchmark import int8_dot_saturates
+from optforge.tasks.techniques.compression.qat import settled_reduce_range
 from optforge.tasks.techniques.registry import TECHNIQUES, section
 
 __all__ = ["CompressConfig", "RUNS", "chain_variants", "expand", "product_name"]
@@ -62,9 +62,8 @@ def _qat(s: Step) -> ModelRef:
     """QAT with its weight range settled before the task runs: unset, it follows this machine's CPU, and the
     settled value goes into the cache key and the MLflow params (a workdir shared by a VNNI machine and one
     without must not hand the second an 8-bit model its kernels saturate on)."""
-    if s.cfg.reduce_range is None:
-        s = replace(s, cfg=s.cfg.model_copy(update={"reduce_range": int8_dot_saturates()}))
-    return _finetuned(qat)(s)
+    settled = s.cfg.model_copy(update={"reduce_range": settled_reduce_range(s.cfg.reduce_range)})
+    return _finetuned(qat)(replace(s, cfg=settled))
 
 
 # Explicit dispatch: each chain step of the registry to its task shell

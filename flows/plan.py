@@ -8,10 +8,8 @@ name). Pure: no Prefect, no MLflow.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -21,7 +19,7 @@ from optforge.tasks.techniques.compression.early_exit import check_exits
 from optforge.tasks.techniques.contract import InputContract
 from optforge.tasks.techniques.engines.tvm_engine import unavailable_reason as tvm_unavailable
 from optforge.tasks.techniques.models.exit_blocks import blocks_of
-from optforge.tasks.techniques.models.models import HUGGINGFACE, ONNX, ModelSpec
+from optforge.tasks.techniques.models.models import HUGGINGFACE, ONNX, ModelSpec, read_hf_config
 from optforge.tasks.techniques.models.rebuild import build_model
 from optforge.tasks.techniques.registry import TECHNIQUES, Subject, section
 
@@ -49,13 +47,8 @@ def _teacher_builder(cfg: PipelineConfig, contract: InputContract):
     if m.arch == HUGGINGFACE:
         from optforge.tasks.techniques.models.hf import from_config
 
-        return lambda: from_config(_hf_config(m.path) or {}, contract)
+        return lambda: from_config(read_hf_config(m.path) or {}, contract)
     return lambda: build_model(ModelSpec(m.to_dict(), contract.to_dict()))
-
-
-def _hf_config(folder: str) -> dict | None:
-    path = Path(folder) / "config.json"
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _check_circulant(cfg: PipelineConfig, contract: InputContract) -> None:
@@ -104,8 +97,8 @@ def _fused_config(cfg: PipelineConfig, chain) -> dict | None:
     m, distill = cfg.model, cfg.compress.distill
     if "distill" in chain and distill.derive == "none":
         student = distill.student
-        return _hf_config(student.path) if student.arch == HUGGINGFACE and student.path else None
-    return _hf_config(m.path) if m.arch == HUGGINGFACE and m.path else None  # the model, or derived from it
+        return read_hf_config(student.path) if student.arch == HUGGINGFACE and student.path else None
+    return read_hf_config(m.path) if m.arch == HUGGINGFACE and m.path else None  # the model, or derived from it
 
 
 def plan(cfg: PipelineConfig, contract: InputContract, data_name: str) -> Plan:

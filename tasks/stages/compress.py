@@ -26,10 +26,9 @@ from optforge.tasks.techniques.compression.graph_prune import widths
 from optforge.tasks.techniques.compression.packing import PACKED_FILE
 from optforge.tasks.techniques.compression.prune import PruneConfig
 from optforge.tasks.techniques.compression.prune import prune as prune_model
-from optforge.tasks.techniques.compression.qat import QatConfig, calibrate, export_qdq, prepare
+from optforge.tasks.techniques.compression.qat import QatConfig, calibrate, export_qdq, prepare, settled_reduce_range
 from optforge.tasks.techniques.contract import as_tensors
 from optforge.tasks.techniques.data.data import Splits, load_splits
-from optforge.tasks.techniques.measurement.benchmark import int8_dot_saturates
 from optforge.tasks.techniques.measurement.flops import model_stats
 from optforge.tasks.techniques.models.models import save_model
 from optforge.tasks.techniques.models.rebuild import load_model
@@ -144,7 +143,7 @@ def qat(cfg: QatConfig, model: ModelRef, teacher: ModelRef, data: DataRef, workd
         net, _ = load_model(model.path)
         splits = load_splits(data.path)
         acc_fp32 = evaluate(net, splits.test)["accuracy"]
-        reduce_range = int8_dot_saturates() if cfg.reduce_range is None else cfg.reduce_range
+        reduce_range = settled_reduce_range(cfg.reduce_range)
         mlflow.log_param("qat_reduce_range", reduce_range)  # what this machine's CPU decided, when the config did not
         prepared = prepare(net, splits.contract, cfg.momentum, reduce_range)
         calibrate(prepared, (as_tensors(inputs) for inputs, _ in splits.train.head(CALIBRATION_ROWS).batches(64)))

@@ -134,11 +134,16 @@ def fold_batchnorms(model: nn.Module, contract: InputContract) -> int:
     return folded
 
 
+def settled_reduce_range(reduce_range: bool | None) -> bool:
+    """``compress.qat.reduce_range`` as set, or, unset, whether this CPU's integer kernels saturate 8-bit weights."""
+    return int8_dot_saturates() if reduce_range is None else reduce_range
+
+
 def prepare(model: nn.Module, contract: InputContract, momentum: float = 0.9, reduce_range: bool | None = None
             ) -> nn.Module:
     """A copy of ``model`` with BatchNorms folded and every Linear/Conv2d wrapped in a ``QuantLayer``.
-    ``reduce_range`` (None: decided from this CPU, ``int8_dot_saturates``) keeps weights within 7 bits."""
-    weight_max = 63 if (int8_dot_saturates() if reduce_range is None else reduce_range) else 127
+    ``reduce_range`` (None: decided from this CPU, ``settled_reduce_range``) keeps weights within 7 bits."""
+    weight_max = 63 if settled_reduce_range(reduce_range) else 127
     model = copy.deepcopy(model).eval()
     fold_batchnorms(model, contract)
     targets = [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]

@@ -39,6 +39,7 @@ from optforge.tasks.techniques.models.models import (
     Subject,
     base_model,
     count_params,
+    read_hf_config,
 )
 
 Derive = Literal["none", "layers", "width"]
@@ -184,11 +185,6 @@ def hidden_state_loss(student: LayerOutputs, teacher: LayerOutputs) -> torch.Ten
     return torch.stack(losses).mean()
 
 
-def _hf_config(folder: str | None) -> dict | None:
-    path = Path(folder or "") / "config.json"
-    return json.loads(path.read_text()) if folder and path.is_file() else None
-
-
 def _params_on_meta(build) -> int | None:
     """Parameters of the model ``build()`` makes on the meta device (no memory, no weights read), or None when
     it cannot be built so (a factory that loads files itself, say): then nothing is decided here."""
@@ -204,7 +200,7 @@ def student_problem(teacher: Subject, cfg: DistillConfig) -> str | None:
     smaller, or a setting needs transformers it does not have. None: it applies."""
     contract = teacher.contract
     own = cfg.derive == "none"
-    student_hf = (_hf_config(cfg.student.path) if cfg.student.arch == HUGGINGFACE else None) if own else teacher.hf_config
+    student_hf = (read_hf_config(cfg.student.path) if cfg.student.arch == HUGGINGFACE else None) if own else teacher.hf_config
     if cfg.hidden_weight and not all("num_hidden_layers" in (c or {}) for c in (teacher.hf_config, student_hf)):
         return ("distill: compress.distill.hidden_weight pairs the layers of two transformers (Hugging Face "
                 "configs with num_hidden_layers); this teacher or student has none: set it to 0")

@@ -308,6 +308,12 @@ def load_weights_file(path: str | Path, field_name: str = "model.weights") -> di
                          ".safetensors or a state_dict saved with torch.save") from exc
 
 
+def read_hf_config(folder: str | Path | None) -> dict | None:
+    """The ``config.json`` of a Hugging Face model folder, as a dict; None without a folder or that file."""
+    path = Path(folder or "") / "config.json"
+    return json.loads(path.read_text()) if folder and path.is_file() else None
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
