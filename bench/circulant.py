@@ -35,7 +35,7 @@ def main() -> None:
     from optforge.tasks.techniques.compression.circulant import BlockCirculantLinear
     from optforge.tasks.techniques.contract import table_contract
     from optforge.tasks.techniques.measurement.benchmark import cpu_model, time_calls
-    from optforge.tasks.techniques.onnx.onnx_export import ExportConfig, export_onnx
+    from optforge.tasks.techniques.onnx.export import ExportConfig, export_onnx
     from optforge.tasks.techniques.onnx.ort_session import tuned_session
 
     torch.set_num_threads(args.threads)

@@ -38,7 +38,7 @@ def main() -> None:
     from optforge.tasks.techniques.data.data import load_splits
     from optforge.tasks.techniques.measurement.benchmark import cpu_model, time_calls
     from optforge.tasks.techniques.models.rebuild import load_model
-    from optforge.tasks.techniques.onnx.onnx_export import ExportConfig, export_onnx
+    from optforge.tasks.techniques.onnx.export import ExportConfig, export_onnx
     from optforge.tasks.techniques.onnx.ort_session import tuned_session
 
     torch.set_num_threads(args.threads)

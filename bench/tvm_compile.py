@@ -35,7 +35,7 @@ def main() -> None:
     import torch
 
     from optforge.tasks.techniques.contract import table_contract
-    from optforge.tasks.techniques.engines.tvm_engine import (
+    from optforge.tasks.techniques.engines.tvm import (
         TvmConfig,
         TvmRunner,
         compile_onnx,
@@ -44,7 +44,7 @@ def main() -> None:
     )
     from optforge.tasks.techniques.measurement.benchmark import cpu_model, time_calls
     from optforge.tasks.techniques.models.models import MLP
-    from optforge.tasks.techniques.onnx.onnx_export import ExportConfig, export_onnx
+    from optforge.tasks.techniques.onnx.export import ExportConfig, export_onnx
     from optforge.tasks.techniques.onnx.ort_session import onnx_predictor
 
     torch.manual_seed(0)

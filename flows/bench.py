@@ -40,16 +40,18 @@ def git_commit(root: Path = ROOT) -> str:
 
 def measure_variants(variants, data, cfg, harness) -> dict:
     """Load every buildable variant, time them all side by side; the report without run identifiers."""
-    from optforge.tasks.stages.benchmark import SKIPPED, load_variant
+    from optforge.tasks.stages.benchmark import FAILED, SKIPPED, load_variant
     from optforge.tasks.techniques.data.data import load_splits
     from optforge.tasks.techniques.measurement.harness import machine_info, measure_side_by_side, ratios, verdicts
 
     splits = load_splits(data.path)
-    loaded, skipped = {}, {}
+    loaded, skipped, failed = {}, {}, {}
     with tempfile.TemporaryDirectory() as scratch:
         for ref in variants:
             if ref.format == SKIPPED:
                 skipped[ref.name] = ref.info.get("skip_reason", "unknown")
+            elif ref.format == FAILED:
+                failed[ref.name] = f"{ref.info['failed_step']}: {ref.info['error']}"
             else:
                 loaded[ref.name] = (ref, load_variant(ref, cfg.benchmark, Path(scratch)))
     timings = measure_side_by_side({n: v.predict for n, (_, v) in loaded.items()}, splits.test, harness)
@@ -59,7 +61,7 @@ def measure_variants(variants, data, cfg, harness) -> dict:
     return {"schema": 1, "machine": machine_info(),
             "settings": {"threads": cfg.benchmark.threads, "graph_optimization": cfg.benchmark.graph_optimization,
                          **harness.to_dict()},
-            "variants": table, "skipped": skipped, "ratios": rows, "targets": verdicts(rows)}
+            "variants": table, "skipped": skipped, "failed": failed, "ratios": rows, "targets": verdicts(rows)}
 
 
 def _metric_key(text: str) -> str:

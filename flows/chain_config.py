@@ -12,7 +12,7 @@ from pydantic import Field, field_validator, model_validator
 
 from optforge.tasks.techniques.compression.binarize import BinarizeConfig
 from optforge.tasks.techniques.compression.circulant import CirculantConfig
-from optforge.tasks.techniques.compression.clustering import ClusterConfig
+from optforge.tasks.techniques.compression.cluster import ClusterConfig
 from optforge.tasks.techniques.compression.distill import DistillConfig
 from optforge.tasks.techniques.compression.early_exit import EarlyExitConfig
 from optforge.tasks.techniques.compression.factorize import FactorizeConfig

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from optforge.flows.chain_config import CompressConfig, expand, product_name
+from optforge.flows.isolation import failed_variants
 from optforge.tasks.runtime.refs import DataRef, ModelRef
 from optforge.tasks.stages.compress import binarize_weights, circulant, cluster_weights, factorize, prune, qat
 from optforge.tasks.stages.distill import distill
@@ -24,7 +25,7 @@ from optforge.tasks.stages.early_exit import early_exit
 from optforge.tasks.stages.export import export
 from optforge.tasks.stages.fuse import fuse_onnx
 from optforge.tasks.stages.quantize import quantize
-from optforge.tasks.stages.quantize_static import quantize_static
+from optforge.tasks.stages.static import quantize_static
 from optforge.tasks.techniques.compression.qat import settled_reduce_range
 from optforge.tasks.techniques.registry import TECHNIQUES, section
 
@@ -89,23 +90,38 @@ RUNS: dict[str, Callable[[Step], ModelRef]] = {
 }
 
 
-def chain_variants(cfg, teacher: ModelRef, data: DataRef, workdir: str, stage) -> list[ModelRef]:
+def chain_variants(cfg, teacher: ModelRef, data: DataRef, workdir: str, stage, isolate: bool = True) -> list[ModelRef]:
     """Run each of ``cfg.compress.chains`` (``cfg``: the pipeline config) through ``stage`` (the flow's
     StageRunner); return the end products. Each step reads its settings where the registry says.
 
     Each variant's ``info["lineage"]`` becomes MLflow tags on its benchmark run: the chain, the run
     that made the model it was derived from (``parent_run``), every step's run and the teacher's run.
+    With ``isolate``, a step that raises ends its chain (and the chains sharing that prefix) as a FAILED
+    variant and the others go on (flows/isolation.py); without it (a tune trial, one chain) it raises.
     """
     products: dict[tuple[str, ...], ModelRef] = {}
+    failures: dict[tuple[str, ...], tuple[str, Exception]] = {}
     variants = []
     for chain in cfg.compress.chains:
         steps, ref, parent = expand(chain), teacher, teacher
+        failure = None
         for i, step in enumerate(steps):
             key = steps[: i + 1]
-            if key not in products:
-                products[key] = RUNS[step](Step(stage, product_name(key), section(cfg, TECHNIQUES[step]), ref,
-                                                teacher, data, workdir))
+            if key not in products and key not in failures:
+                try:
+                    products[key] = RUNS[step](Step(stage, product_name(key), section(cfg, TECHNIQUES[step]), ref,
+                                                    teacher, data, workdir))
+                except Exception as exc:
+                    if not isolate:
+                        raise
+                    failures[key] = (step, exc)
+            if key in failures:
+                failure = failures[key]
+                break
             parent, ref = ref, products[key]
+        if failure:
+            variants += failed_variants([product_name(steps, "_")], *failure)
+            continue
         lineage = {"chain": ">".join(chain), "parent_run": parent.run_id or "", "teacher_run": teacher.run_id or "",
                    "chain_runs": ",".join(f"{s}:{products[steps[: i + 1]].run_id}" for i, s in enumerate(steps))}
         variants.append(replace(ref, name=product_name(steps, "_"), info={**ref.info, "lineage": lineage}))

@@ -54,9 +54,14 @@ def format_summary(summary: dict) -> str:
     stages = ", ".join(f"{s['stage']} " + ("cached" if s["cached"] else f"{s['seconds']}s") for s in summary["stages"])
     skipped = [f"{v['variant']}: skipped ({v['skipped']})" for v in summary["variants"] if v.get("skipped")]
     skipped += [f"{name}: skipped ({why})" for name, why in summary.get("skipped", {}).items()]
-    return "\n".join([*table, *skipped, "", outcome,
-                      f"stages: {stages}", f"MLflow parent run: {summary['parent_run_id']}",
-                      *([f"report: {summary['report']}"] if summary.get("report") else [])])
+    failed = summary.get("failed", {})
+    lines = [*table, *skipped, *(f"{name}: failed ({why})" for name, why in failed.items()), "", outcome,
+             f"stages: {stages}", f"MLflow parent run: {summary['parent_run_id']}",
+             *([f"report: {summary['report']}"] if summary.get("report") else [])]
+    if failed:  # the last line counts them; each one's traceback is an artifact of the parent run
+        lines.append(f"{len(failed)} variant(s) failed: {', '.join(failed)} (tracebacks: the parent run's "
+                     "failures/ artifacts); the others were benchmarked")
+    return "\n".join(lines)
 
 
 def _run_flow(args: argparse.Namespace, call, render) -> int:
@@ -85,6 +90,9 @@ def _run_flow(args: argparse.Namespace, call, render) -> int:
                   "command reuses them", file=sys.stderr)
         return EXIT_FAILED
     print("\n" + render(summary))
+    if getattr(args, "strict", False) and summary.get("failed"):
+        print(f"error: --strict: {len(summary['failed'])} variant(s) failed", file=sys.stderr)
+        return EXIT_FAILED
     return 0
 
 
@@ -154,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", help="YAML config (default: the built-in defaults, as in configs/default.yaml)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.epochs=3")
     run.add_argument("--force", action="store_true", help="re-run every stage instead of reusing cached ones")
+    run.add_argument("--strict", action="store_true",
+                     help="exit non-zero when any chain or engine failed (by default it is reported and the rest go on)")
     run.add_argument("--verbose", action="store_true",
                      help="also show library warnings, ONNX Runtime's log and the Ray workers' own output")
     run.set_defaults(func=cmd_run)

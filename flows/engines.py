@@ -11,12 +11,13 @@ import logging
 
 from pydantic import Field
 
+from optforge.flows.isolation import contained
 from optforge.flows.onnx_config import OnnxConfig
 from optforge.tasks.runtime.refs import DataRef, Format, ModelRef
 from optforge.tasks.techniques.config import TechniqueConfig
-from optforge.tasks.techniques.engines.tensorrt_engine import TensorRTConfig, environment
+from optforge.tasks.techniques.engines.tensorrt import TensorRTConfig, environment
 from optforge.tasks.techniques.engines.torch_gpu import TorchGpuConfig, cuda_unavailable_reason, gpu_variants
-from optforge.tasks.techniques.engines.tvm_engine import TvmConfig
+from optforge.tasks.techniques.engines.tvm import TvmConfig
 
 log = logging.getLogger(__name__)
 
@@ -35,25 +36,27 @@ def engine_variants(onnx: OnnxConfig, cfg: EnginesConfig, onnx_fp32: ModelRef, b
     """Run the engine stages through ``stage`` (the flow's StageRunner); return their variants.
 
     TensorRT variants come back as format "skipped" where CUDA or tensorrt is missing, and the TVM one
-    where tvm is missing or its ONNX frontend cannot take the graph, so the summary shows why they are absent. PyTorch GPU variants need no build step: without CUDA they
-    are left out and the reason is a tag on the pipeline run.
+    where tvm is missing or its ONNX frontend cannot take the graph, so the summary shows why they are absent.
+    A stage that raises gives its variants as FAILED (flows/isolation.py). PyTorch GPU variants need no build
+    step: without CUDA they are left out and the reason is a tag on the pipeline run.
     """
     # The task shells import Prefect and MLflow; flows.params imports this module for EnginesConfig alone.
-    from optforge.tasks.stages.fp16 import convert_to_fp16
-    from optforge.tasks.stages.quantize_static import quantize_static
-    from optforge.tasks.stages.tensorrt import build_engines
-    from optforge.tasks.stages.tvm import compile_tvm
+    from optforge.tasks.stages import fp16, static, tensorrt, tvm
 
     variants: list[ModelRef] = []
     if onnx.static.enabled:
-        variants.append(stage(quantize_static, cfg=onnx.static, onnx_model=onnx_fp32, data=data, workdir=workdir))
+        variants += contained([static.VARIANT], "static", lambda: stage(
+            static.quantize_static, cfg=onnx.static, onnx_model=onnx_fp32, data=data, workdir=workdir))
     if onnx.fp16.enabled:
-        variants.append(stage(convert_to_fp16, cfg=onnx.fp16, onnx_model=onnx_fp32, workdir=workdir))
+        variants += contained([fp16.VARIANT], "fp16", lambda: stage(
+            fp16.convert_to_fp16, cfg=onnx.fp16, onnx_model=onnx_fp32, workdir=workdir))
     if cfg.tensorrt.enabled and cfg.tensorrt.precisions:
-        variants += stage(build_engines, cfg=cfg.tensorrt, quant_cfg=onnx.static, fp16_cfg=onnx.fp16,
-                          onnx_model=onnx_fp32, data=data, workdir=workdir, environment=environment())
+        variants += contained([f"trt_{p}" for p in cfg.tensorrt.precisions], "tensorrt", lambda: stage(
+            tensorrt.build_engines, cfg=cfg.tensorrt, quant_cfg=onnx.static, fp16_cfg=onnx.fp16,
+            onnx_model=onnx_fp32, data=data, workdir=workdir, environment=environment()))
     if cfg.tvm.enabled:
-        variants.append(stage(compile_tvm, cfg=cfg.tvm, onnx_model=onnx_fp32, data=data, workdir=workdir))
+        variants += contained([tvm.VARIANT], "tvm", lambda: stage(
+            tvm.compile_tvm, cfg=cfg.tvm, onnx_model=onnx_fp32, data=data, workdir=workdir))
     if cfg.torch_gpu.enabled:
         variants += torch_gpu_variants(cfg.torch_gpu, baseline)
     return variants

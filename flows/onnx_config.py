@@ -10,11 +10,11 @@ from __future__ import annotations
 from pydantic import Field
 
 from optforge.tasks.techniques.config import TechniqueConfig
+from optforge.tasks.techniques.onnx.export import ExportConfig
 from optforge.tasks.techniques.onnx.fp16 import Fp16Config
-from optforge.tasks.techniques.onnx.fusion import FuseConfig
-from optforge.tasks.techniques.onnx.onnx_export import ExportConfig
-from optforge.tasks.techniques.onnx.quantization import DynamicQuantConfig
-from optforge.tasks.techniques.onnx.static_quant import StaticQuantConfig
+from optforge.tasks.techniques.onnx.fuse import FuseConfig
+from optforge.tasks.techniques.onnx.quantize import DynamicQuantConfig
+from optforge.tasks.techniques.onnx.static import StaticQuantConfig
 
 
 class OnnxConfig(TechniqueConfig):

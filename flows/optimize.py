@@ -12,6 +12,7 @@ skips the stages that finished; ``force`` re-runs them all.
 import contextlib
 import json
 import time
+import traceback
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -23,7 +24,9 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from optforge.flows.chains import chain_variants
+from optforge.flows.defaults import apply_folder_defaults, check_head, derived_length, summary_line, text_limits
 from optforge.flows.engines import engine_variants
+from optforge.flows.isolation import contained
 from optforge.flows.params import PipelineConfig, load_config, peek_tracking
 from optforge.flows.plan import Plan, plan
 from optforge.flows.preflight import check_environment
@@ -126,6 +129,8 @@ def pipeline_run(pipeline: str, config_path: str | None, overrides: list[str] | 
             yield parent.info.run_id
         except BaseException as exc:
             mlflow.set_tags(error_tags(exc))
+            with contextlib.suppress(Exception):  # the traceback a user reads instead of the console's
+                mlflow.log_text("".join(traceback.format_exception(exc)), "error/traceback.txt")
             logger.error("%s failed: %s", pipeline, exc)
             raise
 
@@ -138,12 +143,18 @@ def _sha(path: str | None) -> str | None:
 def prepare(cfg: PipelineConfig, workdir: str, stage: StageRunner) -> tuple[DataRef, Plan]:
     """The data stage, then the plan: which steps apply to this model and data, logged before anything trains."""
     logger = get_run_logger()
+    cfg, derived = apply_folder_defaults(cfg)  # a model folder's own processor and config, where the config is silent
     tokenizer = cfg.data.tokenizer or (cfg.model.path if cfg.model.arch == "huggingface" else None)
+    text = {"tokenizer": tokenizer, "tokenizer_sha256": _sha(tokenizer), **text_limits(cfg)} if cfg.data.text_column else {}
     data = stage(prepare_data, cfg=cfg.data, source_sha256=_sha(None if cfg.data.source == "digits" else cfg.data.source),
-                 new_source_sha256=_sha(cfg.data.new_source), workdir=workdir,
-                 tokenizer=tokenizer if cfg.data.text_column else None,
-                 tokenizer_sha256=_sha(tokenizer) if cfg.data.text_column else None)
+                 new_source_sha256=_sha(cfg.data.new_source), workdir=workdir, **text)
     mlflow.set_tag("optforge.data_fingerprint", data.sha256)
+    derived += derived_length(cfg, data.inputs)
+    if derived:
+        mlflow.log_params({f"derived.{d.field}": d.value for d in derived})
+        mlflow.set_tag("optforge.derived", summary_line(derived)[:5000])
+        logger.info(summary_line(derived))
+    check_head(cfg, data.inputs)
     run_plan = plan(cfg, data.inputs, data.name)
     for step, reason in run_plan.skipped.items():
         logger.warning("skipped %s: %s", step, reason)
@@ -177,21 +188,26 @@ def build_variants(cfg: PipelineConfig, workdir: str, stage: StageRunner) -> tup
         return data, variants, run_plan
     model = train_teacher(cfg, workdir, stage, data)
     onnx_fp32 = stage(export, cfg=cfg.onnx.export, model=model, data=data, workdir=workdir)
-    onnx_int8 = stage(quantize, cfg=cfg.onnx.quantize, onnx_model=onnx_fp32, workdir=workdir)
-    variants = [model, onnx_fp32, onnx_int8]
+    # Past the shared stages, a variant that raises ends FAILED alone (flows/isolation.py).
+    variants = [model, onnx_fp32, *contained(["onnx_int8_dynamic"], "quantize", lambda: stage(
+        quantize, cfg=cfg.onnx.quantize, onnx_model=onnx_fp32, workdir=workdir))]
     if cfg.onnx.fuse.enabled:  # the plan turned it off, with the reason, for models ORT's optimizer does not know
-        onnx_fused = stage(fuse_onnx, cfg=cfg.onnx.fuse, model=model, data=data, workdir=workdir)
-        fused_int8 = stage(quantize.with_options(name="quantize_fused"), cfg=cfg.onnx.quantize, onnx_model=onnx_fused,
-                           workdir=workdir)
-        variants += [
-            replace(onnx_fused, info={**onnx_fused.info, "lineage": {"parent_variant": model.name,
-                                                                     "technique": "ort_transformer_fusion"}}),
-            replace(fused_int8, name="onnx_fused_int8_dynamic",
-                    info={**onnx_fused.info, **fused_int8.info, "lineage": {"parent_variant": onnx_fused.name,
-                                                                            "technique": "dynamic_int8"}})]
+        variants += contained(["onnx_fused", "onnx_fused_int8_dynamic"], "fuse",
+                              lambda: _fused(cfg, model, data, workdir, stage))
     variants += engine_variants(cfg.onnx, cfg.engines, onnx_fp32, model, data, workdir, stage)
     variants += chain_variants(cfg, model, data, workdir, stage)
     return data, variants, run_plan
+
+
+def _fused(cfg: PipelineConfig, model: ModelRef, data: DataRef, workdir: str, stage: StageRunner) -> list[ModelRef]:
+    """ONNX Runtime's transformer fusion of the teacher, and its dynamic INT8."""
+    onnx_fused = stage(fuse_onnx, cfg=cfg.onnx.fuse, model=model, data=data, workdir=workdir)
+    fused_int8 = stage(quantize.with_options(name="quantize_fused"), cfg=cfg.onnx.quantize, onnx_model=onnx_fused,
+                       workdir=workdir)
+    return [replace(onnx_fused, info={**onnx_fused.info, "lineage": {"parent_variant": model.name, "technique": "fuse"}}),
+            replace(fused_int8, name="onnx_fused_int8_dynamic",
+                    info={**onnx_fused.info, **fused_int8.info, "lineage": {"parent_variant": onnx_fused.name,
+                                                                            "technique": "quantize"}})]
 
 
 def _pipeline(cfg: PipelineConfig, force: bool, parent_run_id: str) -> dict:
@@ -211,18 +227,21 @@ def _pipeline(cfg: PipelineConfig, force: bool, parent_run_id: str) -> dict:
 
     base = next(r.metrics for r in results if r.name == cfg.register.baseline)
     skipped = {v.name: v.info["skip_reason"] for v in variants if v.format == Format.SKIPPED}
+    failed = {v.name: f"{v.info['failed_step']}: {v.info['error']}" for v in variants if v.format == Format.FAILED}
     table = [
         {"variant": r.name, **r.metrics, "speedup_b1": base["latency_ms_p50_b1"] / r.metrics["latency_ms_p50_b1"],
-         **({"skipped": skipped[r.name]} if r.name in skipped else {})}
+         **({"skipped": skipped[r.name]} if r.name in skipped else {}),
+         **({"failed": failed[r.name]} if r.name in failed else {})}
         for r in results
     ]
+    mlflow.set_tag("optforge.failed_variants", str(len(failed)))
     mlflow.set_tags({"optforge.registered": registration.variant or "none", "optforge.register_reason": registration.reason})
     # Not cached on purpose: every run gets its own report, built from what MLflow recorded.
     report_ref = report(cfg=cfg.register, results=results, variants=variants, registration=registration,
                         workdir=workdir, parent_run_id=parent_run_id)
     return {
         "parent_run_id": parent_run_id, "experiment": cfg.tracking.experiment, "data_fingerprint": data.sha256,
-        "variants": table, "stages": stage.stages, "skipped": run_plan.skipped,
+        "variants": table, "stages": stage.stages, "skipped": run_plan.skipped, "failed": failed,
         "registration": {"variant": registration.variant, "model_name": registration.model_name,
                          "version": registration.version, "reason": registration.reason,
                          "alias": getattr(registration, "alias", None)},

@@ -17,7 +17,7 @@ from optforge.flows.chain_config import expand, product_name
 from optforge.flows.params import ConfigError, PipelineConfig
 from optforge.tasks.techniques.compression.early_exit import check_exits
 from optforge.tasks.techniques.contract import InputContract
-from optforge.tasks.techniques.engines.tvm_engine import unavailable_reason as tvm_unavailable
+from optforge.tasks.techniques.engines.tvm import unavailable_reason as tvm_unavailable
 from optforge.tasks.techniques.models.exit_blocks import blocks_of
 from optforge.tasks.techniques.models.models import HUGGINGFACE, ONNX, ModelSpec, read_hf_config
 from optforge.tasks.techniques.models.rebuild import build_model

@@ -135,7 +135,7 @@ def _build_and_time(ctx: SearchContext, name: str, overrides: list[str], run_id:
     teacher, data = ModelRef(**ctx.teacher), DataRef(**ctx.data)
     stage = StageRunner(force=False, parent_run_id=run_id)
     with epoch_listener(_report_epochs(run_id)):
-        (variant,) = chain_variants(cfg, teacher, data, ctx.workdir, _Building(stage, ctx.lock_dir))
+        (variant,) = chain_variants(cfg, teacher, data, ctx.workdir, _Building(stage, ctx.lock_dir), isolate=False)
     variant = replace(variant, name=name)
     with timing(ctx.lock_dir):
         (result,) = stage(benchmark, cfg=cfg.benchmark, variants=[variant], data=data)

@@ -57,6 +57,7 @@ class Format(str, Enum):
     TVM = "tvm"  # a folder of TVM libraries, one per static batch size, built for one CPU
     TORCH_CUDA = "torch_cuda"  # the baseline's folder, run by PyTorch on CUDA
     SKIPPED = "skipped"  # could not be built here; ``info["skip_reason"]`` says why
+    FAILED = "failed"  # a step of its chain raised; ``info["error"]`` (one line) and ``info["failed_step"]`` say which
 
     def __str__(self) -> str:
         return self.value

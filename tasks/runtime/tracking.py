@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,8 @@ def child_run(parent_run_id: str | None, stage: str, run_name: str | None = None
             yield run
         except BaseException as exc:
             mlflow.set_tags(error_tags(exc))
+            with contextlib.suppress(Exception):  # the tag matters more; a server outage must not mask the error
+                mlflow.log_text("".join(traceback.format_exception(exc)), "error/traceback.txt")
             raise
 
 

@@ -36,6 +36,7 @@ from optforge.tasks.techniques.models.rebuild import load_model
 from optforge.tasks.techniques.onnx.ort_session import session_predictor, session_settings, tuned_session
 
 SKIPPED = Format.SKIPPED  # a variant that could not be built on this machine (see tasks/stages/tensorrt.py)
+FAILED = Format.FAILED  # a variant whose chain raised (see flows/isolation.py)
 TIMED = ("accuracy", "latency_ms_p50_b1", "latency_ms_p95_b1", "latency_ms_mean_b1", "throughput_sps_b64", "size_mb")
 
 
@@ -74,7 +75,7 @@ def _onnx(ref: ModelRef, cfg: BenchmarkConfig, scratch: Path) -> Loaded:
 
 
 def _tensorrt(ref: ModelRef, cfg: BenchmarkConfig, scratch: Path) -> Loaded:
-    from optforge.tasks.techniques.engines.tensorrt_engine import EngineRunner
+    from optforge.tasks.techniques.engines.tensorrt import EngineRunner
 
     settings = {k: str(v) for k, v in ref.info.get("build", {}).items()}
     return Loaded(EngineRunner(ref.path), size_mb(ref.path), count_params_onnx(ref.info["source_onnx"]), settings)
@@ -82,7 +83,7 @@ def _tensorrt(ref: ModelRef, cfg: BenchmarkConfig, scratch: Path) -> Loaded:
 
 def _tvm(ref: ModelRef, cfg: BenchmarkConfig, scratch: Path) -> Loaded:
     """TVM libraries run by the Relax VM with the benchmark's thread count; size: the libraries, weights inside."""
-    from optforge.tasks.techniques.engines.tvm_engine import TvmRunner, library_mb
+    from optforge.tasks.techniques.engines.tvm import TvmRunner, library_mb
 
     settings = {k: str(v) for k, v in ref.info.get("build", {}).items()} | {"threads": cfg.threads}
     return Loaded(TvmRunner(ref.path, cfg.threads), library_mb(ref.path), count_params_onnx(ref.info["source_onnx"]),
@@ -132,7 +133,11 @@ def benchmark(cfg: BenchmarkConfig, variants: list[ModelRef], data: DataRef, par
                 **{f"optforge.{k}": str(v) for k, v in ref.info.get("lineage", {}).items()}}
         params = {"benchmark": cfg.to_dict(), "cpu_model": cpu_model()}
         with child_run(parent_run_id, "benchmark", run_name=ref.name, params=params, tags=tags) as run:
-            if ref.format == SKIPPED:
+            if ref.format == FAILED:  # a step of its chain raised (flows/isolation.py): nothing to measure
+                mlflow.set_tags({"optforge.failed": f"{ref.info['failed_step']}: {ref.info['error']}",
+                                 "optforge.error": ref.info["error"]})
+                metrics = {name: math.nan for name in TIMED} | {"params": math.nan}
+            elif ref.format == SKIPPED:
                 metrics = _skipped(ref)
                 mlflow.log_metrics(metrics)
             else:
@@ -146,5 +151,7 @@ def benchmark(cfg: BenchmarkConfig, variants: list[ModelRef], data: DataRef, par
                 if "flops" in ref.info:  # forward FLOPs per sample, counted on the PyTorch model the variant came from
                     metrics["flops"] = float(ref.info["flops"])
                 mlflow.log_metrics(metrics)
+        if ref.format == FAILED:  # the variant's run says FAILED in the MLflow UI, like the step that failed
+            mlflow.MlflowClient().set_terminated(run.info.run_id, "FAILED")
         results.append(VariantResult(ref.name, metrics, run.info.run_id))
     return results

@@ -16,10 +16,11 @@ from optforge.tasks.runtime.progress import StageProgress
 from optforge.tasks.runtime.refs import DataRef, Format, ModelRef, file_sha256
 from optforge.tasks.runtime.tracking import child_run
 from optforge.tasks.stages.distill import teacher_logits_file
-from optforge.tasks.techniques.compression import binarize, clustering
+from optforge.tasks.techniques.compression import binarize
+from optforge.tasks.techniques.compression import cluster as clustering
 from optforge.tasks.techniques.compression.binarize import BinarizeConfig
 from optforge.tasks.techniques.compression.circulant import CirculantConfig, to_circulant
-from optforge.tasks.techniques.compression.clustering import ClusterConfig
+from optforge.tasks.techniques.compression.cluster import ClusterConfig
 from optforge.tasks.techniques.compression.factorize import FactorizeConfig
 from optforge.tasks.techniques.compression.factorize import factorize as factorize_model
 from optforge.tasks.techniques.compression.graph_prune import widths
@@ -32,8 +33,8 @@ from optforge.tasks.techniques.data.data import Splits, load_splits
 from optforge.tasks.techniques.measurement.flops import model_stats
 from optforge.tasks.techniques.models.models import save_model
 from optforge.tasks.techniques.models.rebuild import load_model
-from optforge.tasks.techniques.onnx.static_quant import accuracy as onnx_accuracy
-from optforge.tasks.techniques.onnx.static_quant import count_qdq_nodes
+from optforge.tasks.techniques.onnx.static import accuracy as onnx_accuracy
+from optforge.tasks.techniques.onnx.static import count_qdq_nodes
 from optforge.tasks.techniques.training.finetune import FinetuneConfig, finetune
 from optforge.tasks.techniques.training.training import evaluate
 

@@ -20,16 +20,18 @@ SCHEMA_ROWS = 8
 @stage_task("prepare_data")
 def prepare_data(cfg: DataConfig, source_sha256: str | None, workdir: str, parent_run_id: str | None,
                  new_source_sha256: str | None = None, tokenizer: str | None = None,
-                 tokenizer_sha256: str | None = None) -> DataRef:
+                 tokenizer_sha256: str | None = None, max_positions: int | None = None,
+                 model_classes: list[str] | None = None) -> DataRef:
     """Split ``cfg.source`` into ``<workdir>/data/<fingerprint>/`` (a split folder, see tasks.techniques.data.data).
 
     ``source_sha256`` (the user file's or folder's content hash, None for the built-in dataset) is here
     only so that the cache key changes when the content does; likewise ``new_source_sha256`` and
     ``tokenizer_sha256``. ``tokenizer`` is the folder text is tokenized with when ``cfg.tokenizer`` is
-    unset (the Hugging Face model folder's own).
+    unset (the Hugging Face model folder's own); ``max_positions`` and ``model_classes`` what that folder says
+    about its inputs (``tasks.techniques.models.folder_defaults``).
     """
     with child_run(parent_run_id, "prepare_data", params={"data": cfg.to_dict()}) as run:
-        folder = prepare(cfg, Path(workdir).resolve() / "data", tokenizer)
+        folder = prepare(cfg, Path(workdir).resolve() / "data", tokenizer, max_positions, model_classes)
         digest = folder.name
         splits = load_splits(folder)
         sizes = {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test),
@@ -49,5 +51,5 @@ def prepare_data(cfg: DataConfig, source_sha256: str | None, workdir: str, paren
         mlflow.log_dict(splits.contract.to_dict(), "contract.json")
         if splits.stats.get("texts_truncated"):
             mlflow.set_tag("optforge.note", f"{splits.stats['texts_truncated']} of {splits.stats['texts']} texts were "
-                           f"longer than data.max_length={cfg.max_length} tokens and were truncated")
+                           f"longer than data.max_length={splits.contract.sequence_length} tokens and were truncated")
     return DataRef(str(folder), digest, splits.contract.to_dict(), name, sizes, run.info.run_id)

@@ -13,15 +13,15 @@ from optforge.tasks.runtime.refs import DataRef, Format, ModelRef, file_sha256
 from optforge.tasks.runtime.tracking import child_run
 from optforge.tasks.techniques.data.data import load_splits
 from optforge.tasks.techniques.models.rebuild import load_model
-from optforge.tasks.techniques.onnx.onnx_export import ExportConfig, export_onnx, load_onnx, max_abs_diff
+from optforge.tasks.techniques.onnx.export import ExportConfig, export_onnx, load_onnx, max_abs_diff
 from optforge.tasks.techniques.onnx.ort_session import onnx_predictor, tuned_session
 
 
-@stage_task("export_onnx")
+@stage_task("export")
 def export(cfg: ExportConfig, model: ModelRef, data: DataRef, workdir: str, parent_run_id: str | None) -> ModelRef:
     """Export ``model`` to ONNX as variant "onnx_fp32"; fail when parity exceeds ``cfg.parity_atol``."""
-    out = stage_dir(workdir, "export_onnx", {"export": cfg, "model": model, "data": data})
-    with child_run(parent_run_id, "export_onnx", params={"export": cfg.to_dict()}, tags={"optforge.source_run": model.run_id or ""}) as run:
+    out = stage_dir(workdir, "export", {"export": cfg, "model": model, "data": data})
+    with child_run(parent_run_id, "export", params={"export": cfg.to_dict()}, tags={"optforge.source_run": model.run_id or ""}) as run:
         torch_model, _ = load_model(model.path)
         splits = load_splits(data.path)
         held_out = splits.test.rows(0, cfg.parity_samples)  # real rows: traced with, then compared on

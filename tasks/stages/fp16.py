@@ -12,12 +12,12 @@ from optforge.tasks.techniques.onnx.fp16 import Fp16Config, convert_fp16, fp16_i
 VARIANT = "onnx_fp16"
 
 
-@stage_task("convert_fp16")
+@stage_task("fp16")
 def convert_to_fp16(cfg: Fp16Config, onnx_model: ModelRef, workdir: str, parent_run_id: str | None) -> ModelRef:
     """Convert ``onnx_model`` to FP16 (inputs/outputs kept FP32 when ``cfg.keep_io_types``)."""
-    out = stage_dir(workdir, "convert_fp16", {"fp16": cfg, "model": onnx_model})
+    out = stage_dir(workdir, "fp16", {"fp16": cfg, "model": onnx_model})
     tags = {"optforge.source_run": onnx_model.run_id or ""}
-    with child_run(parent_run_id, "convert_fp16", params={"fp16": cfg.to_dict()}, tags=tags) as run:
+    with child_run(parent_run_id, "fp16", params={"fp16": cfg.to_dict()}, tags=tags) as run:
         path = convert_fp16(onnx_model.path, out / "model_fp16.onnx", cfg)
         mlflow.log_metric("fp16_initializer_share", fp16_initializer_share(path))
         mlflow.log_artifact(str(path), "onnx")

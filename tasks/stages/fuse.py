@@ -9,8 +9,8 @@ from optforge.tasks.runtime.refs import DataRef, Format, ModelRef, file_sha256
 from optforge.tasks.runtime.tracking import child_run
 from optforge.tasks.techniques.data.data import load_splits
 from optforge.tasks.techniques.models.rebuild import load_model
-from optforge.tasks.techniques.onnx.fusion import FuseConfig, attention_shape, export_for_fusion, fuse
-from optforge.tasks.techniques.onnx.onnx_export import max_abs_diff
+from optforge.tasks.techniques.onnx.export import max_abs_diff
+from optforge.tasks.techniques.onnx.fuse import FuseConfig, attention_shape, export_for_fusion, fuse
 
 PARITY_ROWS = 64  # held-out rows the fused graph is compared on
 

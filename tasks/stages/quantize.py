@@ -7,7 +7,7 @@ import mlflow
 from optforge.tasks.runtime.caching import stage_dir, stage_task
 from optforge.tasks.runtime.refs import Format, ModelRef, file_sha256
 from optforge.tasks.runtime.tracking import child_run
-from optforge.tasks.techniques.onnx.quantization import DynamicQuantConfig, quantize_dynamic_int8
+from optforge.tasks.techniques.onnx.quantize import DynamicQuantConfig, quantize_dynamic_int8
 
 
 @stage_task("quantize")

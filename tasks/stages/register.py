@@ -42,7 +42,7 @@ from optforge.tasks.techniques.measurement.selection import (
     select_variant,
 )
 from optforge.tasks.techniques.models.rebuild import load_model
-from optforge.tasks.techniques.onnx.onnx_export import save_program
+from optforge.tasks.techniques.onnx.export import save_program
 
 # Run by MLflow on load (a "model from code"); see that file for why ONNX is not logged with mlflow.onnx.
 SERVING_PYFUNC = Path(__file__).with_name("serving_pyfunc.py")
@@ -52,8 +52,8 @@ CONTRACT_TAG = "input_contract"  # a hash of the input contract: versions of one
 # How the three base variants came to be; other variants say it in ModelRef.info["chain"].
 BASE_CHAINS = {
     "pytorch_fp32": "train",
-    "onnx_fp32": "train>export_onnx",
-    "onnx_int8_dynamic": "train>export_onnx>quantize",
+    "onnx_fp32": "train>export",
+    "onnx_int8_dynamic": "train>export>quantize",
 }
 
 
@@ -72,7 +72,7 @@ def hash_config(config: dict) -> str:
 
 
 def chain_of(ref: ModelRef) -> str:
-    """How the variant was made, e.g. ``train>export_onnx>quantize``, from its lineage where it has one."""
+    """How the variant was made, e.g. ``train>export>quantize``, from its lineage where it has one."""
     lineage = ref.info.get("lineage", {})
     if lineage.get("chain"):  # compression chains spell it out
         return str(lineage["chain"])

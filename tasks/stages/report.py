@@ -159,6 +159,8 @@ def load_report_data(client: MlflowClient, run_id: str) -> ReportData:
         r.data.tags.get("optforge.variant", r.info.run_name): r.data.tags.get("optforge.format", "?") for r in bench
     }
     title, meta = run_meta(client, run)
+    meta |= {f"failed {r.data.tags.get('optforge.variant', r.info.run_name)}": r.data.tags["optforge.failed"]
+             for r in bench if "optforge.failed" in r.data.tags}  # a chain or engine that raised (flows/isolation.py)
     reg_run = register_run(client, run)
     record = None
     if reg_run is not None:

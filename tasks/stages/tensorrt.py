@@ -17,7 +17,7 @@ from optforge.tasks.runtime.refs import DataRef, Format, ModelRef, file_sha256
 from optforge.tasks.runtime.tracking import child_run
 from optforge.tasks.stages.skipping import skipped_variants
 from optforge.tasks.techniques.data.data import load_splits
-from optforge.tasks.techniques.engines.tensorrt_engine import (
+from optforge.tasks.techniques.engines.tensorrt import (
     EngineRunner,
     TensorRTConfig,
     build_engine,
@@ -25,7 +25,7 @@ from optforge.tasks.techniques.engines.tensorrt_engine import (
     unavailable_reason,
 )
 from optforge.tasks.techniques.onnx.fp16 import Fp16Config, convert_fp16
-from optforge.tasks.techniques.onnx.static_quant import StaticQuantConfig, quantize_static_int8, scaled_calibration
+from optforge.tasks.techniques.onnx.static import StaticQuantConfig, quantize_static_int8, scaled_calibration
 
 
 def _int8_for_tensorrt(cfg: StaticQuantConfig) -> StaticQuantConfig:
@@ -34,7 +34,7 @@ def _int8_for_tensorrt(cfg: StaticQuantConfig) -> StaticQuantConfig:
                                         "per_channel": True})
 
 
-@stage_task("build_engine")
+@stage_task("tensorrt")
 def build_engines(cfg: TensorRTConfig, quant_cfg: StaticQuantConfig, fp16_cfg: Fp16Config, onnx_model: ModelRef,
                   data: DataRef, workdir: str, environment: str, parent_run_id: str | None):
     """Build one engine per ``cfg.precisions``; return a Completed state whose data are the variants.
@@ -42,11 +42,11 @@ def build_engines(cfg: TensorRTConfig, quant_cfg: StaticQuantConfig, fp16_cfg: F
     ``environment`` (GPU, TensorRT version, or why they are missing) is part of the cache key, so a
     skip recorded on a CPU machine is not reused on a GPU one.
     """
-    out = stage_dir(workdir, "build_engine", {"tensorrt": cfg, "quant": quant_cfg, "fp16": fp16_cfg,
+    out = stage_dir(workdir, "tensorrt", {"tensorrt": cfg, "quant": quant_cfg, "fp16": fp16_cfg,
                                               "model": onnx_model, "data": data, "environment": environment})
     names = [f"trt_{p}" for p in cfg.precisions]
     tags = {"optforge.source_run": onnx_model.run_id or "", "optforge.environment": environment}
-    with child_run(parent_run_id, "build_engine", params={"tensorrt": cfg.to_dict()}, tags=tags) as run:
+    with child_run(parent_run_id, "tensorrt", params={"tensorrt": cfg.to_dict()}, tags=tags) as run:
         reason = unavailable_reason()
         if reason:
             return skipped_variants(reason, names, out, onnx_model, run.info.run_id)

@@ -52,7 +52,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, data: DataRef, workdir: str,
                    tags=tags, system_metrics=True) as run:
         contract = data.inputs
         # Build or load once here so a bad factory, folder or shape fails in seconds, before Ray starts workers.
-        model, spec, pretrained = starting_model(model_cfg, contract)
+        model, spec, pretrained = starting_model(model_cfg, contract, fine_tune=cfg.epochs > 0)
         if init:
             model.load_state_dict(load_init_state(init.path, spec, cfg.init_from))  # shapes checked first
         params, flops = count_params(model), count_flops(model, contract)

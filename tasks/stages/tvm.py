@@ -17,8 +17,8 @@ from optforge.tasks.runtime.refs import DataRef, Format, ModelRef, file_sha256
 from optforge.tasks.runtime.tracking import child_run
 from optforge.tasks.stages.skipping import skipped_variants
 from optforge.tasks.techniques.data.data import load_splits
-from optforge.tasks.techniques.engines.tensorrt_engine import parity
-from optforge.tasks.techniques.engines.tvm_engine import (
+from optforge.tasks.techniques.engines.tensorrt import parity
+from optforge.tasks.techniques.engines.tvm import (
     MANIFEST,
     FrontendError,
     TvmConfig,
@@ -31,12 +31,12 @@ from optforge.tasks.techniques.engines.tvm_engine import (
 VARIANT = "tvm_llvm"
 
 
-@stage_task("compile_tvm")
+@stage_task("tvm")
 def compile_tvm(cfg: TvmConfig, onnx_model: ModelRef, data: DataRef, workdir: str, parent_run_id: str | None):
     """Compile (and, with ``cfg.trials``, tune) ``onnx_model``; a Completed state whose data is the variant."""
-    out = stage_dir(workdir, "compile_tvm", {"tvm": cfg, "model": onnx_model, "data": data})
+    out = stage_dir(workdir, "tvm", {"tvm": cfg, "model": onnx_model, "data": data})
     tags = {"optforge.source_run": onnx_model.run_id or ""}
-    with child_run(parent_run_id, "compile_tvm", params={"tvm": cfg.to_dict()}, tags=tags) as run:
+    with child_run(parent_run_id, "tvm", params={"tvm": cfg.to_dict()}, tags=tags) as run:
         reason = unavailable_reason()
         splits = load_splits(data.path)
         if reason is None:

@@ -2,7 +2,7 @@
 
 (Not MLflow's Model Registry, which ``tasks/stages/register.py`` writes to.) A record says what a technique is:
 its name, its config class and where that sits in the pipeline config, the form of model it takes and
-the form it gives, its word in variant names, its stage's name, whether its output belongs to the
+the form it gives, its word in variant names, whether its output belongs to the
 machine that built it, the values ``optforge tune`` tries by default, how to replay its change on a fresh
 model (``models/rebuild.py``), and why it cannot apply to a model (the plan asks before anything trains).
 The chain config, the chain runner, the plan, the tune search, the cache key and the model rebuild read
@@ -27,7 +27,7 @@ from torch import nn
 from optforge.tasks.techniques.compression import graph_prune
 from optforge.tasks.techniques.compression.binarize import BinarizeConfig
 from optforge.tasks.techniques.compression.circulant import CirculantConfig, apply_blocks
-from optforge.tasks.techniques.compression.clustering import ClusterConfig
+from optforge.tasks.techniques.compression.cluster import ClusterConfig
 from optforge.tasks.techniques.compression.distill import DistillConfig
 from optforge.tasks.techniques.compression.early_exit import EarlyExitConfig, EarlyExitModel
 from optforge.tasks.techniques.compression.factorize import FactorizeConfig
@@ -36,15 +36,15 @@ from optforge.tasks.techniques.compression.qat import QatConfig
 from optforge.tasks.techniques.compression.students import share_layers, student_problem
 from optforge.tasks.techniques.config import TechniqueConfig
 from optforge.tasks.techniques.contract import InputContract
-from optforge.tasks.techniques.engines.tensorrt_engine import TensorRTConfig
-from optforge.tasks.techniques.engines.tvm_engine import TvmConfig
+from optforge.tasks.techniques.engines.tensorrt import TensorRTConfig
+from optforge.tasks.techniques.engines.tvm import TvmConfig
 from optforge.tasks.techniques.models.exit_blocks import blocks_of
 from optforge.tasks.techniques.models.models import Subject, apply_ranks
+from optforge.tasks.techniques.onnx.export import ExportConfig
 from optforge.tasks.techniques.onnx.fp16 import Fp16Config
-from optforge.tasks.techniques.onnx.fusion import FuseConfig, unsupported_reason
-from optforge.tasks.techniques.onnx.onnx_export import ExportConfig
-from optforge.tasks.techniques.onnx.quantization import DynamicQuantConfig
-from optforge.tasks.techniques.onnx.static_quant import StaticQuantConfig
+from optforge.tasks.techniques.onnx.fuse import FuseConfig, unsupported_reason
+from optforge.tasks.techniques.onnx.quantize import DynamicQuantConfig
+from optforge.tasks.techniques.onnx.static import StaticQuantConfig
 
 
 class Form(str, Enum):
@@ -71,13 +71,15 @@ _PYTORCH = (Form.TEACHER, Form.TORCH)  # what the weight-level PyTorch steps tak
 class Technique:
     """One technique. ``io`` maps each form it takes to the form it gives."""
 
-    name: str  # the step's name in compress.chains
+    name: str  # its one name: the step in compress.chains, the stage (Prefect task, MLflow run, cache folder), the module
     config: type[TechniqueConfig]
     config_key: str  # where its settings live in the pipeline config (dotted)
     io: Mapping[Form, Form]
-    word: str  # its word in a variant's name
+    # Its word in a variant's name: what the model it gives *is* ("int8", "fused"), where the name says what
+    # the step *does*. Variant names are what MLflow history, the registry's versions and `bench --compare`
+    # key on, so they keep the words they have always had.
+    word: str
     named: Literal["always", "last"]  # "last": the word shows only when the step ends the chain
-    stage: str  # the Prefect task's and MLflow run's name when it runs outside a chain
     summary: str
     machine_bound: bool = False  # its output belongs to the machine that built it (cache keyed by that machine)
     search: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)  # tune's default values, keys under config_key
@@ -128,43 +130,43 @@ def _early_exit_applies(subject: Subject, cfg: EarlyExitConfig) -> str | None:
 
 TECHNIQUES: dict[str, Technique] = {t.name: t for t in (
     Technique("distill", DistillConfig, "compress.distill", {Form.TEACHER: Form.TORCH}, "distill", "always",
-              "distill", "train a smaller student from the teacher's soft labels (Ray Train)", replay=_replay_distill,
+              "train a smaller student from the teacher's soft labels (Ray Train)", replay=_replay_distill,
               applies=student_problem),
     Technique("prune", PruneConfig, "compress.prune", dict.fromkeys(_PYTORCH, Form.TORCH), "prune", "always",
-              "prune", "remove channels, heads or weights by importance, then fine-tune",
+              "remove channels, heads or weights by importance, then fine-tune",
               search={"sparsity": (0.3, 0.5, 0.7), "rounds": (1, 2)}, replay=_replay_prune),
     Technique("factorize", FactorizeConfig, "compress.factorize", dict.fromkeys(_PYTORCH, Form.TORCH), "factorize",
-              "always", "factorize", "replace large layers by two low-rank ones (truncated SVD), then fine-tune",
+              "always", "replace large layers by two low-rank ones (truncated SVD), then fine-tune",
               search={"energy": (0.4, 0.6, 0.8)}, replay=lambda model, p, _: apply_ranks(model, p["ranks"])),
     Technique("cluster", ClusterConfig, "compress.cluster", dict.fromkeys(_PYTORCH, Form.TORCH), "cluster", "always",
-              "cluster", "share 2**bits values per layer (k-means), stored bit-packed"),
+              "share 2**bits values per layer (k-means), stored bit-packed"),
     Technique("binarize", BinarizeConfig, "compress.binarize", dict.fromkeys(_PYTORCH, Form.TORCH), "binarize",
-              "always", "binarize", "binary inner-layer weights (sign x channel scale), one bit each"),
+              "always", "binary inner-layer weights (sign x channel scale), one bit each"),
     Technique("circulant", CirculantConfig, "compress.circulant", dict.fromkeys(_PYTORCH, Form.CIRCULANT),
-              "circulant", "always", "circulant", "block-circulant Linear layers computed by FFT",
+              "circulant", "always", "block-circulant Linear layers computed by FFT",
               replay=lambda model, p, _: apply_blocks(model, p["blocks"])),
     Technique("early_exit", EarlyExitConfig, "compress.early_exit",
-              dict.fromkeys((*_PYTORCH, Form.CIRCULANT), Form.EXITS), "early_exit", "always", "early_exit",
+              dict.fromkeys((*_PYTORCH, Form.CIRCULANT), Form.EXITS), "early_exit", "always",
               "exit heads after intermediate blocks; a confident sample stops early", replay=_replay_early_exit,
               applies=_early_exit_applies),
     Technique("export", ExportConfig, "onnx.export",
               {**dict.fromkeys((*_PYTORCH, Form.CIRCULANT), Form.ONNX), Form.EXITS: Form.ROUTED}, "onnx", "last",
-              "export_onnx", "ONNX export from the input contract, checked against PyTorch"),
+              "ONNX export from the input contract, checked against PyTorch"),
     Technique("fuse", FuseConfig, "onnx.fuse", dict.fromkeys((*_PYTORCH, Form.CIRCULANT), Form.FUSED), "fused", "always",
-              "fuse", "ONNX Runtime's transformer fusion (attention, LayerNorm, GELU)",
+              "ONNX Runtime's transformer fusion (attention, LayerNorm, GELU)",
               applies=lambda subject, _: unsupported_reason(subject.hf_config)),
     Technique("quantize", DynamicQuantConfig, "onnx.quantize", dict.fromkeys((Form.ONNX, Form.FUSED, Form.ROUTED), Form.INT8),
-              "int8", "last", "quantize", "dynamic INT8: weights INT8, activations quantized per call"),
+              "int8", "last", "dynamic INT8: weights INT8, activations quantized per call"),
     Technique("static", StaticQuantConfig, "onnx.static", {Form.ONNX: Form.INT8}, "static_int8", "last",
-              "quantize_static", "static INT8 (QDQ), activations calibrated on training rows",
+              "static INT8 (QDQ), activations calibrated on training rows",
               search={"method": ("minmax", "percentile"), "per_channel": (False, True)}),
     Technique("qat", QatConfig, "compress.qat", dict.fromkeys((*_PYTORCH, Form.CIRCULANT), Form.INT8), "qat_int8",
-              "last", "qat", "quantization-aware fine-tuning, exported as QDQ INT8"),
-    Technique("fp16", Fp16Config, "onnx.fp16", {Form.ONNX: Form.ONNX}, "fp16", "last", "convert_fp16",
-              "FP16 ONNX for GPU runtimes", chain_step=False),
+              "last", "quantization-aware fine-tuning, exported as QDQ INT8"),
+    Technique("fp16", Fp16Config, "onnx.fp16", {Form.ONNX: Form.ONNX}, "fp16", "last", "FP16 ONNX for GPU runtimes",
+              chain_step=False),
     Technique("tensorrt", TensorRTConfig, "engines.tensorrt", {Form.ONNX: Form.ENGINE}, "tensorrt", "last",
-              "build_engine", "TensorRT FP16/INT8 engines (needs CUDA)", machine_bound=True, chain_step=False),
-    Technique("tvm", TvmConfig, "engines.tvm", {Form.ONNX: Form.ENGINE}, "tvm", "last", "compile_tvm",
+              "TensorRT FP16/INT8 engines (needs CUDA)", machine_bound=True, chain_step=False),
+    Technique("tvm", TvmConfig, "engines.tvm", {Form.ONNX: Form.ENGINE}, "tvm", "last",
               "Apache TVM CPU libraries, tuned for this CPU", machine_bound=True, chain_step=False),
 )}
 
@@ -173,7 +175,7 @@ CHAIN_STEPS = tuple(name for name, t in TECHNIQUES.items() if t.chain_step)
 BASELINE_STEPS = ("export", "fuse", "quantize", "static")
 # Stages whose output belongs to the machine: the engines, and the benchmark's timings (a measurement, not
 # a technique, so it has no record).
-MACHINE_BOUND_STAGES = frozenset({"benchmark", *(t.stage for t in TECHNIQUES.values() if t.machine_bound)})
+MACHINE_BOUND_STAGES = frozenset({"benchmark", *(t.name for t in TECHNIQUES.values() if t.machine_bound)})
 
 
 def _needs_export(name: str, form: Form) -> bool:

@@ -119,7 +119,7 @@ def test_bench_after_optimize_reuses_every_stage(tiny_config, mlflow_store, caps
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"bench.json", "bench.txt"}
     with get_client(sync_client=True) as prefect:  # the skip reason is the build_engine task run's state message
         # The two newest build_engine runs are this test's (other tests share the session's Prefect DB).
-        cached, built = prefect.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="build_engine")),
+        cached, built = prefect.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="tensorrt")),
                                                sort=TaskRunSort.EXPECTED_START_TIME_DESC, limit=2)
     assert built.state.name == "Completed" and "skipped trt_fp16, trt_int8: CUDA is not available" in built.state.message
     assert cached.state.name == "Cached"

@@ -72,7 +72,7 @@ def test_factory_model_taking_pixel_values_then_onnx_start(images, tmp_path, mlf
                               "compress": {"chains": [["prune", "quantize"]]}})
     assert code == 0
     # The exported ONNX file of that run is now a user's ONNX model: quantized, benchmarked, registered.
-    onnx_file = next((tmp_path / "work" / "export_onnx").rglob("model.onnx"))
+    onnx_file = next((tmp_path / "work" / "export").rglob("model.onnx"))
     start = tmp_path / "start"
     start.mkdir()
     code, _ = _run(start, {"data": {"source": str(folder), "image_size": 16},

@@ -18,7 +18,7 @@ from optforge.tasks.stages.data import prepare_data
 from optforge.tasks.techniques.data.data import DataConfig
 from optforge.tasks.techniques.models.models import ModelConfig, ModelSpec, save_model
 from optforge.tasks.techniques.models.rebuild import build_model, load_model
-from optforge.tasks.techniques.onnx.static_quant import count_qdq_nodes
+from optforge.tasks.techniques.onnx.static import count_qdq_nodes
 from tests.conftest import TINY
 
 

@@ -37,6 +37,6 @@ def test_small_npz_and_a_factory_run_with_the_default_config(tmp_path, mlflow_st
     assert tags["optforge.registry_name"] == name
     assert MlflowClient().get_model_version_by_alias(name, "champion")
     assert "optforge.skipped.prune" not in tags  # structured pruning applies to a factory model too
-    static = mlflow.search_runs(experiment_names=["optforge"], filter_string="tags.mlflow.runName = 'quantize_static'",
+    static = mlflow.search_runs(experiment_names=["optforge"], filter_string="tags.mlflow.runName = 'static'",
                                 output_format="list")[0]
     assert static.data.tags["optforge.scaled.calibration_samples"].startswith("256 -> 124")

@@ -39,8 +39,8 @@ def test_pipeline_tracks_registers_and_reuses_cache(tiny_config, mlflow_store, m
 
     children = _runs(client, exp.experiment_id, f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     stages = {r.data.tags["optforge.stage"] for r in children}
-    assert stages == {"prepare_data", "train", "export_onnx", "quantize", "quantize_static", "convert_fp16",
-                      "build_engine", "benchmark", "register"}
+    assert stages == {"prepare_data", "train", "export", "quantize", "static", "fp16",
+                      "tensorrt", "benchmark", "register"}
     train_run = next(r for r in children if r.data.tags["optforge.stage"] == "train")
     history = client.get_metric_history(train_run.info.run_id, "val_accuracy")
     assert len(history) == 4 and [m.step for m in history] == [0, 1, 2, 3]  # one point per epoch, rank 0 only

@@ -24,7 +24,27 @@ def test_every_record_names_its_config_section_and_every_chain_step_has_a_run():
         for key in technique.search:  # tune's default keys exist in the section
             assert key in technique.config.model_fields, f"{technique.name}.search: {key}"
     assert set(RUNS) == set(CHAIN_STEPS)
-    assert MACHINE_BOUND_STAGES == {"benchmark", "build_engine", "compile_tvm"}
+    assert MACHINE_BOUND_STAGES == {"benchmark", "tensorrt", "tvm"}
+
+
+def test_each_technique_has_one_name_for_its_step_stage_module_and_config_key():
+    """``static`` is the step, the stage (Prefect task and MLflow run), ``onnx/static.py`` and ``onnx.static``."""
+    import importlib
+    import pkgutil
+
+    from prefect import Task
+
+    import optforge.tasks.stages as stages
+
+    stage_names = set()
+    for info in pkgutil.iter_modules(stages.__path__):
+        module = importlib.import_module(f"{stages.__name__}.{info.name}")
+        stage_names |= {v.name for v in vars(module).values() if isinstance(v, Task)}
+    for name, technique in TECHNIQUES.items():
+        assert name in stage_names, f"no stage named {name}"
+        assert technique.config_key.rsplit(".", 1)[1] == name
+        module = importlib.import_module(technique.config.__module__)
+        assert module.__name__.rsplit(".", 1)[1] == name, f"{name}'s config lives in {module.__name__}"
 
 
 @pytest.mark.parametrize("chain, problem", [
@@ -67,30 +87,6 @@ def test_a_record_says_why_it_cannot_apply_to_a_model():
     assert distill.applies(mlp, DistillConfig(derive="width")) is None  # a narrowed teacher always is
     assert "num_hidden_layers" in distill.applies(mlp, DistillConfig(derive="layers"))
     assert all(TECHNIQUES[name].applies is None for name in ("prune", "quantize"))  # they apply to any model
-
-
-def test_each_record_names_the_stage_its_task_shell_runs_as():
-    from optforge.tasks.stages import (
-        compress,
-        distill,
-        early_exit,
-        export,
-        fp16,
-        fuse,
-        quantize,
-        quantize_static,
-        tensorrt,
-        tvm,
-    )
-
-    shells = {"distill": distill.distill, "prune": compress.prune, "factorize": compress.factorize,
-              "cluster": compress.cluster_weights, "binarize": compress.binarize_weights,
-              "circulant": compress.circulant, "early_exit": early_exit.early_exit, "qat": compress.qat,
-              "export": export.export, "fuse": fuse.fuse_onnx, "quantize": quantize.quantize,
-              "static": quantize_static.quantize_static, "fp16": fp16.convert_to_fp16,
-              "tensorrt": tensorrt.build_engines, "tvm": tvm.compile_tvm}
-    assert set(shells) == set(TECHNIQUES)
-    assert {name: task.name for name, task in shells.items()} == {name: t.stage for name, t in TECHNIQUES.items()}
 
 
 def test_a_qat_step_settles_its_weight_range_before_the_cache_key_is_taken():

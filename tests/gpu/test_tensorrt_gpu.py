@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from optforge.tasks.techniques.engines.tensorrt_engine import EngineRunner, TensorRTConfig, build_engine, parity
+from optforge.tasks.techniques.engines.tensorrt import EngineRunner, TensorRTConfig, build_engine, parity
 from optforge.tasks.techniques.models.models import MLP
+from optforge.tasks.techniques.onnx.export import ExportConfig, export_onnx
 from optforge.tasks.techniques.onnx.fp16 import Fp16Config, convert_fp16
-from optforge.tasks.techniques.onnx.onnx_export import ExportConfig, export_onnx
-from optforge.tasks.techniques.onnx.static_quant import StaticQuantConfig, quantize_static_int8
+from optforge.tasks.techniques.onnx.static import StaticQuantConfig, quantize_static_int8
 
 pytestmark = [
     pytest.mark.gpu,

@@ -20,7 +20,7 @@ from tests.integration.api import flow_run, http_bytes, ray_actors
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-STAGES = {"prepare_data", "train", "export_onnx", "quantize", "benchmark", "register"}
+STAGES = {"prepare_data", "train", "export", "quantize", "benchmark", "register"}
 
 
 def test_preflight_passes_against_the_stack(stack):

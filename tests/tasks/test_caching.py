@@ -17,7 +17,7 @@ def _upgraded(name: str) -> dict[str, str]:
 
 def test_the_key_names_the_libraries_and_for_measuring_stages_the_machine(monkeypatch):
     params = {"cfg": {"threads": 2}, "model": "sha"}
-    before = {s: stage_key(s, params) for s in ("train", "benchmark", "build_engine")}
+    before = {s: stage_key(s, params) for s in ("train", "benchmark", "tensorrt")}
     assert set(library_versions()) >= {"torch", "onnx", "onnxruntime", "transformers"}
     assert library_versions()["torch"] != "absent" and machine_identity()["cpu_model"]
 
@@ -28,7 +28,7 @@ def test_the_key_names_the_libraries_and_for_measuring_stages_the_machine(monkey
     monkeypatch.setattr(caching, "machine_identity", lambda: {**machine_identity(), "cpu_model": "Another CPU"})
     assert stage_key("train", params) == before["train"]  # training gives the same weights anywhere
     assert stage_key("benchmark", params) != before["benchmark"]  # timings belong to the CPU that took them
-    assert stage_key("build_engine", params) != before["build_engine"]
+    assert stage_key("tensorrt", params) != before["tensorrt"]
 
 
 def test_a_changed_library_version_forces_a_recompute(monkeypatch, tmp_path):

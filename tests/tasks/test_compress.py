@@ -16,7 +16,7 @@ from optforge.tasks.techniques.compression.qat import QatConfig
 from optforge.tasks.techniques.data.data import DataConfig, load_splits
 from optforge.tasks.techniques.models.models import LowRank, ModelConfig, ModelSpec, save_model
 from optforge.tasks.techniques.models.rebuild import build_model, load_model
-from optforge.tasks.techniques.onnx.static_quant import count_qdq_nodes
+from optforge.tasks.techniques.onnx.static import count_qdq_nodes
 from optforge.tasks.techniques.training.finetune import FinetuneConfig
 from optforge.tasks.techniques.training.training import evaluate
 

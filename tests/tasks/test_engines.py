@@ -16,19 +16,19 @@ from optforge.tasks.stages.benchmark import benchmark
 from optforge.tasks.stages.data import prepare_data
 from optforge.tasks.stages.export import export
 from optforge.tasks.stages.fp16 import convert_to_fp16
-from optforge.tasks.stages.quantize_static import quantize_static
+from optforge.tasks.stages.static import quantize_static
 from optforge.tasks.stages.tensorrt import _int8_for_tensorrt, build_engines
 from optforge.tasks.stages.tvm import compile_tvm
 from optforge.tasks.techniques.data.data import DataConfig, load_splits
-from optforge.tasks.techniques.engines.tensorrt_engine import TensorRTConfig, environment, unavailable_reason
-from optforge.tasks.techniques.engines.tvm_engine import TvmConfig
-from optforge.tasks.techniques.engines.tvm_engine import unavailable_reason as tvm_unavailable
+from optforge.tasks.techniques.engines.tensorrt import TensorRTConfig, environment, unavailable_reason
+from optforge.tasks.techniques.engines.tvm import TvmConfig
+from optforge.tasks.techniques.engines.tvm import unavailable_reason as tvm_unavailable
 from optforge.tasks.techniques.measurement.benchmark import BenchmarkConfig
 from optforge.tasks.techniques.models.models import ModelConfig, ModelSpec, save_model
 from optforge.tasks.techniques.models.rebuild import build_model
+from optforge.tasks.techniques.onnx.export import ExportConfig
 from optforge.tasks.techniques.onnx.fp16 import Fp16Config
-from optforge.tasks.techniques.onnx.onnx_export import ExportConfig
-from optforge.tasks.techniques.onnx.static_quant import StaticQuantConfig
+from optforge.tasks.techniques.onnx.static import StaticQuantConfig
 
 FAST_BENCH = BenchmarkConfig(warmup=2, iters_b1=10, iters_batch=2)
 NO_GPU = pytest.mark.skipif(unavailable_reason() is None, reason="CUDA and tensorrt present: engines get built, not skipped")
@@ -96,11 +96,11 @@ def test_engine_stages_log_runs_and_benchmark_side_by_side(exported, store):
     assert [(r.name, r.format) for r in trt] == [("trt_fp16", "skipped"), ("trt_int8", "skipped")]
     assert trt[0].info["skip_reason"] == unavailable_reason() and all(r.exists() for r in trt)
 
-    (q_run,) = _children(client, pid, "quantize_static")
+    (q_run,) = _children(client, pid, "static")
     assert q_run.data.tags["optforge.excluded_nodes"] == "none" and q_run.data.tags["optforge.gate_passed"] == "true"
-    assert q_run.data.metrics["qdq_nodes"] > 0 and q_run.data.params["static_int8.method"] == "minmax"
+    assert q_run.data.metrics["qdq_nodes"] > 0 and q_run.data.params["static.method"] == "minmax"
     assert {a.path for a in client.list_artifacts(q_run.info.run_id)} == {"fallback.json", "onnx"}
-    (t_run,) = _children(client, pid, "build_engine")
+    (t_run,) = _children(client, pid, "tensorrt")
     assert t_run.info.status == "FINISHED" and t_run.data.tags["optforge.skipped"] == unavailable_reason()
 
     results = benchmark.fn(FAST_BENCH, [torch_ref, onnx_ref, static, fp16, *trt], data, pid)
@@ -144,7 +144,7 @@ def test_calibration_larger_than_the_training_split_uses_all_its_rows_and_says_s
     out = quantize_static.fn(StaticQuantConfig(calibration_samples=100_000), onnx_ref, data, work, pid)
     assert out.exists()
     rows = data.sizes["train"]
-    (run,) = _children(MlflowClient(store[0]), pid, "quantize_static")
+    (run,) = _children(MlflowClient(store[0]), pid, "static")
     assert run.data.tags["optforge.scaled.calibration_samples"] == f"100000 -> {rows} (the training split's rows)"
     assert run.data.params["calibration_samples_used"] == str(rows)
 
@@ -173,7 +173,7 @@ def test_tvm_variant_is_compiled_logged_and_benchmarked_beside_onnx(exported, st
     assert isinstance(state, State) and state.message.startswith("compiled tvm_llvm (untuned")
     ref = state.result()
     assert (ref.name, ref.format) == ("tvm_llvm", Format.TVM) and ref.info["parity"]["max_abs_diff"] < 1e-3
-    (run,) = _children(client, pid, "compile_tvm")
+    (run,) = _children(client, pid, "tvm")
     m = run.data.metrics
     assert m["compile_s"] > 0 and m["tune_s"] == 0 and m["trials"] == 0 and m["parity_top1_agreement"] == 1.0
     assert run.data.params["tvm.batch_sizes"] == "[1, 8]" and run.data.tags["optforge.tvm.version"].startswith("0.27")
@@ -193,5 +193,5 @@ def test_tvm_without_the_package_is_a_skipped_variant_with_the_reason(exported, 
     monkeypatch.setattr(stage, "unavailable_reason", lambda: "no tvm here")
     ref = compile_tvm.fn(TvmConfig(enabled=True), onnx_ref, data, work, pid).result()
     assert (ref.name, ref.format, ref.info["skip_reason"]) == ("tvm_llvm", Format.SKIPPED, "no tvm here")
-    (run,) = _children(MlflowClient(store[0]), pid, "compile_tvm")
+    (run,) = _children(MlflowClient(store[0]), pid, "tvm")
     assert run.data.tags["optforge.skipped"] == "no tvm here"

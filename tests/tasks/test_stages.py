@@ -17,8 +17,8 @@ from optforge.tasks.techniques.data.data import DataConfig, load_splits
 from optforge.tasks.techniques.measurement.benchmark import BenchmarkConfig
 from optforge.tasks.techniques.measurement.selection import RegisterConfig
 from optforge.tasks.techniques.models.models import ModelConfig
-from optforge.tasks.techniques.onnx.onnx_export import ExportConfig, export_onnx
-from optforge.tasks.techniques.onnx.quantization import DynamicQuantConfig
+from optforge.tasks.techniques.onnx.export import ExportConfig, export_onnx
+from optforge.tasks.techniques.onnx.quantize import DynamicQuantConfig
 from optforge.tasks.techniques.training.training import evaluate
 from tests.trained import train_in_process
 
@@ -57,7 +57,7 @@ def test_stages_log_child_runs_and_register(pipeline, mlflow_store):
     reg = register.fn(RegisterConfig(model_name="stages-model", max_accuracy_drop=5.0), results,
                       [torch_ref, onnx_ref, int8_ref], data, parent_id)
 
-    (export_run,) = _child(client, parent_id, "export_onnx")
+    (export_run,) = _child(client, parent_id, "export")
     assert export_run.data.metrics["parity_max_abs_diff"] < 1e-4
     assert [a.path for a in client.list_artifacts(export_run.info.run_id, "onnx")] == ["onnx/model.onnx"]
     bench_runs = _child(client, parent_id, "benchmark")
@@ -95,5 +95,5 @@ def test_failed_parity_marks_the_stage_failed(pipeline, mlflow_store, monkeypatc
     monkeypatch.setattr("optforge.tasks.stages.export.export_onnx", export_a_different_model)
     with pytest.raises(ValueError, match="onnx.export.parity_atol"):
         export.fn(ExportConfig(), torch_ref, data, str(work), parent_id)
-    (run,) = _child(MlflowClient(mlflow_store), parent_id, "export_onnx")
+    (run,) = _child(MlflowClient(mlflow_store), parent_id, "export")
     assert run.info.status == "FAILED" and "parity_atol" in run.data.tags["optforge.error"]

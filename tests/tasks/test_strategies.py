@@ -93,7 +93,7 @@ def test_init_from_pointing_at_nothing(digits, uri, message):
 
 
 def test_init_from_an_onnx_version_says_what_to_use_instead(digits, tmp_path):
-    from optforge.tasks.techniques.onnx.onnx_export import ExportConfig, export_onnx
+    from optforge.tasks.techniques.onnx.export import ExportConfig, export_onnx
 
     data, parent, workdir = digits
     ref, _ = _trained_folder(data, tmp_path)

@@ -17,7 +17,7 @@ from optforge.tasks.techniques.measurement.benchmark import (
     size_mb,
     torch_predictor,
 )
-from optforge.tasks.techniques.onnx.onnx_export import ExportConfig, export_onnx
+from optforge.tasks.techniques.onnx.export import ExportConfig, export_onnx
 from optforge.tasks.techniques.onnx.ort_session import onnx_predictor, tuned_session
 from tests.techniques.helpers import rows, table_part
 

@@ -17,7 +17,7 @@ from optforge.tasks.techniques.compression.circulant import (
     to_circulant,
 )
 from optforge.tasks.techniques.contract import table_contract
-from optforge.tasks.techniques.onnx.onnx_export import ExportConfig, export_onnx, max_abs_diff
+from optforge.tasks.techniques.onnx.export import ExportConfig, export_onnx, max_abs_diff
 from tests.techniques.helpers import rows
 
 

@@ -17,7 +17,7 @@ from optforge.tasks.techniques.contract import (
     table_contract,
     text_contract,
 )
-from optforge.tasks.techniques.onnx.onnx_export import ExportConfig, export_onnx
+from optforge.tasks.techniques.onnx.export import ExportConfig, export_onnx
 
 # Classes at module level: forward_logits caches the call style per model class.
 

@@ -25,7 +25,7 @@ from optforge.tasks.techniques.compression.exit_policy import (
 )
 from optforge.tasks.techniques.contract import table_contract
 from optforge.tasks.techniques.models.models import DSCNN, MLP, SmallCNN
-from optforge.tasks.techniques.onnx.onnx_export import ExportConfig, export_onnx
+from optforge.tasks.techniques.onnx.export import ExportConfig, export_onnx
 from optforge.tasks.techniques.onnx.ort_session import tuned_session
 from tests.techniques.helpers import rows, table_part
 
@@ -100,7 +100,7 @@ def test_the_exported_onnx_model_routes_like_pytorch(trained, tmp_path):
 
 
 def test_a_cnn_with_pooled_exit_heads_exports_with_parity(tmp_path):
-    from optforge.tasks.techniques.onnx.onnx_export import max_abs_diff
+    from optforge.tasks.techniques.onnx.export import max_abs_diff
 
     torch.manual_seed(0)
     x = torch.randn(6, 64)
@@ -111,7 +111,7 @@ def test_a_cnn_with_pooled_exit_heads_exports_with_parity(tmp_path):
 
 def test_a_bert_exits_after_its_layers_and_exports_its_routing(tmp_path):
     from optforge.tasks.techniques.contract import text_contract
-    from optforge.tasks.techniques.onnx.onnx_export import max_abs_diff
+    from optforge.tasks.techniques.onnx.export import max_abs_diff
     from tests.techniques.helpers import tiny_bert
 
     bert = tiny_bert(layers=2)
@@ -132,7 +132,7 @@ def test_a_bert_exits_after_its_layers_and_exports_its_routing(tmp_path):
     assert max_abs_diff(ee, path, {k: v.numpy() for k, v in inputs.items()}) < 1e-4
     import onnx
 
-    from optforge.tasks.techniques.onnx.onnx_export import STACK_TRACE
+    from optforge.tasks.techniques.onnx.export import STACK_TRACE
 
     branch = next(n for n in onnx.load(str(path)).graph.node if n.op_type == "If").attribute[1].g
     # the exporter's stack traces repeat in every nested branch (17 of 23 MB in a 6-layer BERT): dropped

@@ -110,7 +110,7 @@ def test_bert_attention_and_feed_forward_linears_factorize_and_rebuild(tmp_path)
     import numpy as np
 
     from optforge.tasks.techniques.contract import forward_logits, text_contract
-    from optforge.tasks.techniques.onnx.onnx_export import ExportConfig, export_onnx
+    from optforge.tasks.techniques.onnx.export import ExportConfig, export_onnx
     from optforge.tasks.techniques.onnx.ort_session import tuned_session
 
     bert, contract = tiny_bert(hidden=64), text_contract(12, 3, {})

@@ -9,9 +9,9 @@ from onnx import TensorProto
 
 from optforge.tasks.techniques.contract import table_contract
 from optforge.tasks.techniques.models.models import MLP
+from optforge.tasks.techniques.onnx.export import ExportConfig, export_onnx
 from optforge.tasks.techniques.onnx.fp16 import Fp16Config, convert_fp16, fp16_initializer_share, topological_sort
-from optforge.tasks.techniques.onnx.onnx_export import ExportConfig, export_onnx
-from optforge.tasks.techniques.onnx.static_quant import logits
+from optforge.tasks.techniques.onnx.static import logits
 from tests.techniques.helpers import table_part
 
 

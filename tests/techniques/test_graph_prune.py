@@ -17,7 +17,7 @@ from optforge.tasks.techniques.compression.graph_prune import attention_modules,
 from optforge.tasks.techniques.contract import forward_logits, image_contract, table_contract, text_contract
 from optforge.tasks.techniques.models.models import MLP
 from optforge.tasks.techniques.models.models import count_params as count
-from optforge.tasks.techniques.onnx.onnx_export import ExportConfig, export_onnx
+from optforge.tasks.techniques.onnx.export import ExportConfig, export_onnx
 from tests.techniques.helpers import tiny_bert, tiny_resnet
 
 

@@ -10,7 +10,7 @@ from optforge.tasks.techniques.compression.prune import PruneConfig, measure, pr
 from optforge.tasks.techniques.measurement.flops import weight_sparsity
 from optforge.tasks.techniques.models.models import ModelConfig, count_params, save_model
 from optforge.tasks.techniques.models.rebuild import build_model, load_model
-from optforge.tasks.techniques.onnx.onnx_export import ExportConfig, export_onnx, max_abs_diff
+from optforge.tasks.techniques.onnx.export import ExportConfig, export_onnx, max_abs_diff
 from tests.techniques.helpers import hf_spec, rows, table_spec, tiny_bert
 
 

@@ -18,7 +18,7 @@ from optforge.tasks.techniques.compression.qat import QuantLayer, calibrate, exp
 from optforge.tasks.techniques.contract import as_tensors, forward_logits, table_contract, text_contract
 from optforge.tasks.techniques.measurement.benchmark import int8_dot_saturates
 from optforge.tasks.techniques.models.models import MLP, SmallCNN
-from optforge.tasks.techniques.onnx.static_quant import logits
+from optforge.tasks.techniques.onnx.static import logits
 from optforge.tasks.techniques.training.finetune import FinetuneConfig, finetune
 from optforge.tasks.techniques.training.training import evaluate
 from tests.techniques.helpers import table_part, tiny_bert

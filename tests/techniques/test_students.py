@@ -103,7 +103,7 @@ def test_cross_layer_sharing_runs_one_set_of_weights_per_group_and_rebuilds_from
     import numpy as np
 
     from optforge.tasks.techniques.compression.students import layer_stack, share_layers
-    from optforge.tasks.techniques.onnx.onnx_export import ExportConfig, export_onnx, max_abs_diff
+    from optforge.tasks.techniques.onnx.export import ExportConfig, export_onnx, max_abs_diff
 
     contract = text_contract(16, 3, {})
     plain, shared = tiny_bert(layers=4), tiny_bert(layers=4)

@@ -10,7 +10,7 @@ import torch
 from pydantic import ValidationError
 
 from optforge.tasks.techniques.contract import table_contract, text_contract
-from optforge.tasks.techniques.engines.tensorrt_engine import (
+from optforge.tasks.techniques.engines.tensorrt import (
     EngineRunner,
     TensorRTConfig,
     environment,
@@ -62,7 +62,7 @@ def test_parity_compares_a_runner_with_onnx_runtime_over_a_part(tmp_path):
     import numpy as np
     from torch import nn
 
-    from optforge.tasks.techniques.onnx.onnx_export import ExportConfig, export_onnx
+    from optforge.tasks.techniques.onnx.export import ExportConfig, export_onnx
     from optforge.tasks.techniques.onnx.ort_session import onnx_predictor
     from tests.techniques.helpers import table_part
 

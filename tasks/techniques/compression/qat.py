@@ -35,7 +35,7 @@ from optforge.tasks.techniques.config import TechniqueConfig
 from optforge.tasks.techniques.contract import InputContract, forward_logits
 from optforge.tasks.techniques.files import atomic_write
 from optforge.tasks.techniques.measurement.benchmark import int8_dot_saturates
-from optforge.tasks.techniques.onnx.onnx_export import export_torchscript
+from optforge.tasks.techniques.onnx.export import export_torchscript
 from optforge.tasks.techniques.training.finetune import FinetuneConfig
 
 

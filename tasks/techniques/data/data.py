@@ -43,15 +43,24 @@ class DataConfig(TechniqueConfig):
     label_column: str = Field("label", description="label column of a table or text file")
     text_column: str | None = Field(None, description="text column: makes a CSV/JSONL/Parquet file text data")
     tokenizer: str | None = Field(None, description="tokenizer folder for text (default: the Hugging Face model folder's own)")
-    max_length: int = Field(128, ge=2, description="text: tokens per sample; longer texts are truncated (and counted)")
+    max_length: int | None = Field(None, ge=2, description="text: tokens per sample; longer texts are truncated (and "
+                                   "counted). Default: what covers 99% of the texts, rounded up to a multiple of 8, "
+                                   "within the model's position limit and its tokenizer's model_max_length")
     image_size: int | None = Field(None, ge=8, description="images: side of the square center crop (default: the "
                                    "first image's shorter side)")
     resize: int | None = Field(None, ge=8, description="images: shorter side is resized to this before the crop "
                                "(default: image_size)")
-    image_mode: Literal["RGB", "L"] = Field("RGB", description="images: colour (3 channels) or grey (1)")
+    image_mode: Literal["RGB", "L"] = Field("RGB", description="images: colour (3 channels) or grey (1); default: "
+                                            "the model's num_channels")
+    resample: Literal["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"] = Field(
+        "bilinear", description="images: resampling filter of the resize (default: the model's image processor's)")
+    rescale: bool = Field(True, description="images: scale pixels to [0, 1] before the mean and std (false: 0..255)")
     mean: tuple[float, ...] = Field(IMAGENET_MEAN, description="images: per-channel mean subtracted after scaling to [0, 1]")
     std: tuple[float, ...] = Field(IMAGENET_STD, description="images: per-channel std divided by")
     num_classes: int | None = Field(None, ge=2, description="number of classes; labels must be < it (default: max label + 1)")
+    classes: tuple[str, ...] | None = Field(None, description="class names in the model's output order; must be the "
+                                            "data's names (default: the Hugging Face model's id2label order when its "
+                                            "names are the data's, else sorted)")
     image_shape: tuple[int, int, int] | None = Field(
         None, description="(C, H, W) of flattened images in a table, for CNNs; digits sets (1, 8, 8) itself"
     )
@@ -228,3 +237,17 @@ def fingerprint(folder: str | Path) -> str:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()[:16]
+
+
+def class_order(found, wanted=None, preferred=None, where: str = "the data") -> list[str]:
+    """The class names in output order: ``wanted`` (``data.classes``) when set, which must be the data's names;
+    else ``preferred`` (a Hugging Face head's ``id2label`` order) when its names are the data's, so a fine-tuned
+    head keeps meaning what it meant; else sorted."""
+    names = sorted(map(str, found))
+    if wanted:
+        if sorted(map(str, wanted)) != names:
+            raise ValueError(f"data.classes: {list(wanted)} are not the class names of {where}: {names}")
+        return [str(c) for c in wanted]
+    if preferred and sorted(map(str, preferred)) == names:
+        return [str(c) for c in preferred]
+    return names

@@ -22,19 +22,21 @@ from optforge.tasks.techniques.data.data import (
 from optforge.tasks.techniques.data.split import split_indices
 
 
-def prepare(cfg: DataConfig, root: str | Path, tokenizer: str | None = None) -> Path:
+def prepare(cfg: DataConfig, root: str | Path, tokenizer: str | None = None, max_positions: int | None = None,
+            model_classes=None) -> Path:
     """Read ``cfg.source`` with its adapter and write the split folder ``<root>/<fingerprint>``.
 
     ``tokenizer`` (text only) is the folder to tokenize with when ``cfg.tokenizer`` is not set (the
-    Hugging Face model folder's own). Returns the folder.
+    Hugging Face model folder's own); ``max_positions`` the most tokens the model takes; ``model_classes``
+    a Hugging Face head's class order (kept when its names are the data's). Returns the folder.
     """
     root = Path(root)
     kind = source_kind(cfg)
     with staging(root) as tmp:
         if kind == "image":
-            images.prepare_images(cfg, tmp)
+            images.prepare_images(cfg, tmp, model_classes)
         elif kind == "text":
-            texts.prepare_texts(cfg, tmp, cfg.tokenizer or tokenizer)
+            texts.prepare_texts(cfg, tmp, cfg.tokenizer or tokenizer, max_positions, model_classes)
         else:
             _prepare_table(cfg, tmp)
         return publish(tmp, root / fingerprint(tmp))

@@ -1,7 +1,8 @@
 """Text data: CSV, JSONL or Parquet with a text column and a label column, tokenized by a local tokenizer.
 
 The file is read twice in chunks, never whole: a first pass counts rows, checks the columns and
-collects the label set; the second tokenizes each chunk (truncation and padding to ``max_length``)
+collects the label set and each text's token count (``max_length``, unset, follows them); the second
+tokenizes each chunk (truncation and padding to ``max_length``)
 and writes its rows into memory-mapped ``input_ids`` / ``attention_mask`` arrays of their split.
 Texts longer than ``max_length`` are truncated and counted (``texts_truncated``), not refused.
 Labels may be integers 0..C-1 or strings (mapped to ids in sorted order; the names go into the
@@ -17,8 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from optforge.tasks.techniques.contract import text_contract
-from optforge.tasks.techniques.data.data import write_meta
+from optforge.tasks.techniques.data.data import class_order, write_meta
 from optforge.tasks.techniques.data.split import split_indices
+from optforge.tasks.techniques.models.folder_defaults import TOKENIZER_UNBOUNDED, covering_length
 
 CHUNK_ROWS = 2048  # rows tokenized at a time: bounds memory, large enough for the fast tokenizer's batching
 SUFFIXES = (".csv", ".jsonl", ".parquet")
@@ -87,14 +89,17 @@ def load_tokenizer(folder: str | None):
         raise ValueError(f"data.tokenizer: {path} holds no usable tokenizer ({type(exc).__name__}: {exc})") from exc
 
 
-def _label_map(path: Path, cfg) -> tuple[int, dict | None]:
-    """(rows, {label value: id} for string labels or None for integer labels); checks labels."""
-    rows, values = 0, set()
+def _first_pass(path: Path, cfg, tokenizer, model_classes=None) -> tuple[int, dict | None, list[int]]:
+    """(rows, {label value: id} for string labels or None for integer labels, each text's token count);
+    checks labels. String labels take ``class_order``: a Hugging Face head's order when its names are the data's."""
+    rows, values, lengths = 0, set(), []
     for chunk in _chunks(path, [cfg.text_column, cfg.label_column]):
         rows += len(chunk)
         if chunk[cfg.label_column].isna().any() or chunk[cfg.text_column].isna().any():
             raise ValueError(f"data.source: {path} has empty text or label cells near row {rows}")
         values.update(chunk[cfg.label_column].tolist())
+        texts = [str(t) for t in chunk[cfg.text_column].tolist()]
+        lengths += [len(ids) for ids in tokenizer(texts, truncation=False)["input_ids"]]
     if rows == 0:
         raise ValueError(f"data.source: {path}: the dataset is empty")
     if len(values) < 2:
@@ -102,8 +107,28 @@ def _label_map(path: Path, cfg) -> tuple[int, dict | None]:
     if all(isinstance(v, (int, np.integer)) for v in values):
         if min(values) < 0:
             raise ValueError(f"data.label_column: labels must be in 0..C-1, found {min(values)} in {path}")
-        return rows, None
-    return rows, {v: i for i, v in enumerate(sorted(map(str, values)))}
+        return rows, None, lengths
+    order = class_order(values, cfg.classes, model_classes, f"{path} ({cfg.label_column})")
+    return rows, {v: i for i, v in enumerate(order)}, lengths
+
+
+def settled_length(cfg, lengths: list[int], max_positions: int | None, tokenizer) -> tuple[int, str]:
+    """(tokens per sample, why): ``data.max_length`` when set (and within the limit), else what covers 99% of
+    the texts within the model's positions (``max_positions``) and the tokenizer's ``model_max_length``."""
+    bounds = [(max_positions, "the model's position limit")] if max_positions else []
+    tokenizer_max = getattr(tokenizer, "model_max_length", None)
+    if tokenizer_max and tokenizer_max < TOKENIZER_UNBOUNDED:
+        bounds.append((int(tokenizer_max), "the tokenizer's model_max_length"))
+    limit = min(bounds) if bounds else None
+    if cfg.max_length is not None:
+        if limit and cfg.max_length > limit[0]:
+            raise ValueError(f"data.max_length: {cfg.max_length} exceeds {limit[0]} tokens, the most this model takes "
+                             f"({limit[1]}); set data.max_length to {limit[0]} or less, or leave it unset to follow "
+                             "the data")
+        return cfg.max_length, "data.max_length"
+    length = covering_length(lengths, limit[0] if limit else None)
+    return length, (f"covers 99% of the texts (longest {max(lengths)} tokens)"
+                    + (f", within {limit[0]} ({limit[1]})" if limit else ""))
 
 
 def raw_texts(folder: Path, part: str = "test") -> Iterator[str]:
@@ -114,11 +139,14 @@ def raw_texts(folder: Path, part: str = "test") -> Iterator[str]:
             yield json.loads(line)
 
 
-def prepare_texts(cfg, out: Path, tokenizer_folder: str | None) -> None:
-    """Tokenize ``cfg.source`` into the split folder ``out`` (see ``tasks.techniques.data.data``)."""
+def prepare_texts(cfg, out: Path, tokenizer_folder: str | None, max_positions: int | None = None,
+                  model_classes=None) -> None:
+    """Tokenize ``cfg.source`` into the split folder ``out`` (see ``tasks.techniques.data.data``): to
+    ``settled_length`` tokens, string labels in ``class_order``."""
     path = check_file(cfg)
     tokenizer = load_tokenizer(tokenizer_folder)
-    rows, mapping = _label_map(path, cfg)
+    rows, mapping, all_lengths = _first_pass(path, cfg, tokenizer, model_classes)
+    max_length, length_why = settled_length(cfg, all_lengths, max_positions, tokenizer)
     # Sorted within each part, so a part's rows keep the file's order: the raw test texts can then be
     # appended to test/texts.jsonl as the chunks stream by, and line i is row i of the test part.
     train, val, test = (np.sort(i) for i in split_indices(rows, cfg, "data.source"))
@@ -131,7 +159,7 @@ def prepare_texts(cfg, out: Path, tokenizer_folder: str | None) -> None:
     for name, index in zip(names, (train, val, test)):
         (out / name).mkdir(parents=True)
         arrays.append({k: np.lib.format.open_memmap(out / name / f"{k}.npy", mode="w+", dtype=np.int64,
-                                                    shape=(len(index), cfg.max_length))
+                                                    shape=(len(index), max_length))
                        for k in ("input_ids", "attention_mask")} | {"labels": np.empty(len(index), np.int64)})
     start, truncated, longest = 0, 0, 0
     raw_test = open(out / "test" / "texts.jsonl", "w", encoding="utf-8")
@@ -140,9 +168,9 @@ def prepare_texts(cfg, out: Path, tokenizer_folder: str | None) -> None:
         raw = chunk[cfg.label_column].tolist()
         labels = np.asarray([mapping[str(v)] for v in raw] if mapping else raw, np.int64)
         lengths = [len(ids) for ids in tokenizer(texts, truncation=False)["input_ids"]]
-        truncated += sum(n > cfg.max_length for n in lengths)
+        truncated += sum(n > max_length for n in lengths)
         longest = max(longest, *lengths)
-        enc = tokenizer(texts, truncation=True, max_length=cfg.max_length, padding="max_length", return_tensors="np")
+        enc = tokenizer(texts, truncation=True, max_length=max_length, padding="max_length", return_tensors="np")
         rows_here = np.arange(start, start + len(texts))
         raw_test.writelines(json.dumps(t) + "\n" for t, p in zip(texts, part_of[rows_here]) if p == 2)
         for p in range(3):
@@ -161,9 +189,10 @@ def prepare_texts(cfg, out: Path, tokenizer_folder: str | None) -> None:
             a[k].flush()
         np.save(out / name / "labels.npy", a["labels"])
         del a["input_ids"], a["attention_mask"]
-    preprocessing = {"max_length": cfg.max_length, "padding": "max_length", "truncation": True,
-                     "labels": list(mapping) if mapping else None}
-    stats = {"texts": rows, "texts_truncated": truncated, "longest_text_tokens": longest}
+    preprocessing = {"max_length": max_length, "padding": "max_length", "truncation": True,
+                     "labels": list(mapping) if mapping else None, "max_length_from": length_why}
+    stats = {"texts": rows, "texts_truncated": truncated, "longest_text_tokens": longest,
+             "median_text_tokens": float(np.median(all_lengths))}
     # The tokenizer travels with the data: serving tokenizes raw strings with exactly this one.
     tokenizer.save_pretrained(str(out / "tokenizer"))
-    write_meta(out, text_contract(cfg.max_length, num_classes, preprocessing), stats)
+    write_meta(out, text_contract(max_length, num_classes, preprocessing), stats)

@@ -170,6 +170,7 @@ def format_report(report: dict, previous: dict | None = None) -> str:
             for n, v in report["variants"].items()]
     lines += _table(("variant", "acc %", "p50 b1 ms", "p95 b1 ms", "p99 b1 ms", "thr b64 /s", "size MB"), rows)
     lines += [f"{n}: skipped ({why})" for n, why in report.get("skipped", {}).items()]
+    lines += [f"{n}: failed ({why})" for n, why in report.get("failed", {}).items()]
     old = {r["comparison"]: r for r in (previous or {}).get("ratios", [])}
     rows = []
     for r in report["ratios"]:

@@ -8,6 +8,8 @@ state_dict), so nothing reaches for the Hub or for the original folder.
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ from torch import nn
 
 from optforge.tasks.techniques.contract import InputContract
 
+log = logging.getLogger(__name__)
 FIELD = "model.path"
 CONVERT_HINT = ("convert it once where you trust the file: python -c \"from transformers import AutoModel; "
                 "AutoModel.from_pretrained('{p}').save_pretrained('{p}', safe_serialization=True)\" "
@@ -48,17 +51,31 @@ def check_folder(folder: str | Path) -> Path:
     return path
 
 
-def load_pretrained(folder: str | Path, contract: InputContract) -> tuple[nn.Module, dict[str, Any]]:
-    """(model in eval mode, its config as a dict) from a local folder; the head must fit the data's classes."""
+def load_pretrained(folder: str | Path, contract: InputContract, new_head: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """(model in eval mode, its config as a dict) from a local folder. The head must fit the data's classes,
+    unless ``new_head`` (fine-tuning): then a head of another size is replaced by a fresh one for the data's
+    classes, and the log says so. ``id2label`` takes the data's class names, so a saved model names its outputs."""
     path = check_folder(folder)
     auto = _auto_class(contract)
+    raw = json.loads((path / "config.json").read_text())
+    heads = raw.get("num_labels") or len(raw.get("id2label") or {}) or 2  # transformers' default head has 2
+    replace_head = new_head and heads != contract.num_classes
+    extra = {"num_labels": contract.num_classes, "ignore_mismatched_sizes": True} if replace_head else {}
     try:
-        model = auto.from_pretrained(str(path), local_files_only=True, use_safetensors=True)
+        model = auto.from_pretrained(str(path), local_files_only=True, use_safetensors=True, **extra)
     except Exception as exc:
         raise ValueError(f"{FIELD}: cannot load {path} with {auto.__name__} ({type(exc).__name__}: {exc})") from exc
     if model.config.num_labels != contract.num_classes:
         raise ValueError(f"{FIELD}: {path} predicts {model.config.num_labels} labels but the data has "
-                         f"{contract.num_classes} classes (data.source, data.num_classes)")
+                         f"{contract.num_classes} classes (data.source, data.num_classes); with train.epochs: 0 the "
+                         "head is used as it is: fine-tune (train.epochs > 0) to give it a new head")
+    if replace_head:
+        log.warning("%s: its head predicts %d classes, the data has %d: fine-tuning starts a new head", path, heads,
+                    contract.num_classes)
+    names = contract.preprocessing.get("labels")
+    if names and len(names) == contract.num_classes:
+        model.config.id2label = {i: str(n) for i, n in enumerate(names)}
+        model.config.label2id = {str(n): i for i, n in enumerate(names)}
     return model.eval(), to_dict(model)
 
 

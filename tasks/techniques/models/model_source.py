@@ -13,11 +13,13 @@ from optforge.tasks.techniques.contract import InputContract, call_style, forwar
 from optforge.tasks.techniques.models.models import HUGGINGFACE, ModelConfig, ModelSpec, base_model, load_weights_file
 
 
-def starting_model(model_cfg: ModelConfig, contract: InputContract) -> tuple[nn.Module, ModelSpec, bool]:
+def starting_model(model_cfg: ModelConfig, contract: InputContract,
+                   fine_tune: bool = False) -> tuple[nn.Module, ModelSpec, bool]:
     """(model in eval mode, its spec, whether it carries trained weights) for ``model_cfg`` on this data.
 
     A Hugging Face folder brings its weights (safetensors only) and its config, which goes into the
-    spec; ``model.weights`` loads into a zoo or factory model strictly (a mismatch names the keys).
+    spec (``fine_tune``: a head of another class count is replaced by a new one); ``model.weights`` loads into a
+    zoo or factory model strictly (a mismatch names the keys).
     The model is then run once on the contract's example batch, so a forward that does not take the
     data's inputs fails here, in seconds, with both lists of names.
     """
@@ -26,7 +28,7 @@ def starting_model(model_cfg: ModelConfig, contract: InputContract) -> tuple[nn.
     if model_cfg.arch == HUGGINGFACE:
         from optforge.tasks.techniques.models.hf import load_pretrained
 
-        model, hf_config = load_pretrained(model_cfg.path, contract)
+        model, hf_config = load_pretrained(model_cfg.path, contract, new_head=fine_tune)
         spec, trained = replace(spec, hf_config=hf_config), True
     else:
         model = base_model(spec)  # a fresh spec: nothing applied yet

@@ -14,7 +14,7 @@ from pydantic import Field
 
 from optforge.tasks.techniques.config import TechniqueConfig
 from optforge.tasks.techniques.files import atomic_write
-from optforge.tasks.techniques.onnx.onnx_export import load_onnx
+from optforge.tasks.techniques.onnx.export import load_onnx
 
 
 class Fp16Config(TechniqueConfig):

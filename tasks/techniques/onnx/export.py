@@ -268,7 +268,7 @@ def _summary(exc: BaseException, limit: int = 400) -> str:
 def export_torchscript(model: nn.Module, contract: InputContract, path: str | Path, opset: int) -> Path:
     """The contract's inputs and one ``logits`` output, dynamic axes as in ``export_onnx``, but through torch's
     TorchScript exporter, written atomically. For the two graphs the dynamo exporter cannot give here: ORT's
-    transformer fusion patterns (fusion.py) and fake-quantize operators with a dynamic batch (qat.py)."""
+    transformer fusion patterns (fuse.py) and fake-quantize operators with a dynamic batch (qat.py)."""
     import warnings
 
     wrapped = LogitsModule(model.eval(), contract.names)

@@ -12,7 +12,7 @@ from optforge.tasks.runtime.caching import stage_dir, stage_task
 from optforge.tasks.runtime.refs import DataRef, Format, ModelRef, file_sha256
 from optforge.tasks.runtime.tracking import child_run
 from optforge.tasks.techniques.data.data import load_splits
-from optforge.tasks.techniques.onnx.static_quant import (
+from optforge.tasks.techniques.onnx.static import (
     StaticQuantConfig,
     count_qdq_nodes,
     quantize_static_int8,
@@ -22,13 +22,13 @@ from optforge.tasks.techniques.onnx.static_quant import (
 VARIANT = "onnx_int8_static"
 
 
-@stage_task("quantize_static")
+@stage_task("static")
 def quantize_static(cfg: StaticQuantConfig, onnx_model: ModelRef, data: DataRef, workdir: str,
                     parent_run_id: str | None) -> ModelRef:
     """Calibrate and quantize ``onnx_model`` as variant "onnx_int8_static"; fall back to FP32 nodes if needed."""
-    out = stage_dir(workdir, "quantize_static", {"quantize_static": cfg, "model": onnx_model, "data": data})
+    out = stage_dir(workdir, "static", {"static": cfg, "model": onnx_model, "data": data})
     tags = {"optforge.source_run": onnx_model.run_id or ""}
-    with child_run(parent_run_id, "quantize_static", params={"static_int8": cfg.to_dict()}, tags=tags) as run:
+    with child_run(parent_run_id, "static", params={"static": cfg.to_dict()}, tags=tags) as run:
         splits = load_splits(data.path)
         used = scaled_calibration(cfg, len(splits.train))
         if used is not cfg:  # the default asks for more rows than a small dataset has: use them all, and say so
@@ -47,5 +47,5 @@ def quantize_static(cfg: StaticQuantConfig, onnx_model: ModelRef, data: DataRef,
         mlflow.log_dict(result.to_dict(), "fallback.json")
         mlflow.log_artifact(str(result.path), "onnx")
     info = {"excluded_nodes": list(result.excluded_nodes), "gate_passed": result.gate_passed,
-            "lineage": {"parent_variant": onnx_model.name, "technique": f"static_int8_{cfg.method}"}}
+            "lineage": {"parent_variant": onnx_model.name, "technique": "static"}}
     return ModelRef(VARIANT, Format.ONNX, str(result.path), file_sha256(result.path), run.info.run_id, info)

@@ -19,7 +19,7 @@ from pydantic import Field, model_validator
 
 from optforge.tasks.techniques.config import TechniqueConfig
 from optforge.tasks.techniques.files import atomic_write
-from optforge.tasks.techniques.onnx.onnx_export import load_onnx
+from optforge.tasks.techniques.onnx.export import load_onnx
 
 
 class TensorRTConfig(TechniqueConfig):
@@ -188,7 +188,7 @@ class EngineRunner:
 def parity(runner, onnx_path: str | Path, part) -> dict[str, float]:
     """Engine vs ONNX Runtime on the same ONNX model over ``part``: max abs logit difference, top-1 agreement."""
     from optforge.tasks.techniques.measurement.metrics import predict_part
-    from optforge.tasks.techniques.onnx.static_quant import logits
+    from optforge.tasks.techniques.onnx.static import logits
 
     ours = predict_part(runner, part)
     ref = logits(Path(onnx_path), part)

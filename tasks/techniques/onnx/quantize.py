@@ -14,7 +14,7 @@ import onnx
 from pydantic import Field
 
 from optforge.tasks.techniques.config import TechniqueConfig
-from optforge.tasks.techniques.onnx.onnx_export import load_onnx
+from optforge.tasks.techniques.onnx.export import load_onnx
 
 
 class DynamicQuantConfig(TechniqueConfig):
@@ -109,7 +109,7 @@ def quantize_dynamic_int8(src: str | Path, dst: str | Path, cfg: DynamicQuantCon
                 preprocess(src, model_in)
             out = Path(tmp) / "quantized.onnx"
             # ONNX shape inference gives no types for ORT's fused contrib operators (Attention, SkipLayerNorm,
-            # from fusion.py): DefaultTensorType tells the quantizer that an untyped tensor is float.
+            # from fuse.py): DefaultTensorType tells the quantizer that an untyped tensor is float.
             # EnableSubgraph quantizes inside If branches (an early-exit model's blocks), whose weights are
             # outer-scope initializers; without it they stayed float (25.5 of the teacher's 26 MB).
             quantize_dynamic(str(model_in), str(out), weight_type=weight_type, per_channel=cfg.per_channel,

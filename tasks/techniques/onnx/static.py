@@ -22,7 +22,7 @@ import numpy as np
 from pydantic import Field
 
 from optforge.tasks.techniques.config import TechniqueConfig
-from optforge.tasks.techniques.onnx.onnx_export import load_onnx
+from optforge.tasks.techniques.onnx.export import load_onnx
 
 CALIBRATION_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 # Weight-bearing ops carry most of the quantization error (and most of the speed-up), so they are the
@@ -204,7 +204,7 @@ def quantize_static_int8(src: str | Path, dst: str | Path, calibration, cfg: Sta
     Returns:
         The result with gate accuracies and the nodes kept in FP32 (most sensitive first).
     """
-    from optforge.tasks.techniques.onnx.quantization import preprocess
+    from optforge.tasks.techniques.onnx.quantize import preprocess
 
     src, dst = Path(src), Path(dst)
     load_onnx(src)  # clear error naming the file when it is missing or not ONNX

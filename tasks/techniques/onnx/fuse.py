@@ -31,7 +31,7 @@ from optforge.tasks.techniques.compression.graph_prune import attention_modules
 from optforge.tasks.techniques.config import TechniqueConfig
 from optforge.tasks.techniques.contract import InputContract
 from optforge.tasks.techniques.files import atomic_write
-from optforge.tasks.techniques.onnx.onnx_export import export_torchscript
+from optforge.tasks.techniques.onnx.export import export_torchscript
 
 # Hugging Face model_type -> ORT optimizer family (onnxruntime.transformers.optimizer.MODEL_TYPES).
 ORT_FAMILY = {"bert": "bert", "roberta": "bert", "distilbert": "bert", "electra": "bert", "xlm-roberta": "bert",

@@ -27,7 +27,7 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from optforge.tasks.techniques.config import TechniqueConfig
-from optforge.tasks.techniques.onnx.onnx_export import _summary, load_onnx
+from optforge.tasks.techniques.onnx.export import _summary, load_onnx
 
 MANIFEST = "tvm.json"  # in the variant's folder: input names and one library per batch size
 

@@ -1,4 +1,4 @@
-"""ONNX Runtime transformer fusion (tasks/techniques/onnx/fusion.py) on a tiny Hugging Face BERT: fewer nodes, fused
+"""ONNX Runtime transformer fusion (tasks/techniques/onnx/fuse.py) on a tiny Hugging Face BERT: fewer nodes, fused
 Attention / LayerNorm / GELU operators, the same logits; dynamic INT8 of the fused graph runs."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import pytest
 
 from optforge.tasks.techniques.compression.graph_prune import prune_channels
 from optforge.tasks.techniques.contract import text_contract
-from optforge.tasks.techniques.onnx.fusion import attention_shape, export_for_fusion, fuse, unsupported_reason
-from optforge.tasks.techniques.onnx.onnx_export import max_abs_diff
+from optforge.tasks.techniques.onnx.export import max_abs_diff
+from optforge.tasks.techniques.onnx.fuse import attention_shape, export_for_fusion, fuse, unsupported_reason
 from optforge.tasks.techniques.onnx.ort_session import onnx_predictor
-from optforge.tasks.techniques.onnx.quantization import DynamicQuantConfig, quantize_dynamic_int8
+from optforge.tasks.techniques.onnx.quantize import DynamicQuantConfig, quantize_dynamic_int8
 from tests.techniques.helpers import tiny_bert, tiny_resnet
 
 

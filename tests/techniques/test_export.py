@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from optforge.tasks.techniques.contract import table_contract
-from optforge.tasks.techniques.onnx.onnx_export import ExportConfig, export_onnx, load_onnx, max_abs_diff
+from optforge.tasks.techniques.onnx.export import ExportConfig, export_onnx, load_onnx, max_abs_diff
 from tests.techniques.helpers import rows
 
 F, C = 16, 4

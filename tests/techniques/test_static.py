@@ -11,8 +11,8 @@ from pydantic import ValidationError
 
 from optforge.tasks.techniques.contract import table_contract
 from optforge.tasks.techniques.models.models import MLP
-from optforge.tasks.techniques.onnx.onnx_export import ExportConfig, export_onnx
-from optforge.tasks.techniques.onnx.static_quant import (
+from optforge.tasks.techniques.onnx.export import ExportConfig, export_onnx
+from optforge.tasks.techniques.onnx.static import (
     StaticQuantConfig,
     accuracy,
     count_qdq_nodes,
@@ -116,7 +116,7 @@ def test_fallback_finds_the_worst_tensor_in_one_pass_and_excludes_its_reader(toy
     model's input range becomes 0..1e4 (every other input value rounds to zero) while nothing downstream
     changes. The one-pass error ranks the Gemm that reads the input first, well above the others, and
     ranking costs no quantization per node."""
-    import optforge.tasks.techniques.onnx.static_quant as sq
+    import optforge.tasks.techniques.onnx.static as sq
 
     src, X, held_out = toy
     model = onnx.load(str(src))
@@ -146,7 +146,7 @@ def test_error_pass_runs_on_a_bert_graph(tmp_path):
     """BERT's QDQ graph has weights that dequantize to scalars, on which ORT's own weight-error helper fails."""
     from optforge.tasks.techniques.contract import text_contract
     from optforge.tasks.techniques.data.data import Part
-    from optforge.tasks.techniques.onnx.static_quant import node_errors
+    from optforge.tasks.techniques.onnx.static import node_errors
     from tests.techniques.helpers import tiny_bert
 
     bert, contract = tiny_bert(), text_contract(12, 3, {})

@@ -10,8 +10,8 @@ from pydantic import ValidationError
 from torch import nn
 
 from optforge.tasks.techniques.contract import table_contract
-from optforge.tasks.techniques.onnx.onnx_export import ExportConfig, export_onnx
-from optforge.tasks.techniques.onnx.quantization import DynamicQuantConfig, quantize_dynamic_int8
+from optforge.tasks.techniques.onnx.export import ExportConfig, export_onnx
+from optforge.tasks.techniques.onnx.quantize import DynamicQuantConfig, quantize_dynamic_int8
 
 F, C = 16, 4
 QUANT_OPS = {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
@@ -103,7 +103,7 @@ def test_bert_preprocess_falls_back_and_leaves_nothing_in_the_working_directory(
     from transformers import BertConfig, BertForSequenceClassification
 
     from optforge.tasks.techniques.contract import text_contract
-    from optforge.tasks.techniques.onnx.quantization import SHAPE_DEBRIS, preprocess
+    from optforge.tasks.techniques.onnx.quantize import SHAPE_DEBRIS, preprocess
 
     torch.manual_seed(0)
     bert = BertForSequenceClassification(BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=1,

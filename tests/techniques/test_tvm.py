@@ -15,8 +15,8 @@ from onnx import TensorProto, helper
 from pydantic import ValidationError
 
 from optforge.tasks.techniques.contract import table_contract
-from optforge.tasks.techniques.engines.tensorrt_engine import parity
-from optforge.tasks.techniques.engines.tvm_engine import (
+from optforge.tasks.techniques.engines.tensorrt import parity
+from optforge.tasks.techniques.engines.tvm import (
     MANIFEST,
     FrontendError,
     TvmConfig,
@@ -25,7 +25,7 @@ from optforge.tasks.techniques.engines.tvm_engine import (
     library_mb,
     unavailable_reason,
 )
-from optforge.tasks.techniques.onnx.onnx_export import ExportConfig, export_onnx
+from optforge.tasks.techniques.onnx.export import ExportConfig, export_onnx
 from tests.techniques.helpers import table_part
 
 NO_TVM = pytest.mark.skipif(unavailable_reason() is not None, reason=f"{unavailable_reason()}")

@@ -1,4 +1,4 @@
-"""Weight clustering (tasks/techniques/compression/clustering.py): at most 2**bits values per layer, before and after
+"""Weight clustering (tasks/techniques/compression/cluster.py): at most 2**bits values per layer, before and after
 fine-tuning the shared values, a bit-packed stored form that rebuilds the same weights, clear config errors."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from optforge.tasks.techniques.compression.clustering import ClusterConfig, bake, cluster, pack
+from optforge.tasks.techniques.compression.cluster import ClusterConfig, bake, cluster, pack
 from optforge.tasks.techniques.compression.packing import load_packed, pack_bits, unpack_bits
 from optforge.tasks.techniques.data.data import DataConfig, load_splits
 from optforge.tasks.techniques.data.sources import prepare
