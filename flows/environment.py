@@ -13,6 +13,9 @@ def embedded_defaults() -> None:
     os.environ.setdefault("DO_NOT_TRACK", "1")  # the same for Prefect's client telemetry (and its first-run notice)
     os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(Path(".optforge/prefect-results").resolve()))
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+    # Prefect's ephemeral API server gets 20 s to start; on a busy 2-core machine (Ray and a training run beside
+    # it) it took longer and the flow failed with "Timed out while attempting to connect to ephemeral Prefect API".
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     # MLflow's HTTP client retries 7 times with doubling back-off (minutes of silence when a server is
     # down). 3 retries, 1-2-4 s apart, 10 s timeout; the stage tasks' own retries come on top.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")

@@ -24,7 +24,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from optforge.flows.chains import chain_variants
-from optforge.flows.defaults import apply_folder_defaults, check_head, derived_length, summary_line, text_limits
+from optforge.flows.defaults import apply_folder_defaults, settle, summary_line, text_limits
 from optforge.flows.engines import engine_variants
 from optforge.flows.isolation import contained
 from optforge.flows.params import PipelineConfig, load_config, peek_tracking
@@ -149,12 +149,14 @@ def prepare(cfg: PipelineConfig, workdir: str, stage: StageRunner) -> tuple[Data
     data = stage(prepare_data, cfg=cfg.data, source_sha256=_sha(None if cfg.data.source == "digits" else cfg.data.source),
                  new_source_sha256=_sha(cfg.data.new_source), workdir=workdir, **text)
     mlflow.set_tag("optforge.data_fingerprint", data.sha256)
-    derived += derived_length(cfg, data.inputs)
+    cfg, kind, more = settle(cfg, data.inputs)  # the token length, the family's chains, fine-tuning defaults
+    derived += more
+    mlflow.set_tag("optforge.model_family", kind)
+    logger.info("model family: %s", kind)
     if derived:
         mlflow.log_params({f"derived.{d.field}": d.value for d in derived})
         mlflow.set_tag("optforge.derived", summary_line(derived)[:5000])
         logger.info(summary_line(derived))
-    check_head(cfg, data.inputs)
     run_plan = plan(cfg, data.inputs, data.name)
     for step, reason in run_plan.skipped.items():
         logger.warning("skipped %s: %s", step, reason)

@@ -39,6 +39,7 @@ from optforge.tasks.techniques.models.models import (
     Subject,
     base_model,
     count_params,
+    num_layers,
     read_hf_config,
 )
 
@@ -201,17 +202,17 @@ def student_problem(teacher: Subject, cfg: DistillConfig) -> str | None:
     contract = teacher.contract
     own = cfg.derive == "none"
     student_hf = (read_hf_config(cfg.student.path) if cfg.student.arch == HUGGINGFACE else None) if own else teacher.hf_config
-    if cfg.hidden_weight and not all("num_hidden_layers" in (c or {}) for c in (teacher.hf_config, student_hf)):
+    if cfg.hidden_weight and not all(num_layers(c) for c in (teacher.hf_config, student_hf)):
         return ("distill: compress.distill.hidden_weight pairs the layers of two transformers (Hugging Face "
                 "configs with num_hidden_layers); this teacher or student has none: set it to 0")
-    if cfg.share_layers > 1 and "num_hidden_layers" not in (student_hf or {}):
+    if cfg.share_layers > 1 and not num_layers(student_hf):
         return ("distill: compress.distill.share_layers shares the layers of a transformer student (a Hugging Face "
                 "config with num_hidden_layers); this student has none: set it to 1")
     if cfg.derive == "width":
         return None  # the teacher, narrowed: always smaller, always takes the data
     if cfg.derive == "layers":
-        layers = (teacher.hf_config or {}).get("num_hidden_layers") if teacher.family == HUGGINGFACE else None
-        if not isinstance(layers, int) or layers < 2:
+        layers = num_layers(teacher.hf_config) if teacher.family == HUGGINGFACE else None
+        if layers is None or layers < 2:
             return ("distill: compress.distill.derive=layers keeps every other layer of a transformer; model.arch="
                     f"{teacher.family} has no num_hidden_layers >= 2 in a Hugging Face config; use derive=width")
         return None

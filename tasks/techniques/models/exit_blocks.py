@@ -4,12 +4,13 @@ A model is seen as ``final(block_n(... block_0(prepare(inputs))))``, with every 
 state ``h`` plus extras that stay the same through the blocks (a transformer's attention mask). The
 modules are the model's own, so the cut model computes exactly what the model computes. Explicit
 dispatch on the class: the zoo MLP (a block per hidden layer), the zoo CNN and DSCNN (a block per conv
-block, a separable block kept whole), and BERT-style Hugging Face classifiers (embeddings, then a block per
-encoder layer; the head is BERT's pooler and classifier).
+block, a separable block kept whole), and Hugging Face encoder classifiers (embeddings, then a block per
+encoder layer; the head is BERT's pooler and classifier, DistilBERT's, or RoBERTa's and ELECTRA's head module).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -102,32 +103,76 @@ class _ClsHead(nn.Module):
         return self.classifier(torch.tanh(self.pooler(h[:, 0])))
 
 
+class _DistilHead(nn.Module):
+    """DistilBERT's head on the [CLS] position: pre_classifier + ReLU, then a classifier."""
+
+    def __init__(self, pre: nn.Linear, classifier: nn.Linear):
+        super().__init__()
+        self.pre_classifier, self.classifier = copy.deepcopy(pre), copy.deepcopy(classifier)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.relu(self.pre_classifier(h[:, 0])))
+
+
+def _encoder_layers(base: nn.Module) -> nn.ModuleList | None:
+    """The layer list of an encoder: ``encoder.layer`` (BERT, RoBERTa, XLM-R, ELECTRA) or DistilBERT's
+    ``transformer.layer``. (DeBERTa and MPNet layers also need the encoder's relative positions: not these.)"""
+    for holder in ("encoder", "transformer"):
+        layers = getattr(getattr(base, holder, None), "layer", None)
+        if isinstance(layers, nn.ModuleList) and not hasattr(getattr(base, holder), "rel_embeddings") \
+                and not hasattr(getattr(base, holder), "relative_attention_bias"):
+            return layers
+    return None
+
+
 def _bert(model: nn.Module) -> Blocks | None:
-    """A BertForSequenceClassification-shaped model: base_model.embeddings / encoder.layer / pooler, classifier."""
+    """An encoder classifier whose layers take (hidden states, additive mask): base_model.embeddings, its
+    layer list (``_encoder_layers``), and one of three heads: BERT's pooler + Linear classifier, DistilBERT's
+    pre_classifier + classifier, or a classification-head module that reads the [CLS] state itself (RoBERTa,
+    XLM-R, ELECTRA). An exit head starts as a copy of the model's own head."""
     base = getattr(model, "base_model", None)
-    layers = getattr(getattr(base, "encoder", None), "layer", None)
-    if not (isinstance(layers, nn.ModuleList) and hasattr(base, "embeddings") and getattr(base, "pooler", None)
-            is not None and isinstance(getattr(model, "classifier", None), nn.Linear)):
+    layers = _encoder_layers(base)
+    classifier = getattr(model, "classifier", None)
+    if layers is None or not hasattr(base, "embeddings") or classifier is None \
+            or getattr(model.config, "is_decoder", False):
         return None
-    if getattr(model.config, "is_decoder", False):
-        return None
+    pooler, project = getattr(base, "pooler", None), getattr(base, "embeddings_project", None)  # ELECTRA projects
+    distil = isinstance(getattr(model, "pre_classifier", None), nn.Linear)
 
     def prepare(inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        h = base.embeddings(input_ids=inputs["input_ids"], token_type_ids=inputs.get("token_type_ids"))
+        if distil:
+            h = base.embeddings(inputs["input_ids"])
+        else:
+            h = base.embeddings(input_ids=inputs["input_ids"], token_type_ids=inputs.get("token_type_ids"))
+        h = project(h) if project is not None else h
         keep = inputs.get("attention_mask")
         keep = torch.ones(h.shape[:2], dtype=h.dtype) if keep is None else keep.to(h.dtype)
         # The additive 4-D mask that both eager and SDPA attention add to their scores.
         return h, (1.0 - keep[:, None, None, :]) * torch.finfo(h.dtype).min
 
-    def final(h: torch.Tensor) -> torch.Tensor:
-        return model.classifier(model.dropout(base.pooler(h)))
+    if pooler is not None and isinstance(classifier, nn.Linear):  # BERT
+        def final(h: torch.Tensor) -> torch.Tensor:
+            return model.classifier(model.dropout(base.pooler(h)))
 
-    def head(width: int, num_classes: int) -> nn.Module:
-        exit_head = _ClsHead(width, num_classes)
-        exit_head.load_state_dict({"pooler.weight": base.pooler.dense.weight, "pooler.bias": base.pooler.dense.bias,
-                                   "classifier.weight": model.classifier.weight, "classifier.bias": model.classifier.bias})
-        return exit_head  # starts as the model's own head, which already reads a [CLS] state
+        def head(width: int, num_classes: int) -> nn.Module:
+            exit_head = _ClsHead(width, num_classes)
+            exit_head.load_state_dict({"pooler.weight": base.pooler.dense.weight, "pooler.bias": base.pooler.dense.bias,
+                                       "classifier.weight": classifier.weight, "classifier.bias": classifier.bias})
+            return exit_head  # starts as the model's own head, which already reads a [CLS] state
+    elif distil:
+        def final(h: torch.Tensor) -> torch.Tensor:
+            return model.classifier(model.dropout(torch.relu(model.pre_classifier(h[:, 0]))))
 
+        def head(width: int, num_classes: int) -> nn.Module:
+            return _DistilHead(model.pre_classifier, classifier)
+    elif not isinstance(classifier, nn.Linear):  # a head module over the sequence (RoBERTa, ELECTRA)
+        def final(h: torch.Tensor) -> torch.Tensor:
+            return classifier(h)
+
+        def head(width: int, num_classes: int) -> nn.Module:
+            return copy.deepcopy(classifier)
+    else:
+        return None
     return Blocks(prepare, [_BertLayer(layer) for layer in layers], final, head)
 
 
@@ -135,11 +180,12 @@ def blocks_of(model: nn.Module) -> Blocks:
     """The block structure of ``model``.
 
     Raises:
-        ValueError: neither a zoo MLP or CNN nor a BERT-style Hugging Face classifier.
+        ValueError: neither a zoo MLP or CNN nor a BERT-style Hugging Face encoder classifier.
     """
     found = _zoo(model) or _bert(model)
     if found is None:
         raise ValueError(f"early_exit: cannot see blocks in a {type(model).__name__}; exit heads go on the zoo MLP, "
-                         "CNN and DSCNN and on BERT-style Hugging Face classifiers (embeddings, encoder.layer, "
-                         "pooler, classifier); factory models: not yet")
+                         "CNN and DSCNN and on Hugging Face encoder classifiers whose layers take the hidden states "
+                         "and a mask (BERT, DistilBERT, RoBERTa, XLM-R, ELECTRA); others (DeBERTa, MPNet, ALBERT, "
+                         "vision models) and factory models: not yet")
     return found

@@ -216,18 +216,28 @@ class LowRank(nn.Sequential):
     """A Linear (or 1x1 Conv2d) of shape m x n replaced by n -> r -> m: ``r * (m + n)`` weights instead of ``m * n``.
 
     The first factor has no bias; the second keeps the original bias. Its own class so that
-    factorization and pruning recognise layers that were already factorized.
+    factorization and pruning recognise layers that were already factorized. It keeps the replaced layer's
+    geometry as attributes (``in_features``, ``stride``, ...): model code reads them from the layer it built
+    (MobileNetV2's TensorFlow-style padding reads ``self.convolution.stride``).
     """
+
+    GEOMETRY = ("in_features", "out_features", "in_channels", "out_channels", "kernel_size", "stride", "padding",
+                "dilation", "groups", "padding_mode")
 
     @classmethod
     def like(cls, layer: nn.Module, rank: int) -> LowRank:
         if isinstance(layer, nn.Linear):
-            return cls(nn.Linear(layer.in_features, rank, bias=False),
+            pair = cls(nn.Linear(layer.in_features, rank, bias=False),
                        nn.Linear(rank, layer.out_features, bias=layer.bias is not None))
-        if isinstance(layer, nn.Conv2d) and layer.kernel_size == (1, 1) and layer.groups == 1:
-            return cls(nn.Conv2d(layer.in_channels, rank, 1, stride=layer.stride, bias=False),
+        elif isinstance(layer, nn.Conv2d) and layer.kernel_size == (1, 1) and layer.groups == 1:
+            pair = cls(nn.Conv2d(layer.in_channels, rank, 1, stride=layer.stride, bias=False),
                        nn.Conv2d(rank, layer.out_channels, 1, bias=layer.bias is not None))
-        raise ValueError(f"factorize: cannot factorize {type(layer).__name__} {layer}; expected Linear or 1x1 Conv2d")
+        else:
+            raise ValueError(f"factorize: cannot factorize {type(layer).__name__} {layer}; expected Linear or 1x1 Conv2d")
+        for name in cls.GEOMETRY:
+            if hasattr(layer, name):
+                setattr(pair, name, getattr(layer, name))
+        return pair
 
 
 def apply_ranks(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
@@ -312,6 +322,12 @@ def read_hf_config(folder: str | Path | None) -> dict | None:
     """The ``config.json`` of a Hugging Face model folder, as a dict; None without a folder or that file."""
     path = Path(folder or "") / "config.json"
     return json.loads(path.read_text()) if folder and path.is_file() else None
+
+
+def num_layers(hf_config: dict | None) -> int | None:
+    """A Hugging Face transformer's layer count from its config.json (DistilBERT calls it ``n_layers``)."""
+    value = (hf_config or {}).get("num_hidden_layers", (hf_config or {}).get("n_layers"))
+    return value if isinstance(value, int) else None
 
 
 def count_params(model: nn.Module) -> int:

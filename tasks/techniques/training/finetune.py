@@ -32,7 +32,9 @@ class FinetuneConfig(TechniqueConfig):
     """In-process fine-tuning after pruning or factorization, optionally distilling from the teacher."""
 
     epochs: int = Field(6, ge=0, description="epochs of fine-tuning (per round when pruning iteratively); 0 skips")
-    lr: float = Field(1e-3, gt=0, description="peak learning rate (cosine decay, no warm-up)")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate (after the warm-up, then cosine decay); a "
+                      "pretrained teacher's chains default to a pretrained model's rate (flows/defaults.py)")
+    warmup_epochs: float = Field(0.0, ge=0, description="epochs of linear warm-up to lr")
     batch_size: int = Field(64, ge=1, description="mini-batch size")
     weight_decay: float = Field(1e-4, ge=0, description="decoupled weight decay")
     optimizer: Literal["sgd", "adamw", "lamb", "lars"] = Field("adamw", description="optimizer, as in train.optimizer")
@@ -76,7 +78,7 @@ def finetune(model: nn.Module, train, val, cfg: FinetuneConfig, soft_targets: np
     n = len(train)
     steps = -(-n // cfg.batch_size)
     train_cfg = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay, optimizer=cfg.optimizer,
-                            batch_size=cfg.batch_size, warmup_epochs=0, scheduler="cosine")
+                            batch_size=cfg.batch_size, warmup_epochs=cfg.warmup_epochs, scheduler="cosine")
     opt = make_optimizer(model, train_cfg)
     sched = make_scheduler(opt, train_cfg, steps)
     precision = precision_for(torch.device("cpu"), False)
