@@ -48,12 +48,27 @@ def quiet_libraries(verbose: bool = False) -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("TORCH_LOGS", "-onnx")  # torch sets its loggers' levels from this when it is imported
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+    # A failed stage or flow is one line on the terminal, not Prefect's traceback: the error names the field or
+    # file, and the traceback is an artifact of the MLflow run (error/traceback.txt). Deployments, which do not
+    # pass through here, keep Prefect's tracebacks in its UI.
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoTraceback) for f in logger.filters):
+            logger.addFilter(_NoTraceback())
     # A display hook rather than a warnings filter: MLflow puts its own "once" filter in front of ours inside
     # its functions (filter_user_warnings_once), so only the hook that prints can drop those.
     warnings.showwarning = _without_library_notes(warnings.showwarning)
     import onnxruntime
 
     onnxruntime.set_default_logger_severity(3)  # 3 = error
+
+
+class _NoTraceback:
+    """A logging filter that keeps a record's message and drops its traceback."""
+
+    def filter(self, record) -> bool:
+        record.exc_info, record.exc_text = None, None
+        return True
 
 
 def _without_library_notes(show):

@@ -48,8 +48,8 @@ def test_bert_loses_heads_and_feed_forward_neurons_but_keeps_its_hidden_size(tmp
     bert, contract = tiny_bert(hidden=32), text_contract(12, 3, {})
     original, before = copy.deepcopy(bert), count(bert)
     bert, history = prune_channels(bert, contract, 0.5)
-    assert [a.num_attention_heads for a in attention_modules(bert)] == [2, 2]  # 4 heads -> 2, whole heads
-    assert all(a.query.out_features == 2 * a.attention_head_size for a in attention_modules(bert))
+    assert [a.num_attention_heads for a, _ in attention_modules(bert)] == [2, 2]  # 4 heads -> 2, whole heads
+    assert all(a.query.out_features == 2 * a.attention_head_size for a, _ in attention_modules(bert))
     assert bert.bert.encoder.layer[0].intermediate.dense.out_features == 32  # feed-forward 64 -> 32
     assert bert.bert.embeddings.word_embeddings.embedding_dim == 32  # the residual stream keeps its width
     assert bert.classifier.out_features == 3 and count(bert) < 0.7 * before
@@ -85,3 +85,27 @@ def test_a_history_for_another_architecture_does_not_load():
     _, history = prune_channels(copy.deepcopy(bert), contract, 0.5)
     with pytest.raises(ValueError, match="pruning history names layers this architecture lacks"):
         replay(tiny_resnet(), image_contract(3, 32, 10, {}), history)
+
+
+@pytest.mark.parametrize("name", ["distilbert", "deberta-v2", "mpnet", "modernbert", "vit"])
+def test_each_familys_attention_loses_whole_heads_and_still_runs(name, tmp_path):
+    """Each family keeps its projections and head count under its own names (DistilBERT's q_lin and n_heads,
+    ViT's q_proj and head_dim, ...); a fused projection (ModernBERT's Wqkv) keeps its width."""
+    from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
+
+    from optforge.flows.architectures import TEXT_ARCHITECTURES, write_image_model, write_text_model
+    from optforge.tasks.techniques.contract import forward_logits, image_contract, text_contract
+
+    if name in TEXT_ARCHITECTURES:
+        folder = write_text_model(name, tmp_path / name, ["alpha beta gamma", "delta epsilon"], 3)
+        model, contract = AutoModelForSequenceClassification.from_pretrained(folder).eval(), text_contract(16, 3, {})
+    else:
+        folder = write_image_model(name, tmp_path / name, 10)
+        model, contract = AutoModelForImageClassification.from_pretrained(folder).eval(), image_contract(3, 32, 10, {})
+    before = [(getattr(a, lay.heads), getattr(a, lay.head_size)) for a, lay in attention_modules(model)]
+    prune_channels(model, contract, 0.3)  # 30% of 32 channels is no whole number of 16-wide heads
+    after = [(getattr(a, lay.heads), getattr(a, lay.head_size)) for a, lay in attention_modules(model)]
+    assert forward_logits(model, contract.example(batch=2)).shape == (2, contract.num_classes)
+    assert [size for _, size in after] == [size for _, size in before]  # head size never pruned
+    assert all(getattr(a, lay.projections[0]).out_features == h * s for (a, lay), (h, s) in
+               zip(attention_modules(model), after))

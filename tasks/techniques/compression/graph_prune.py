@@ -18,6 +18,7 @@ so it is rebuilt by building the original architecture and replaying the recorde
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
@@ -27,17 +28,51 @@ from optforge.tasks.techniques.contract import InputContract, forward_logits
 History = list[list[Any]]  # torch-pruning's [[module name, pruned outputs?, [channel indices]], ...]
 
 
-def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """Self-attention blocks in the Hugging Face layout: ``query``/``key``/``value`` Linears and a head count."""
-    return [m for m in model.modules() if all(isinstance(getattr(m, a, None), nn.Linear) for a in ("query", "key", "value"))
-            and hasattr(m, "num_attention_heads")]
+@dataclass(frozen=True)
+class Layout:
+    """Where a family's self-attention keeps its projections and its head count and size: pruning removes whole
+    heads from the projections, then sets the count (and any width attribute) the forward reshapes with."""
+
+    projections: tuple[str, str, str]
+    heads: str
+    head_size: str
+    widths: tuple[str, ...] = ()  # attributes that hold heads x head size
+
+
+# Explicit table of the Hugging Face layouts (transformers 5): BERT, RoBERTa, XLM-R, ELECTRA, ALBERT, MobileBERT;
+# DistilBERT; DeBERTa; MPNet; ViT, DeiT and the q_proj families. A block that matches none is not head-pruned.
+LAYOUTS = (
+    Layout(("query", "key", "value"), "num_attention_heads", "attention_head_size", ("all_head_size",)),
+    Layout(("q_lin", "k_lin", "v_lin"), "n_heads", "attention_head_size", ("dim",)),
+    Layout(("query_proj", "key_proj", "value_proj"), "num_attention_heads", "attention_head_size", ("all_head_size",)),
+    Layout(("q", "k", "v"), "num_attention_heads", "attention_head_size", ("all_head_size",)),
+    Layout(("q_proj", "k_proj", "v_proj"), "num_attention_heads", "head_dim"),
+    Layout(("q_proj", "k_proj", "v_proj"), "num_heads", "head_dim"),
+)
+
+
+def attention_modules(model: nn.Module) -> list[tuple[nn.Module, Layout]]:
+    """Self-attention blocks and their layout: three projection Linears, a head count and a head size."""
+    found = []
+    for m in model.modules():
+        layout = next((lay for lay in LAYOUTS if hasattr(m, lay.heads) and hasattr(m, lay.head_size)
+                       and all(isinstance(getattr(m, a, None), nn.Linear) for a in lay.projections)), None)
+        if layout is not None:
+            found.append((m, layout))
+    return found
+
+
+# Linears that compute several things in one output (ModernBERT's fused query/key/value and gated input): the
+# dependency graph cannot tell their parts apart, so they keep their width.
+FUSED_PROJECTIONS = frozenset({"Wqkv", "Wi", "qkv", "in_proj"})
 
 
 def kept_layers(model: nn.Module, num_classes: int) -> list[nn.Module]:
-    """Modules whose output width must not change: the head (``num_classes`` outputs) and embeddings."""
+    """Modules whose output width must not change: the head (``num_classes`` outputs), embeddings, and fused
+    projections."""
     head = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == num_classes]
-    embeddings = [m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] == "embeddings"]
-    return head + embeddings
+    named = [m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in {"embeddings", *FUSED_PROJECTIONS}]
+    return head + named
 
 
 def widths(model: nn.Module) -> dict[str, int]:
@@ -48,11 +83,12 @@ def widths(model: nn.Module) -> dict[str, int]:
 
 def _sync_attention(model: nn.Module) -> None:
     """Tell each attention block how many heads it kept (head size is never pruned)."""
-    for attn in attention_modules(model):
-        heads = attn.query.out_features // attn.attention_head_size
-        attn.num_attention_heads = heads
-        if hasattr(attn, "all_head_size"):
-            attn.all_head_size = attn.query.out_features
+    for attn, layout in attention_modules(model):
+        width = getattr(attn, layout.projections[0]).out_features
+        setattr(attn, layout.heads, width // getattr(attn, layout.head_size))
+        for name in layout.widths:
+            if hasattr(attn, name):
+                setattr(attn, name, width)
 
 
 def _graph_args(contract: InputContract) -> dict:
@@ -76,9 +112,8 @@ def prune_channels(model: nn.Module, contract: InputContract, ratio: float, p: i
     if ratio <= 0:
         return model, []
     heads = {}
-    for attn in attention_modules(model):
-        heads.update({attn.query: attn.num_attention_heads, attn.key: attn.num_attention_heads,
-                      attn.value: attn.num_attention_heads})
+    for attn, layout in attention_modules(model):
+        heads.update({getattr(attn, name): getattr(attn, layout.heads) for name in layout.projections})
     was_training = model.training
     model.eval()
     ignored = kept_layers(model, contract.num_classes) + too_narrow(model, ratio, min_units)

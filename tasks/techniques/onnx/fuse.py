@@ -89,7 +89,8 @@ def attention_shape(model: nn.Module) -> tuple[int, int]:
     blocks = attention_modules(model)
     if not blocks:
         return 0, 0
-    return int(blocks[0].num_attention_heads), int(blocks[0].query.in_features)
+    attn, layout = blocks[0]
+    return int(getattr(attn, layout.heads)), int(getattr(attn, layout.projections[0]).in_features)
 
 
 def fuse(src: str | Path, dst: str | Path, hf_config: dict, num_heads: int, hidden_size: int) -> dict[str, int]:
