@@ -16,7 +16,7 @@ from optforge.tasks.techniques.compression.students import share_layers, student
 from optforge.tasks.techniques.data.data import load_splits
 from optforge.tasks.techniques.files import atomic_write
 from optforge.tasks.techniques.measurement.flops import model_stats
-from optforge.tasks.techniques.models.models import ModelSpec, save_model
+from optforge.tasks.techniques.models.models import ModelSpec, num_layers, save_model
 from optforge.tasks.techniques.models.rebuild import load_model
 from optforge.tasks.techniques.training.training import evaluate
 from optforge.tasks.workers.distill_worker import run_distillation
@@ -51,7 +51,7 @@ def compare_to_teacher(student, teacher, splits) -> dict[str, float]:
 def _describe_student(cfg: DistillConfig, spec: ModelSpec) -> str:
     """One line for the run's tags: what the student is and where its weights start."""
     if cfg.derive == "layers":
-        return f"teacher's layers, one in {cfg.layer_stride} kept ({spec.hf_config['num_hidden_layers']} layers)"
+        return f"teacher's layers, one in {cfg.layer_stride} kept ({num_layers(spec.hf_config)} layers)"
     if cfg.derive == "width":
         return f"teacher narrowed to {cfg.width_keep:.0%} of every layer's channels"
     return f"{cfg.student.arch}" + (f" from {cfg.student.path}" if cfg.student.path else "")

@@ -74,9 +74,28 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, data: DataRef, workdir: str,
         if init:
             _log_old_and_new(model, out / "model", data)
         mlflow.log_artifacts(str(out / "model"), "model")
+        if spec.hf_config is not None and cfg.epochs > 0:
+            mlflow.log_artifacts(str(_save_pretrained(out / "model", model_cfg.path, data, out / "hf_model")), "hf_model")
     info = {"params": params, "flops": flops, "best_val_accuracy": summary["best_val_accuracy"],
             "epochs_run": summary["epochs_run"]}
     return ModelRef("pytorch_fp32", Format.TORCH, str(out / "model"), file_sha256(out / "model"), run.info.run_id, info)
+
+
+def _save_pretrained(trained: Path, source: str | None, data: DataRef, folder: Path) -> Path:
+    """The fine-tuned Hugging Face model as a ``save_pretrained`` folder that transformers reloads as it reloads
+    the user's own: the weights, its config (``id2label`` named by the data's classes), the tokenizer the data
+    was tokenized with, or the image processor of the folder it came from."""
+    import shutil
+
+    model, _ = load_model(trained)
+    model.save_pretrained(str(folder))
+    tokenizer = Path(data.path) / "tokenizer"
+    if tokenizer.is_dir():
+        shutil.copytree(tokenizer, folder, dirs_exist_ok=True)
+    processor = Path(source or "") / "preprocessor_config.json"
+    if source and processor.is_file():
+        shutil.copy2(processor, folder / processor.name)
+    return folder
 
 
 def _take_as_is(model, spec, data: DataRef, folder: Path) -> dict:

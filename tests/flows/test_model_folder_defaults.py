@@ -36,6 +36,16 @@ def test_a_64_position_text_model_needs_no_max_length(tmp_path, mlflow_store):
     length = int(params["derived.data.max_length"])
     assert length <= 64 and length % 8 == 0
     assert "data.max_length=" in params["tag"] and "position limit" in params["tag"]
+    assert float(params["derived.train.lr"]) < 1e-3  # a folder's weights are fine-tuned gently
+    # The fine-tuned model comes back as a folder transformers reloads, with the data's tokenizer.
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    (train,) = mlflow.search_runs(experiment_names=["byo"], output_format="list",
+                                  filter_string="tags.mlflow.runName = 'train'")
+    folder = mlflow.artifacts.download_artifacts(f"{train.info.artifact_uri}/hf_model", dst_path=str(tmp_path / "dl"))
+    model = AutoModelForSequenceClassification.from_pretrained(folder)
+    encoded = AutoTokenizer.from_pretrained(folder)(["the match goal"], return_tensors="pt")
+    assert model(**encoded).logits.shape == (1, 3) and len(model.config.id2label) == 3
 
 
 def test_a_one_channel_image_model_reads_its_processor(tmp_path, mlflow_store):

@@ -36,3 +36,17 @@ def test_sparsity_and_stats():
     assert weight_sparsity(layer) == 0.5
     assert model_stats(layer, table_contract(4, 4)) == {"params": 20, "flops": 32, "sparsity": 0.5}  # zeros still cost dense FLOPs
     assert count_params(layer) == 20
+
+
+def test_a_model_that_feeds_a_parameter_to_a_submodule_is_counted(tmp_path):
+    """DeBERTa passes its relative-position embedding weight itself into its encoder layers: FlopCounterMode's
+    gradient hooks failed on it ("Expected gradient function to be set") and took the train stage down."""
+    from transformers import AutoModelForSequenceClassification
+
+    from optforge.flows.architectures import write_text_model
+    from optforge.tasks.techniques.contract import text_contract
+
+    folder = write_text_model("deberta-v2", tmp_path / "deberta", ["alpha beta", "gamma delta"], 3)
+    model = AutoModelForSequenceClassification.from_pretrained(folder)
+    assert count_flops(model, text_contract(16, 3, {})) > 0
+    assert all(p.requires_grad for p in model.parameters())  # given back as it was

@@ -215,6 +215,15 @@ def student_problem(teacher: Subject, cfg: DistillConfig) -> str | None:
         if layers is None or layers < 2:
             return ("distill: compress.distill.derive=layers keeps every other layer of a transformer; model.arch="
                     f"{teacher.family} has no num_hidden_layers >= 2 in a Hugging Face config; use derive=width")
+        try:
+            with torch.device("meta"):
+                stack = layer_stack(teacher.build())
+        except Exception:  # cannot be built here: the stage itself will say
+            return None
+        if stack is None:
+            return (f"distill: compress.distill.derive=layers keeps some of a transformer's {layers} layers, but this "
+                    f"{teacher.hf_config.get('model_type', 'model')} has no list of {layers} layers to keep them from "
+                    "(ALBERT runs one shared layer {layers} times)".replace("{layers}", str(layers)))
         return None
     what = f"the student (compress.distill.student.arch={cfg.student.arch})"
     if cfg.student.arch == HUGGINGFACE:  # weights load in the stage; here only its config counts

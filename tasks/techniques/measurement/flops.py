@@ -28,11 +28,20 @@ def count_flops(model: nn.Module, contract: InputContract, batch_size: int = 1) 
     pruned) weights counts the same FLOPs as before pruning: this is what it costs, not what it could.
     """
     was_training = model.training
+    params = list(model.parameters())
+    needs_grad = [p.requires_grad for p in params]
     model.eval()
+    # FlopCounterMode's module tracker hooks the gradient of every tensor that requires one; a model that passes
+    # a parameter itself into a submodule (DeBERTa's relative embeddings) trips it under no_grad, so no
+    # parameter requires a gradient while counting.
+    for p in params:
+        p.requires_grad_(False)
     try:
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             forward_logits(model, contract.example(batch=batch_size))
     finally:
+        for p, flag in zip(params, needs_grad):
+            p.requires_grad_(flag)
         model.train(was_training)
     return int(counter.get_total_flops())
 

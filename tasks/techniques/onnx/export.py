@@ -83,9 +83,11 @@ def export_onnx(model: nn.Module, contract: InputContract, path: str | Path, cfg
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    program = export_program(model, contract, example, cfg.opset)
     name = type(model).__name__
-    proto = program.model_proto
+    try:
+        proto = export_program(model, contract, example, cfg.opset).model_proto
+    except ValueError as dynamo_error:
+        proto = _torchscript_fallback(model, contract, path, cfg.opset, dynamo_error)
     got = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     if got != cfg.opset:
         # The exporter silently keeps opset 18 when ONNX's version converter cannot go lower.
@@ -103,6 +105,26 @@ def export_onnx(model: nn.Module, contract: InputContract, path: str | Path, cfg
         raise ValueError(f"exported ONNX model of {name} fails onnx.checker: {_summary(exc)}") from exc
     # onnx.save embeds the weights: a single file (protobuf allows up to 2 GB).
     return atomic_write(path, lambda tmp: onnx.save(proto, tmp))
+
+
+def _torchscript_fallback(model: nn.Module, contract: InputContract, path: Path, opset: int,
+                          dynamo_error: ValueError) -> onnx.ModelProto:
+    """The TorchScript exporter's graph when the dynamo exporter cannot take the model with a symbolic batch
+    (Swin's window partition views a non-contiguous tensor of batch ``4*s``); the parity check that follows
+    every export still decides whether it computes what the model computes. Raises the dynamo error, with
+    the fallback's, when both fail."""
+    import logging
+
+    scratch = path.with_name(f".{path.stem}.torchscript.onnx")
+    try:
+        export_torchscript(model, contract, scratch, opset)
+        proto = onnx.load(str(scratch))
+    except Exception as exc:
+        raise ValueError(f"{dynamo_error}; the TorchScript exporter failed too: {_summary(exc)}") from dynamo_error
+    finally:
+        scratch.unlink(missing_ok=True)
+    logging.getLogger(__name__).warning("%s; exported with the TorchScript exporter instead", dynamo_error)
+    return proto
 
 
 def trace_inputs(contract: InputContract, example: dict[str, np.ndarray] | None) -> tuple[torch.Tensor, ...]:
@@ -267,8 +289,9 @@ def _summary(exc: BaseException, limit: int = 400) -> str:
 
 def export_torchscript(model: nn.Module, contract: InputContract, path: str | Path, opset: int) -> Path:
     """The contract's inputs and one ``logits`` output, dynamic axes as in ``export_onnx``, but through torch's
-    TorchScript exporter, written atomically. For the two graphs the dynamo exporter cannot give here: ORT's
-    transformer fusion patterns (fuse.py) and fake-quantize operators with a dynamic batch (qat.py)."""
+    TorchScript exporter, written atomically. For the graphs the dynamo exporter cannot give here: ORT's
+    transformer fusion patterns (fuse.py), fake-quantize operators with a dynamic batch (qat.py), and models it
+    cannot export with a symbolic batch (``export_onnx`` falls back to it)."""
     import warnings
 
     wrapped = LogitsModule(model.eval(), contract.names)
