@@ -107,7 +107,9 @@ def prefect_api_url():
     from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer()  # the singleton Prefect's clients use in this process
-    server.start()
+    # Prefect's default 20 s is too short when the 2 cores are busy (pip, Ray, a previous test's teardown), and
+    # pytest keeps a session fixture's error: every later test that needs the server would error with it.
+    server.start(timeout=120)
     yield server.api_url
     # Stopped here, not by Prefect's atexit hook: that one logs through a handler whose stream pytest has
     # closed by then ("--- Logging error --- ValueError: I/O operation on closed file" after the summary).
