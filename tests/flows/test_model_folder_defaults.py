@@ -55,7 +55,7 @@ def test_a_one_channel_image_model_reads_its_processor(tmp_path, mlflow_store):
     resnet = write_resnet(tmp_path / "resnet", channels=1)
     ConvNextImageProcessor(size={"shortest_edge": 14}, crop_pct=0.875, image_mean=[0.5], image_std=[0.5]).save_pretrained(resnet)
     code, _ = _run(tmp_path, {"data": {"source": str(folder)}, "model": {"arch": "huggingface", "path": str(resnet)},
-                              **QUICK})
+                              "train": {"epochs": 0}, "compress": {"chains": []}})  # the data is what is tested
     assert code == 0
     params = _parent_params(tmp_path)
     assert (params["derived.data.image_mode"], params["derived.data.image_size"], params["derived.data.resize"]) == (
