@@ -109,7 +109,11 @@ def prefect_api_url():
     server = SubprocessASGIServer()  # the singleton Prefect's clients use in this process
     # Prefect's default 20 s is too short when the 2 cores are busy (pip, Ray, a previous test's teardown), and
     # pytest keeps a session fixture's error: every later test that needs the server would error with it.
-    server.start(timeout=120)
+    try:
+        server.start(timeout=120)
+    except BaseException:
+        server.stop()  # a server that missed the deadline is still starting: never leave it behind
+        raise
     yield server.api_url
     # Stopped here, not by Prefect's atexit hook: that one logs through a handler whose stream pytest has
     # closed by then ("--- Logging error --- ValueError: I/O operation on closed file" after the summary).
